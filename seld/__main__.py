@@ -1,0 +1,5 @@
+import sys
+
+from seld.cli import main
+
+sys.exit(main())

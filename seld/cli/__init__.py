@@ -1,0 +1,75 @@
+"""`seld` command line: one subcommand per pipeline stage (DESIGN.md "The command line").
+
+Each module in this package defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
+``run(args) -> int``; they are discovered here, so adding a stage never edits this file.
+Errors that users cause (bad files, bad config) are :class:`UserError` subclasses and print one
+clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+
+from seld.config import ConfigError
+from seld.errors import UserError
+
+# Order of subcommands in `seld --help`: the order of the pipeline.
+ORDER = ("synth", "convert-foa", "features", "train", "predict", "evaluate", "model-summary")
+
+
+def _commands() -> dict[str, object]:
+    mods = {}
+    for info in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        mods[mod.NAME] = mod
+    return dict(sorted(mods.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seld",
+        description="Stereo SELD (DCASE 2025 Task 3): generate data, extract features, train, predict, evaluate.",
+        epilog="Example: seld synth --preset smoke --out data && seld features data --out store",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in _commands().items():
+        p = sub.add_parser(
+            name,
+            help=mod.HELP,
+            description=mod.HELP,
+            epilog=getattr(mod, "EXAMPLE", None),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"seld {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"seld {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

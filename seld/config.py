@@ -1,0 +1,551 @@
+"""Typed, frozen configuration for every stage, the presets, and dotted-key overrides.
+
+One source for every setting: the CLI (`--set model.n_conformer_layers=2`), study variants and
+Tune search spaces all go through :func:`apply_overrides`. Configs are saved as JSON
+(:func:`to_dict` / :func:`from_dict`), never pickled. Defaults are the paper's where it gives one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# --- Fixed facts of the DCASE2025 stereo task (spec §1-3) --------------------------------------
+CLASS_NAMES: tuple[str, ...] = (
+    "Female speech",
+    "Male speech",
+    "Clapping",
+    "Telephone",
+    "Laughter",
+    "Domestic sounds",
+    "Walk, footsteps",
+    "Door, open or close",
+    "Music",
+    "Musical instrument",
+    "Water tap, faucet",
+    "Bell",
+    "Knock",
+)
+N_CLASSES = len(CLASS_NAMES)
+SAMPLE_RATE_HZ = 24_000
+CLIP_S = 5.0
+N_CLIP_SAMPLES = 120_000
+LABEL_HOP_S = 0.1
+N_LABEL_FRAMES = 50
+FEATURE_HOP_S = 0.02
+N_FEATURE_FRAMES = 251
+# Alignment rule (DESIGN.md): label frame f covers feature frames 5f .. 5f+4; frame 250 is dropped.
+FEATURE_FRAMES_PER_LABEL = 5
+SAMPLES_PER_LABEL_FRAME = 2_400
+
+# Split folders of the DCASE2025 layout and what each is for (DESIGN.md split table).
+SPLITS: dict[str, dict[str, str]] = {
+    "dev-train-tau": {"domain": "real", "role": "train", "site": "tau"},
+    "dev-train-sony": {"domain": "real", "role": "train", "site": "sony"},
+    "dev-test-tau": {"domain": "real", "role": "test", "site": "tau"},
+    "dev-test-sony": {"domain": "real", "role": "test", "site": "sony"},
+    "dev-train-synth": {"domain": "synthetic", "role": "train", "site": "synth"},
+    "dev-test-synth": {"domain": "synthetic", "role": "test", "site": "synth"},
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value or override key is invalid; the message names the field."""
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _check_literal(obj: Any) -> None:
+    """Check every `Literal[...]` field of a dataclass instance against its allowed values."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is Literal:
+            allowed = typing.get_args(tp)
+            value = getattr(obj, f.name)
+            _check(value in allowed, f"{type(obj).__name__}.{f.name}", f"{value!r} is not one of {allowed}")
+
+
+# --- Per-concern configs -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Official log-mel recipe (spec §5). Changing any field changes the store's hash."""
+
+    sample_rate_hz: int = SAMPLE_RATE_HZ  # audio is resampled to this rate on load
+    clip_s: float = CLIP_S  # clip length; shorter files are zero-padded with a warning
+    win_length: int = 960  # STFT window, samples (40 ms Hann)
+    hop_length: int = 480  # STFT hop, samples (20 ms)
+    n_fft: int = 1024  # DFT size
+    n_mels: int = 64  # mel bands (librosa Slaney mel, fmin..fmax)
+    fmin_hz: float = 0.0
+    fmax_hz: float = 12_000.0
+    top_db: float = 80.0  # power_to_db floor relative to the loudest bin of the stereo clip
+    store_dtype: Literal["float16", "float32"] = "float16"  # feature precision in the Parquet store
+
+    def __post_init__(self) -> None:
+        _check_literal(self)
+        _check(self.sample_rate_hz > 0, "features.sample_rate_hz", "must be > 0")
+        _check(0 < self.win_length <= self.n_fft, "features.win_length", "must be in (0, n_fft]")
+        _check(self.hop_length > 0, "features.hop_length", "must be > 0")
+        _check(0 <= self.fmin_hz < self.fmax_hz <= self.sample_rate_hz / 2, "features.fmax_hz",
+               "need 0 <= fmin_hz < fmax_hz <= sample_rate_hz / 2")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Generated dataset (seld/synth.py). Fields are owned by the generator; see its docstring."""
+
+    seed: int = 0
+    n_synth_train: int = 1000  # 5-s clips in dev-train-synth
+    n_synth_test: int = 200  # 5-s clips in dev-test-synth
+    n_real_train: int = 400  # 5-s clips over dev-train-tau + dev-train-sony
+    n_real_test: int = 200  # 5-s clips over dev-test-tau + dev-test-sony
+    recording_s: float = 30.0  # length of each generated FOA recording that clips are cut from
+    distance_m_range: tuple[float, float] = (0.5, 5.0)
+    elevation_deg_range: tuple[float, float] = (-45.0, 45.0)
+    max_polyphony: int = 3  # simultaneous events at most
+    moving_fraction: float = 0.3  # fraction of events that move
+    max_speed_deg_s: float = 40.0
+    rt60_s_range: tuple[float, float] = (0.2, 0.9)
+    classes: tuple[int, ...] = tuple(range(N_CLASSES))  # classes that may occur
+
+    def __post_init__(self) -> None:
+        lo, hi = self.distance_m_range
+        _check(0 < lo < hi, "synth.distance_m_range", f"need 0 < min < max, got {self.distance_m_range}")
+        lo, hi = self.elevation_deg_range
+        _check(-90 <= lo <= hi <= 90, "synth.elevation_deg_range", "need -90 <= min <= max <= 90")
+        lo, hi = self.rt60_s_range
+        _check(0 < lo <= hi, "synth.rt60_s_range", f"need 0 < min <= max, got {self.rt60_s_range}")
+        _check(1 <= self.max_polyphony <= 6, "synth.max_polyphony", "must be in 1..6")
+        _check(0 <= self.moving_fraction <= 1, "synth.moving_fraction", "must be in [0, 1]")
+        _check(self.recording_s >= CLIP_S, "synth.recording_s", f"must be >= {CLIP_S}")
+        bad = [c for c in self.classes if not 0 <= c < N_CLASSES]
+        _check(not bad and len(self.classes) > 0, "synth.classes", f"unknown class ids {bad}; valid 0..{N_CLASSES - 1}")
+        for name in ("n_synth_train", "n_synth_test", "n_real_train", "n_real_test"):
+            _check(getattr(self, name) >= 0, f"synth.{name}", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which store rows each stage reads (DESIGN.md split table)."""
+
+    # Rooms of the real train folders held out as validation; empty = the last room of each site.
+    val_rooms: tuple[int, ...] = ()
+    # "dcase": select on validation rooms, test on dev-test. "paper": tune on dev-test (as the paper did).
+    protocol: Literal["dcase", "paper"] = "dcase"
+    # Stage 1 draws synthetic clips at this many per real clip each epoch (None = all of them).
+    stage1_synth_per_real: float | None = None
+    stage1_domains: tuple[str, ...] = ("synthetic", "real")  # ("synthetic",) = stage 1 on synthetic only
+    materialize: bool = True  # read small stores once per trial instead of streaming every epoch
+    # Normalise features with mean/std over the training rows (computed once, saved in the run).
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_literal(self)
+        bad = [d for d in self.stage1_domains if d not in ("synthetic", "real")]
+        _check(not bad and self.stage1_domains, "data.stage1_domains", f"unknown domains {bad}; use synthetic/real")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Stereo-RCnet (paper §2.2) or the official baseline (spec §7); every ablation is a field."""
+
+    name: Literal["stereo_rcnet", "baseline"] = "stereo_rcnet"
+    output_format: Literal["accdoa", "multi_accdoa"] = "accdoa"
+    input_mode: Literal["stereo", "mono"] = "stereo"  # mono: both channels replaced by their mean
+    fusion: Literal["aff", "add", "concat", "early"] = "aff"
+    channel_attention: bool = True  # MS-CAM inside each residual block
+    temporal_encoding: bool = True  # fixed sinusoidal encoding after the embedding (eq. 2)
+    resnet_channels: tuple[int, ...] = (64, 128, 256, 256)  # one entry per residual stage
+    freq_pool: tuple[int, ...] = (2, 2, 2, 2)  # frequency pooling after each stage (time is kept)
+    attention_reduction: int = 4  # MS-CAM bottleneck ratio r
+    d_model: int = 256
+    n_conformer_layers: int = 4
+    n_heads: int = 8
+    conformer_kernel: int = 31  # depthwise conv kernel (frames)
+    ff_mult: int = 4
+    dropout: float = 0.1
+    n_tracks: int = 3  # multi-ACCDOA tracks
+    # Baseline (spec §7) sizes
+    baseline_filters: int = 64
+    baseline_rnn_hidden: int = 128
+    baseline_n_rnn_layers: int = 2
+    baseline_n_mhsa_layers: int = 2
+    baseline_n_heads: int = 8
+    baseline_dropout: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_literal(self)
+        _check(len(self.resnet_channels) == len(self.freq_pool), "model.freq_pool",
+               "needs one entry per resnet_channels entry")
+        _check(self.n_conformer_layers >= 0, "model.n_conformer_layers", "must be >= 0")
+        _check(self.d_model % self.n_heads == 0, "model.d_model", f"{self.d_model} not divisible by n_heads={self.n_heads}")
+        _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """L = alpha * L_DOA + beta * L_dist (paper eqs. 4-6), both divided by C*T."""
+
+    alpha: float = 1.0
+    beta: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0 and self.beta >= 0, "loss.alpha/beta", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batch augmentations (seld/augment.py); a probability of 0 switches one off."""
+
+    cutout_p: float = 0.5  # random cutout (random erasing) of a time-frequency rectangle
+    cutout_max_frac: float = 0.25  # max side of the rectangle as a fraction of time/freq size
+    specaug_p: float = 0.5  # time and frequency masking (SpecAugment)
+    specaug_max_time: int = 25  # frames
+    specaug_max_freq: int = 8  # mel bins
+    freq_shift_p: float = 0.5  # roll along mel bins
+    freq_shift_max: int = 4  # mel bins
+    augmix_p: float = 0.3  # AugMix of the above
+    augmix_width: int = 3
+    augmix_depth: int = 2
+    augmix_alpha: float = 1.0
+    swap_p: float = 0.0  # left/right swap with azimuth negation (not in the paper)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_p"):
+                v = getattr(self, f.name)
+                _check(0 <= v <= 1, f"augment.{f.name}", f"probability {v} not in [0, 1]")
+
+    def disabled(self) -> AugmentConfig:
+        return dataclasses.replace(self, cutout_p=0.0, specaug_p=0.0, freq_shift_p=0.0, augmix_p=0.0, swap_p=0.0)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage (paper §2.5)."""
+
+    epochs: int = 20  # fixed epochs; with patience set, the maximum
+    lr: float = 1e-4
+    patience: int | None = None  # early stopping on val F20 (None = run all epochs)
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "train.stageN.epochs", "must be >= 0")
+        _check(self.lr > 0, "train.stageN.lr", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Two-stage schedule, batch, workers and time bound (Ray Train)."""
+
+    stages: Literal["both", "stage1", "stage2"] = "both"
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=1e-4))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(epochs=200, lr=2e-5, patience=20))
+    batch_size: int = 32
+    grad_clip: float | None = 5.0
+    num_workers: int = 1  # Ray Train workers (DDP when > 1)
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    amp_bf16: bool = True  # bf16 autocast when on GPU
+    torch_threads: int = 0  # 0 = let each worker use its share of the cores
+    time_budget_s: float = 3600.0  # hard bound for the whole run
+    max_failures: int = 0  # Ray Train restarts from the last checkpoint
+    val_threshold: float = 0.5  # activity threshold for selection / early stopping
+
+    def __post_init__(self) -> None:
+        _check_literal(self)
+        _check(self.batch_size > 0, "train.batch_size", "must be > 0")
+        _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
+        _check(self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run depends on."""
+
+    preset: str = "paper"
+    seed: int = 0
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.name == "baseline":
+            _check(self.model.output_format == "multi_accdoa", "model.output_format",
+                   "the baseline uses multi_accdoa (spec §7)")
+
+
+# --- Presets -------------------------------------------------------------------------------------
+# Each preset is a set of dotted overrides over the paper defaults, so a preset is a readable diff.
+PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "local": {
+        "synth.n_synth_train": 1000,
+        "synth.n_synth_test": 200,
+        "synth.n_real_train": 600,
+        "synth.n_real_test": 240,
+        "model.resnet_channels": (16, 32, 64),
+        "model.freq_pool": (4, 4, 2),
+        "model.d_model": 64,
+        "model.n_heads": 4,
+        "model.n_conformer_layers": 2,
+        "model.conformer_kernel": 15,
+        "model.ff_mult": 2,
+        "model.dropout": 0.05,
+        "model.baseline_filters": 32,
+        "model.baseline_rnn_hidden": 64,
+        "model.baseline_n_heads": 4,
+        "train.batch_size": 32,
+        "train.stage1.epochs": 12,
+        "train.stage1.lr": 1e-3,
+        "train.stage2.epochs": 8,
+        "train.stage2.lr": 2e-4,
+        "train.stage2.patience": 4,
+        "train.time_budget_s": 1200.0,
+    },
+    "smoke": {
+        "synth.n_synth_train": 24,
+        "synth.n_synth_test": 8,
+        "synth.n_real_train": 24,
+        "synth.n_real_test": 12,
+        "synth.recording_s": 10.0,
+        "model.resnet_channels": (8, 16),
+        "model.freq_pool": (8, 8),
+        "model.d_model": 32,
+        "model.n_heads": 2,
+        "model.n_conformer_layers": 1,
+        "model.conformer_kernel": 7,
+        "model.ff_mult": 2,
+        "model.baseline_filters": 8,
+        "model.baseline_rnn_hidden": 16,
+        "model.baseline_n_heads": 2,
+        "train.batch_size": 8,
+        "train.stage1.epochs": 1,
+        "train.stage1.lr": 1e-3,
+        "train.stage2.epochs": 1,
+        "train.stage2.lr": 1e-3,
+        "train.stage2.patience": 1,
+        "train.time_budget_s": 300.0,
+    },
+}
+PRESET_OVERRIDES["local-extended"] = dict(PRESET_OVERRIDES["local"])
+PRESETS = tuple(PRESET_OVERRIDES)
+
+# Baseline-A (spec §7): its own model, output format and schedule through the same entry point.
+BASELINE_OVERRIDES: dict[str, Any] = {
+    "model.name": "baseline",
+    "model.output_format": "multi_accdoa",
+    "augment.cutout_p": 0.0,
+    "augment.specaug_p": 0.0,
+    "augment.freq_shift_p": 0.0,
+    "augment.augmix_p": 0.0,
+    "augment.swap_p": 0.0,
+    "train.stages": "stage1",
+}
+
+
+def preset_config(name: str, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """The named preset with optional dotted-key overrides applied on top."""
+    if name not in PRESET_OVERRIDES:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = apply_overrides(ExperimentConfig(), {"preset": name, **PRESET_OVERRIDES[name]})
+    return apply_overrides(cfg, overrides or {})
+
+
+# --- Overrides, serialisation, hashing -----------------------------------------------------------
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Coerce `value` (possibly a string from the command line) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {args}")
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip().strip("()[]")
+            value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list like 1,2,3, got {value!r}")
+        elem = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return tuple(_coerce(v, elem, key) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return from_dict(tp, value, prefix=key + ".")
+        raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, tree: dict[str, Any], prefix: str) -> Any:
+    """Apply a nested dict of changes to one dataclass level at once (so that checks that
+    relate two fields, such as resnet_channels and freq_pool, see both new values)."""
+    hints = _field_types(type(obj))
+    choices = [f.name for f in dataclasses.fields(obj)]
+    changes: dict[str, Any] = {}
+    for name, value in tree.items():
+        full_key = prefix + name
+        if name not in hints:
+            near = difflib.get_close_matches(name, choices, n=3)
+            hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else f"; valid: {', '.join(choices)}"
+            raise ConfigError(f"unknown config key {full_key!r}{hint}")
+        if isinstance(value, _Subtree):
+            child = getattr(obj, name)
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"unknown config key {full_key + '.' + next(iter(value))!r}: {full_key} is a value, not a section")
+            changes[name] = _apply(child, value, full_key + ".")
+        else:
+            changes[name] = _coerce(value, hints[name], full_key)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+class _Subtree(dict):
+    """Marks a nested group of dotted overrides (as opposed to a dict-valued field)."""
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Return `cfg` with dotted-key overrides applied, e.g. ``{"model.n_conformer_layers": 2}``.
+
+    Values may be typed or strings (from ``--set``); each is coerced to the field's annotated type
+    and the dataclass checks run again. Unknown keys and wrong types raise :class:`ConfigError`.
+    """
+    tree = _Subtree()
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, _Subtree())
+            if not isinstance(node, _Subtree):
+                raise ConfigError(f"config key {key!r} conflicts with another override of {part!r}")
+        node[leaf] = value
+    return _apply(cfg, tree, "")
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, str]:
+    """Parse ``["a.b=1", "c=x"]`` (from repeated ``--set``) into a dict of dotted keys."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.n_conformer_layers=2")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """JSON-ready nested dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Inverse of :func:`to_dict`; unknown keys are an error naming the key."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)} for {cls.__name__}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view of a config: ``{"model.d_model": 256, ...}``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = v
+    return out
+
+
+def config_hash(cfg: Any, length: int = 12) -> str:
+    """Stable short hash of a config (sorted-key JSON)."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def save_json(cfg: Any, path) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def load_experiment(path) -> ExperimentConfig:
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config JSON ({e})") from None
+    return from_dict(ExperimentConfig, data)

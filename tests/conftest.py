@@ -1,0 +1,56 @@
+"""Shared, session-scoped fixtures: one smoke dataset, one feature store, one Ray per session.
+
+Building these once per session keeps the suite under its time budget; tests that modify data
+copy what they need into their own tmp_path first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Keep Ray (and everything it starts) on loopback and inside the test session's folders.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    from seld.config import preset_config
+
+    return preset_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory, smoke_config) -> Path:
+    """The smoke generated dataset (all splits present), in the DCASE2025 layout."""
+    from seld.synth import generate_dataset
+
+    return generate_dataset(smoke_config.synth, tmp_path_factory.mktemp("smoke") / "data", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory, smoke_data, smoke_config) -> Path:
+    """The feature store of the smoke dataset."""
+    from seld.store import build_store
+
+    return build_store(smoke_data, tmp_path_factory.mktemp("smoke") / "store", smoke_config.features)
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole session (4 logical CPUs on 2 cores so Ray Data never starves)."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    os.environ.setdefault("RAY_TMPDIR", str(tmp))
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    ray.shutdown()
