@@ -1,0 +1,461 @@
+"""Study rows -> tables and plots (pure: reads a DataFrame, writes files; no Ray, no training).
+
+Reads the tidy rows of ``results/<study>/summary.csv`` (one row per run: study, variant, seed,
+status, cost, and the run's metrics as flat ``split/metric`` columns) and, optionally, the
+per-epoch ``curves.csv``; writes ``<table>.md``, ``.csv``, ``.tex``, ``<table>.png`` (bars with 95 %
+intervals over seeds), ``<table>_classwise.png`` (per-class F20), ``curves.png`` and the breakdown
+tables. The same rows always give the same bytes (``--report-only`` relies on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from seld.config import CLASS_NAMES
+from seld.errors import DataError
+
+log = logging.getLogger(__name__)
+
+# The three official metrics: column suffix, header, arrow, decimals, scale applied for display.
+METRICS: tuple[tuple[str, str, int], ...] = (
+    ("f20", "F20 (%) ↑", 1),
+    ("doae_cd", "DOAE_CD (°) ↓", 1),
+    ("rde_cd", "RDE_CD ↓", 3),
+)
+# Breakdown groups of a row's metrics (``<prefix>/<group>/<key>/<metric>`` columns), e.g.
+# ``test_pp/site/tau/f20``; shown for the row marked ``breakdowns=True``.
+BREAKDOWN_GROUPS: tuple[str, ...] = ("site", "distance", "polyphony")
+REQUIRED_COLUMNS: tuple[str, ...] = ("variant", "seed", "status")
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One row of a results table, read from the runs of one variant.
+
+    Attributes:
+        label: row label in the table ("Stage 2 + PP").
+        variant: the ``variant`` value of the summary rows it aggregates.
+        prefix: metric prefix of the columns it reads ("test_pp" reads ``test_pp/f20`` ...).
+        cost_key: column holding the row's wall time in seconds; falls back to ``wall_s``.
+        breakdowns: also tabulate the per-site/distance/polyphony breakdown of this row.
+    """
+
+    label: str
+    variant: str
+    prefix: str = "test"
+    cost_key: str = "wall_s"
+    breakdowns: bool = False
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A table: its file stem, caption, rows and (optionally) the paper's own figures.
+
+    ``paper`` maps a row label to the paper's (F20 %, DOAE_CD °, RDE_CD) on the real DCASE2025
+    development set; they are printed in a separate, labelled table, never among our rows.
+    ``domain_gap_prefix`` names the metric prefix of the synthetic-domain test (e.g. "test_synth").
+    """
+
+    name: str
+    title: str
+    rows: tuple[TableRow, ...]
+    paper: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+    paper_source: str = ""
+    domain_gap_prefix: str = "test_synth"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean and half-width of the 95 % Student-t interval over ``n`` values (NaN half-width if n < 2)."""
+
+    mean: float
+    half: float
+    n: int
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """Mean +- t_{(1+level)/2, n-1} * s / sqrt(n) over the finite entries of ``values``."""
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = int(x.size)
+    if n == 0:
+        return Interval(math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, 1)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, half, n)
+
+
+def _fmt(iv: Interval, decimals: int) -> str:
+    if iv.n == 0 or not np.isfinite(iv.mean):
+        return "–"
+    if not np.isfinite(iv.half):
+        return f"{iv.mean:.{decimals}f}"
+    return f"{iv.mean:.{decimals}f} ± {iv.half:.{decimals}f}"
+
+
+def _fmt_plain(value: float, decimals: int) -> str:
+    return f"{value:.{decimals}f}" if np.isfinite(value) else ""
+
+
+def check_rows(rows: pd.DataFrame, source: str = "summary.csv") -> pd.DataFrame:
+    """Check the columns the report needs and return the rows sorted (variant, seed)."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in rows.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; expected a study summary with {list(REQUIRED_COLUMNS)}")
+    return rows.sort_values(["variant", "seed"], kind="stable").reset_index(drop=True)
+
+
+def _ok(rows: pd.DataFrame, variant: str) -> pd.DataFrame:
+    return rows[(rows["variant"] == variant) & (rows["status"] == "ok")]
+
+
+def _col(runs: pd.DataFrame, key: str) -> list[float]:
+    if key not in runs.columns:
+        return []
+    return [float(v) for v in pd.to_numeric(runs[key], errors="coerce")]
+
+
+def _cost(runs: pd.DataFrame, row: TableRow) -> tuple[float, float]:
+    """(mean wall minutes, mean device-hours) of one table row's runs."""
+    key = row.cost_key if row.cost_key in runs.columns and runs[row.cost_key].notna().any() else "wall_s"
+    wall = t_interval(_col(runs, key)).mean
+    if "n_devices" in runs.columns and key in runs.columns:
+        dev_h = t_interval([w * d / 3600.0 for w, d in zip(_col(runs, key), _col(runs, "n_devices"), strict=True)]).mean
+    else:
+        dev_h = t_interval(_col(runs, "device_hours")).mean
+    return wall / 60.0, dev_h
+
+
+@dataclass(frozen=True)
+class _RowStats:
+    row: TableRow
+    metrics: dict[str, Interval]
+    jackknife: dict[str, str]
+    wall_min: float
+    device_h: float
+    n_failed: int
+
+
+def _row_stats(rows: pd.DataFrame, row: TableRow) -> _RowStats:
+    runs = _ok(rows, row.variant)
+    metrics = {m: t_interval(_col(runs, f"{row.prefix}/{m}")) for m, _, _ in METRICS}
+    jack = {}
+    for m, _, dec in METRICS:
+        lo, hi = _col(runs, f"{row.prefix}/{m}_ci_lo"), _col(runs, f"{row.prefix}/{m}_ci_hi")
+        if lo and hi:
+            jack[m] = f"[{np.nanmean(lo):.{dec}f}, {np.nanmean(hi):.{dec}f}]"
+    wall, dev_h = _cost(runs, row) if len(runs) else (math.nan, math.nan)
+    n_failed = int(((rows["variant"] == row.variant) & (rows["status"] != "ok")).sum())
+    return _RowStats(row, metrics, jack, wall, dev_h, n_failed)
+
+
+def _context(rows: pd.DataFrame) -> dict[str, str]:
+    def one(col: str, default: str) -> str:
+        if col not in rows.columns:
+            return default
+        vals = sorted({str(v) for v in rows[col].dropna()})
+        return ", ".join(vals) if vals else default
+
+    return {
+        "study": one("study", "study"),
+        "preset": one("preset", "?"),
+        "dataset": one("dataset", "generated"),
+        "protocol": one("protocol", "dcase"),
+    }
+
+
+def _caption(spec: TableSpec, ctx: dict[str, str], stats_: list[_RowStats]) -> str:
+    ns = sorted({s.metrics["f20"].n for s in stats_ if s.metrics["f20"].n})
+    seeds = "/".join(str(n) for n in ns) or "0"
+    data = (
+        "the generated dataset (not the paper's real DCASE2025 data)"
+        if ctx["dataset"] == "generated"
+        else f"the {ctx['dataset']} dataset"
+    )
+    caption = (
+        f"{spec.title}. Study `{ctx['study']}`, preset `{ctx['preset']}`, on {data}, test split. "
+        f"Each cell is the mean ± the half-width of the 95 % Student-t interval **over seeds** "
+        f"(n = {seeds} seeds per row; a single seed shows the mean only). "
+        "Stage rows come from the same trainings: Stage 1 is the checkpoint after stage 1, Stage 2 is "
+        "scored at the activity threshold 0.5, Stage 2 + PP with the class-wise thresholds fitted on "
+        "the validation split. Cost: mean wall time and device-hours of one run."
+    )
+    if ctx["protocol"] == "paper":
+        caption += (
+            " Footnote: protocol `paper` — model selection and thresholds were tuned on the test "
+            "split, as the paper did; these are not held-out numbers."
+        )
+    return caption
+
+
+def _main_table(stats_: list[_RowStats]) -> tuple[list[str], list[list[str]]]:
+    header = ["System", *[h for _, h, _ in METRICS], "seeds", "failed", "wall (min)", "device-h"]
+    if any(s.jackknife for s in stats_):
+        header.insert(4, "F20 jackknife 95 % (files)")
+    body = []
+    for s in stats_:
+        cells = [s.row.label, *[_fmt(s.metrics[m], d) for m, _, d in METRICS]]
+        if len(header) > 8:
+            cells.append(s.jackknife.get("f20", "–"))
+        cells += [str(s.metrics["f20"].n), str(s.n_failed), _fmt_plain(s.wall_min, 1), _fmt_plain(s.device_h, 3)]
+        body.append(cells)
+    return header, body
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+def _breakdowns(rows: pd.DataFrame, stats_: list[_RowStats]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per-site / distance-bin / polyphony tables of the rows marked ``breakdowns``."""
+    out = []
+    for s in stats_:
+        if not s.row.breakdowns:
+            continue
+        runs = _ok(rows, s.row.variant)
+        for group in BREAKDOWN_GROUPS:
+            pat = re.compile(rf"^{re.escape(s.row.prefix)}/{group}/([^/]+)/f20$")
+            keys = [m.group(1) for c in rows.columns if (m := pat.match(c))]
+            if not keys:
+                continue
+            header = [group, *[h for _, h, _ in METRICS], "seeds"]
+            body = []
+            for key in sorted(keys, key=_natural):
+                ivs = {m: t_interval(_col(runs, f"{s.row.prefix}/{group}/{key}/{m}")) for m, _, _ in METRICS}
+                body.append([key, *[_fmt(ivs[m], d) for m, _, d in METRICS], str(ivs["f20"].n)])
+            out.append((f"{s.row.label} by {group}", header, body))
+    return out
+
+
+def _natural(key: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key))
+
+
+def _domain_gap(rows: pd.DataFrame, spec: TableSpec, stats_: list[_RowStats]) -> tuple[list[str], list[list[str]]] | None:
+    body = []
+    for s in stats_:
+        runs = _ok(rows, s.row.variant)
+        gap_prefix = spec.domain_gap_prefix + s.row.prefix[len("test"):] if s.row.prefix.startswith("test") else None
+        if not gap_prefix or f"{gap_prefix}/f20" not in rows.columns:
+            continue
+        ivs = {m: t_interval(_col(runs, f"{gap_prefix}/{m}")) for m, _, _ in METRICS}
+        if ivs["f20"].n == 0:
+            continue
+        body.append([s.row.label, *[_fmt(ivs[m], d) for m, _, d in METRICS], str(ivs["f20"].n)])
+    if not body:
+        return None
+    return ["System (synthetic-domain test)", *[h for _, h, _ in METRICS], "seeds"], body
+
+
+def _tex_escape(text: str) -> str:
+    return (text.replace("\\", r"\textbackslash{}").replace("%", r"\%").replace("_", r"\_")
+            .replace("&", r"\&").replace("#", r"\#").replace("±", r"$\pm$").replace("°", r"$^\circ$")
+            .replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("–", "--"))
+
+
+def _tex_table(caption: str, header: list[str], body: list[list[str]], label: str) -> str:
+    cols = "l" + "r" * (len(header) - 1)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_tex_escape(caption.replace('**', ''))}}}",
+        rf"\label{{tab:{label}}}",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join(_tex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+        *[" & ".join(_tex_escape(c) for c in r) + r" \\" for r in body],
+        r"\bottomrule",
+        r"\end{tabular}",
+        r"\end{table}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _csv_table(rows: pd.DataFrame, stats_: list[_RowStats]) -> pd.DataFrame:
+    recs = []
+    for s in stats_:
+        rec: dict[str, object] = {"system": s.row.label, "variant": s.row.variant, "prefix": s.row.prefix}
+        for m, _, _ in METRICS:
+            rec[f"{m}_mean"] = s.metrics[m].mean
+            rec[f"{m}_ci95"] = s.metrics[m].half
+        rec["n_seeds"] = s.metrics["f20"].n
+        rec["n_failed"] = s.n_failed
+        rec["wall_min"] = s.wall_min
+        rec["device_hours"] = s.device_h
+        recs.append(rec)
+    return pd.DataFrame.from_records(recs)
+
+
+# --- Plots ---------------------------------------------------------------------------------------
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.hashsalt": "seld", "font.size": 9})
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    # No software/date metadata so that the same rows give the same bytes.
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _bars_png(path: Path, spec: TableSpec, stats_: list[_RowStats]) -> None:
+    plt = _figure()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2), constrained_layout=True)
+    labels = [s.row.label for s in stats_]
+    x = np.arange(len(labels))
+    for ax, (m, head, _) in zip(axes, METRICS, strict=True):
+        means = np.array([s.metrics[m].mean for s in stats_])
+        halves = np.array([s.metrics[m].half if np.isfinite(s.metrics[m].half) else 0.0 for s in stats_])
+        ax.bar(x, np.nan_to_num(means), yerr=halves, capsize=4, color="#4C72B0", alpha=0.85)
+        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set_title(head)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"{spec.title} (mean, 95 % interval over seeds)")
+    _save(fig, path)
+
+
+def _classwise_png(path: Path, rows: pd.DataFrame, stats_: list[_RowStats]) -> bool:
+    series = []
+    for s in stats_:
+        runs = _ok(rows, s.row.variant)
+        vals = [t_interval(_col(runs, f"{s.row.prefix}/class/{c}/f20")) for c in range(len(CLASS_NAMES))]
+        if any(v.n for v in vals):
+            series.append((s.row.label, vals))
+    if not series:
+        return False
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(10, 3.8), constrained_layout=True)
+    width = 0.8 / len(series)
+    x = np.arange(len(CLASS_NAMES))
+    for i, (label, vals) in enumerate(series):
+        means = np.nan_to_num([v.mean for v in vals])
+        halves = np.nan_to_num([v.half for v in vals])
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=halves, capsize=2, label=label)
+    ax.set_xticks(x, CLASS_NAMES, rotation=35, ha="right")
+    ax.set_ylabel("F20 (%)")
+    ax.set_title("Per-class F20 on the test split (mean, 95 % interval over seeds)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
+def _curves_png(path: Path, curves: pd.DataFrame, metric: str = "val/f20") -> bool:
+    if curves is None or curves.empty or metric not in curves.columns:
+        return False
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
+    curves = curves.sort_values(["variant", "seed", "epoch"], kind="stable")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (variant, runs) in enumerate(curves.groupby("variant", sort=True)):
+        color = colors[i % len(colors)]
+        for j, (_, run) in enumerate(runs.groupby("seed", sort=True)):
+            y = pd.to_numeric(run[metric], errors="coerce").to_numpy()
+            ax.plot(np.arange(1, len(y) + 1), y, color=color, alpha=0.8, lw=1,
+                    label=variant if j == 0 else None)
+    ax.set_xlabel("epoch (stage 1 then stage 2)")
+    ax.set_ylabel(metric + " (threshold 0.5)")
+    ax.set_title("Training curves (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+# --- Entry point -----------------------------------------------------------------------------------
+def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
+                 curves: pd.DataFrame | None = None) -> list[Path]:
+    """Write every table and plot of a study from its rows.
+
+    Args:
+        rows: the study's summary rows (``summary.csv``), one per run; needs ``variant``, ``seed``,
+            ``status`` and the metric columns the tables read (``test/f20`` ...).
+        out_dir: folder for the outputs (usually ``results/<study>``).
+        tables: what to tabulate (declared by the study script).
+        curves: per-epoch rows (``curves.csv``: variant, seed, epoch, ``val/f20`` ...), optional.
+
+    Returns:
+        The paths written, in order. Deterministic: the same rows give the same bytes.
+    """
+    rows = check_rows(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = _context(rows)
+    written: list[Path] = []
+    for spec in tables:
+        stats_ = [_row_stats(rows, r) for r in spec.rows]
+        caption = _caption(spec, ctx, stats_)
+        header, body = _main_table(stats_)
+        md = [f"# {spec.title}", "", caption, "", _md_table(header, body)]
+        tex = [_tex_table(caption, header, body, spec.name)]
+        if spec.paper:
+            md += [
+                f"**The paper's own figures (real DCASE2025 development data{', ' + spec.paper_source if spec.paper_source else ''}); "
+                "shown for reference only, not comparable with the rows above and not mixed with them:**",
+                "",
+                _md_table(["System (paper, real data)", *[h for _, h, _ in METRICS]],
+                          [[label, f"{f:.2f}", f"{d:.1f}", f"{r:.2f}"] for label, (f, d, r) in spec.paper.items()]),
+            ]
+        gap = _domain_gap(rows, spec, stats_)
+        if gap:
+            md += ["## Domain gap: the synthetic-domain test split (dev-test-synth)", "", _md_table(*gap)]
+        for title, h, b in _breakdowns(rows, stats_):
+            md += [f"## {title}", "", _md_table(h, b)]
+        failed = rows[rows["status"] != "ok"]
+        if len(failed):
+            md += ["## Failed runs", "", _md_table(
+                ["variant", "seed", "error"],
+                [[str(r.variant), str(r.seed), str(getattr(r, "error", "")).splitlines()[0][:120] if str(getattr(r, "error", "")) else ""]
+                 for r in failed.itertuples()])]
+        paths = {
+            "md": out_dir / f"{spec.name}.md",
+            "csv": out_dir / f"{spec.name}.csv",
+            "tex": out_dir / f"{spec.name}.tex",
+            "png": out_dir / f"{spec.name}.png",
+        }
+        paths["md"].write_text("\n".join(md), encoding="utf-8")
+        _csv_table(rows, stats_).to_csv(paths["csv"], index=False, float_format="%.6g", lineterminator="\n")
+        paths["tex"].write_text("".join(tex), encoding="utf-8")
+        _bars_png(paths["png"], spec, stats_)
+        written += list(paths.values())
+        cw = out_dir / f"{spec.name}_classwise.png"
+        if _classwise_png(cw, rows, stats_):
+            written.append(cw)
+    cpath = out_dir / "curves.png"
+    if curves is not None and _curves_png(cpath, curves):
+        written.append(cpath)
+    log.info("report: wrote %d files to %s", len(written), out_dir)
+    return written
+
+
+def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path]:
+    """`--report-only`: read ``summary.csv`` (and ``curves.csv`` if present) and write the report."""
+    study_dir = Path(study_dir)
+    summary = study_dir / "summary.csv"
+    if not summary.is_file():
+        raise DataError(f"{summary}: no summary to report from; run the study first (without --report-only)")
+    rows = pd.read_csv(summary)
+    curves_path = study_dir / "curves.csv"
+    curves = pd.read_csv(curves_path) if curves_path.is_file() else None
+    return write_report(rows, study_dir, tables, curves)
