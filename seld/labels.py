@@ -154,7 +154,7 @@ def read_prediction_csv(path: str | Path) -> np.ndarray:
     integers and azimuth, distance as floats (any azimuth: the metric folds it; frames past the
     clip are kept: the metric decides what is scored). Blank lines are skipped. A row the official
     code could not parse (too few columns, a non-integer frame) or that it could not score
-    (class outside 0..12, negative frame) raises :class:`DataError` naming ``file:line``.
+    (class outside 0..12, negative frame, a NaN or infinite azimuth) raises :class:`DataError` naming ``file:line``.
     """
     path = Path(path)
     lines = _read_text(path).splitlines()
@@ -170,6 +170,8 @@ def read_prediction_csv(path: str | Path) -> np.ndarray:
         az, dist = (_parse_float(values[i], path, lineno, names[i]) for i in (3, 4))
         onscreen = _parse_int(values[5], path, lineno, names[5])
         _check_row(path, lineno, frame, cls, None)
+        if not np.isfinite(az):  # the official scorer's assignment step fails on it
+            raise DataError(f"{path}:{lineno}: azimuth must be a finite number, got {values[3]!r}")
         rows.append((frame, cls, src, az, dist, onscreen))
     return make_events(rows)
 
@@ -242,6 +244,7 @@ def _parse_bodies(data: bytes, n_rows: int) -> np.ndarray:
 
 def _invalid_rows(events: np.ndarray, kind: str, n_frames: int | None) -> np.ndarray:
     bad = (events["class"] < 0) | (events["class"] >= N_CLASSES) | (events["frame"] < 0)
+    bad |= ~np.isfinite(events["azimuth"])
     if kind == "reference":
         az, dist = events["azimuth"], events["distance"]
         bad |= (az < -90) | (az > 90) | ~(dist >= 0) | (az != np.round(az)) | (dist != np.round(dist))

@@ -140,6 +140,10 @@ def test_prediction_reader_is_lenient_as_official(tmp_path):
     path.write_text(STEREO_HEADER + "\n0,13,0,30,200,0\n")
     with pytest.raises(DataError, match=r"p\.csv:2: class 13"):
         read_prediction_csv(path)
+    path.write_text(STEREO_HEADER + "\n0,1,0,30,200,0\n0,2,0,nan,200,0\n")
+    for read in (read_prediction_csv, lambda q: read_csv_table([q], "prediction")):
+        with pytest.raises(DataError, match=r"p\.csv:3: azimuth must be a finite number"):
+            read(path)
 
 
 def test_bulk_reader_equals_per_file_readers(tmp_path):
@@ -159,7 +163,7 @@ def test_bulk_reader_equals_per_file_readers(tmp_path):
         for i, p in enumerate(paths):
             np.testing.assert_array_equal(events[file_index == i], reader(p))
     preds = tmp_path / "pred.csv"
-    preds.write_text("h\n1,2,0,150.5,1e2,0\n2,3,0,nan,inf,0\n3,3,0,.5,5.,0\n")
+    preds.write_text("h\n1,2,0,150.5,1e2,0\n2,3,0,-1e1,inf,0\n3,3,0,.5,nan,0\n")
     events, _ = read_csv_table([preds], "prediction")
     expected = read_prediction_csv(preds)
     for name in EVENT_DTYPE.names:  # field-wise: NaN equals NaN
