@@ -261,6 +261,7 @@ class TrainConfig:
     time_budget_s: float = 3600.0  # hard bound for the whole run
     max_failures: int = 0  # Ray Train restarts from the last checkpoint
     val_threshold: float = 0.5  # activity threshold for selection / early stopping
+    init_checkpoint: str | None = None  # model file to start from (e.g. stage 2 from a stage-1 run)
 
     def __post_init__(self) -> None:
         _check_literal(self)
