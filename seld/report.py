@@ -62,7 +62,7 @@ class TableSpec:
 
     ``paper`` maps a row label to the paper's (F20 %, DOAE_CD °, RDE_CD) on the real DCASE2025
     development set; they are printed in a separate, labelled table, never among our rows.
-    ``domain_gap_prefix`` names the metric prefix of the synthetic-domain test (e.g. "test_synth").
+    ``domain_gap_prefix`` names the metric prefix of the synthetic-domain test split (dev-test-synth).
     """
 
     name: str
@@ -70,7 +70,7 @@ class TableSpec:
     rows: tuple[TableRow, ...]
     paper: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     paper_source: str = ""
-    domain_gap_prefix: str = "test_synth"
+    domain_gap_prefix: str = "synth_test"
 
 
 @dataclass(frozen=True)
@@ -244,19 +244,28 @@ def _natural(key: str) -> tuple:
 
 
 def _domain_gap(rows: pd.DataFrame, spec: TableSpec, stats_: list[_RowStats]) -> tuple[list[str], list[list[str]]] | None:
+    """Real test vs synthetic-domain test (both at threshold 0.5) of the rows scored at 0.5."""
+    gap = spec.domain_gap_prefix
+    if f"{gap}/f20" not in rows.columns:
+        return None
     body = []
     for s in stats_:
+        if s.row.prefix != "test":
+            continue
         runs = _ok(rows, s.row.variant)
-        gap_prefix = spec.domain_gap_prefix + s.row.prefix[len("test"):] if s.row.prefix.startswith("test") else None
-        if not gap_prefix or f"{gap_prefix}/f20" not in rows.columns:
+        synth = {m: t_interval(_col(runs, f"{gap}/{m}")) for m, _, _ in METRICS}
+        if synth["f20"].n == 0:
             continue
-        ivs = {m: t_interval(_col(runs, f"{gap_prefix}/{m}")) for m, _, _ in METRICS}
-        if ivs["f20"].n == 0:
-            continue
-        body.append([s.row.label, *[_fmt(ivs[m], d) for m, _, d in METRICS], str(ivs["f20"].n)])
+        cells = [s.row.label]
+        for m, _, d in METRICS:
+            cells += [_fmt(s.metrics[m], d), _fmt(synth[m], d)]
+        body.append(cells + [str(synth["f20"].n)])
     if not body:
         return None
-    return ["System (synthetic-domain test)", *[h for _, h, _ in METRICS], "seeds"], body
+    header = ["System (threshold 0.5)"]
+    for _, h, _ in METRICS:
+        header += [f"{h} real", f"{h} synthetic"]
+    return header + ["seeds"], body
 
 
 def _tex_escape(text: str) -> str:
@@ -366,7 +375,8 @@ def _curves_png(path: Path, curves: pd.DataFrame, metric: str = "val/f20") -> bo
         return False
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
-    curves = curves.sort_values(["variant", "seed", "epoch"], kind="stable")
+    order = "step" if "step" in curves.columns else "epoch"
+    curves = curves.sort_values(["variant", "seed", order], kind="stable")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (variant, runs) in enumerate(curves.groupby("variant", sort=True)):
         color = colors[i % len(colors)]

@@ -38,7 +38,7 @@ def _rows() -> pd.DataFrame:
                "test/f20": f, "test/doae_cd": 15.0, "test/rde_cd": 0.3,
                "test_pp/f20": f + 1, "test_pp/doae_cd": 15.5, "test_pp/rde_cd": 0.31,
                "test_pp/site/tau/f20": f + 2, "test_pp/site/sony/f20": f,
-               "test_synth_pp/f20": 70.0, "test_synth_pp/doae_cd": 8.0, "test_synth_pp/rde_cd": 0.2}
+               "synth_test/f20": 70.0, "synth_test/doae_cd": 8.0, "synth_test/rde_cd": 0.2}
         for c in range(13):
             rec[f"test_pp/class/{c}/f20"] = float(c + seed)
         recs.append(rec)
@@ -74,7 +74,7 @@ def test_table1_rows_values_caption_and_paper_figures(tmp_path):
     assert "42.50" not in ours and "| Stage 2 + PP | 42.50 | 15.0 | 0.30 |" in paper
     # Extras: breakdown by site, domain gap, failed run listed with the first line of its error.
     assert "| sony | 42.0 ±" in md and "| tau | 44.0 ±" in md
-    assert "synthetic-domain" in md and "| Stage 2 + PP | 70.0 ± 0.0 |" in md
+    assert "synthetic-domain" in md and f"| Stage 2 | 42.0 ± {half:.1f} | 70.0 ± 0.0 | 15.0 ± 0.0 | 8.0 ± 0.0 |" in md
     assert "RuntimeError: out of memory |" in md and "traceback" not in md
     csv = pd.read_csv(tmp_path / "table1.csv")
     assert list(csv["system"]) == ["Baseline-A", "Stage 1", "Stage 2", "Stage 2 + PP"]

@@ -1,0 +1,88 @@
+"""Cluster files: Ray's own launcher validation, the SLURM script, and --cluster/--dry-run plans."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seld.config import preset_config
+from seld.errors import UserError
+from seld.study import format_plan, load_launcher_file, plan_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+GPU, LOCAL, SLURM = ROOT / "cluster/gpu.yaml", ROOT / "cluster/local.yaml", ROOT / "cluster/slurm.sbatch"
+
+
+@pytest.mark.parametrize("path", [GPU, LOCAL])
+def test_launcher_files_pass_rays_validation(path):
+    cfg = load_launcher_file(path)  # prepare_config + validate_config (ray.autoscaler._private.util)
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+
+
+def test_gpu_yaml_head_has_no_trial_resources_and_no_secrets():
+    raw = yaml.safe_load(GPU.read_text())
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    workers = [nt for name, nt in raw["available_node_types"].items() if name != raw["head_node_type"]]
+    assert workers and all(nt["resources"].get("GPU", 0) >= 1 and nt["min_workers"] == 0 for nt in workers)
+    text = GPU.read_text().lower()
+    assert "aws_secret" not in text and "api_key" not in text and "ray==2.60.0" not in text  # pins come from pyproject
+    assert any("pip install" in c and "-e ~/seld" in c for c in raw["setup_commands"])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(not_a_ray_key=1), "not_a_ray_key"),
+    (lambda c: c["available_node_types"]["worker.gpu1"].update(min_workers=9, max_workers=2), "max_workers|min_workers"),
+])
+def test_invalid_launcher_files_are_rejected_with_the_file_named(tmp_path, edit, match):
+    cfg = yaml.safe_load(GPU.read_text())
+    edit(cfg)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match=f"bad.yaml.*({match})"):
+        load_launcher_file(bad)
+
+
+def test_slurm_script_is_valid_bash_and_runs_the_study():
+    subprocess.run(["bash", "-n", str(SLURM)], check=True)
+    text = SLURM.read_text()
+    assert "ray start --head" in text and "studies/ablation.py" in text and "--cluster cluster/slurm.sbatch" in text
+
+
+def test_plans_follow_the_cluster_files():
+    cfg = preset_config("paper")
+    gpu = plan_cluster(GPU, cfg)
+    local = plan_cluster(LOCAL, cfg)
+    slurm = plan_cluster(SLURM, cfg)
+    # gpu.yaml: 2 x g5.12xlarge (4 GPUs) + 6 of 8 g5.2xlarge within max_workers=8 -> 14 trials at once.
+    assert (gpu.gpus_per_worker, gpu.cpus_per_worker, gpu.concurrency) == (1.0, 4.0, 14)
+    assert gpu.storage == "/mnt/efs/seld" and gpu.overrides()["train.use_gpu"] is True
+    # local.yaml: 4 logical CPUs, CPU-only -> one trial at a time on 1 CPU.
+    assert (local.gpus_per_worker, local.cpus_per_worker, local.concurrency) == (0.0, 1.0, 1)
+    assert local.storage == "/tmp/seld-local" and local.overrides()["train.use_gpu"] is False
+    # slurm: 2 nodes x 4 GPUs, 32 CPUs each.
+    assert (slurm.concurrency, slurm.cpus_per_worker) == (8, 4.0)
+    # DDP trials of 4 workers fit only the 4-GPU nodes.
+    ddp = plan_cluster(GPU, preset_config("paper", {"train.num_workers": 4}))
+    assert ddp.concurrency == 2 and [n.name for n in ddp.nodes] == ["worker.gpu4"]
+    assert format_plan(gpu, 6, 1.0, "x") != format_plan(local, 6, 1.0, "x")
+    assert "6.00 gpu-hours" in format_plan(gpu, 6, 1.0, "x")
+
+
+def test_dry_run_cli_prints_different_plans_without_connecting(tmp_path):
+    def dry(cluster: Path) -> str:
+        r = subprocess.run([sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "local",
+                            "--cluster", str(cluster), "--dry-run", "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": "10.255.255.1:1"})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    gpu, local = dry(GPU), dry(LOCAL)
+    assert "trials              : 6" in gpu and "trials              : 6" in local
+    assert "1 GPU" in gpu and "concurrency         : 14" in gpu and "gpu-hours" in gpu
+    assert "concurrency         : 1 " in local and "cpu-hours" in local
+    assert not (tmp_path / "o").exists()  # nothing written, nothing connected (RAY_ADDRESS is unroutable)
