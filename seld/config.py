@@ -165,8 +165,11 @@ class ModelConfig:
     fusion: Literal["aff", "add", "concat", "early"] = "aff"
     channel_attention: bool = True  # MS-CAM inside each residual block
     temporal_encoding: bool = True  # fixed sinusoidal encoding after the embedding (eq. 2)
-    resnet_channels: tuple[int, ...] = (64, 128, 256, 256)  # one entry per residual stage
-    freq_pool: tuple[int, ...] = (2, 2, 2, 2)  # frequency pooling after each stage (time is kept)
+    # Widths are not in the paper: these `paper` sizes are our documented guesses (README table).
+    stem_channels: int = 32  # width of MCSAnet's stem conv3x3 (before the residual stages)
+    stem_freq_pool: int = 2  # frequency pooling right after the stem (1 = none)
+    resnet_channels: tuple[int, ...] = (64, 128, 256)  # one entry per residual stage
+    freq_pool: tuple[int, ...] = (2, 2, 2)  # frequency pooling after each stage (time is kept)
     attention_reduction: int = 4  # MS-CAM bottleneck ratio r
     d_model: int = 256
     n_conformer_layers: int = 4
@@ -188,6 +191,11 @@ class ModelConfig:
         _check(len(self.resnet_channels) == len(self.freq_pool), "model.freq_pool",
                "needs one entry per resnet_channels entry")
         _check(self.n_conformer_layers >= 0, "model.n_conformer_layers", "must be >= 0")
+        _check(self.stem_channels > 0 and all(c > 0 for c in self.resnet_channels), "model.resnet_channels",
+               "widths must be > 0")
+        _check(self.stem_freq_pool >= 1 and all(p >= 1 for p in self.freq_pool), "model.freq_pool",
+               "pooling factors must be >= 1")
+        _check(self.n_tracks >= 1, "model.n_tracks", "must be >= 1")
         _check(self.d_model % self.n_heads == 0, "model.d_model", f"{self.d_model} not divisible by n_heads={self.n_heads}")
         _check(0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)")
 
@@ -299,9 +307,11 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth.n_synth_test": 200,
         "synth.n_real_train": 600,
         "synth.n_real_test": 240,
-        "model.resnet_channels": (16, 32, 64),
-        "model.freq_pool": (4, 4, 2),
-        "model.d_model": 64,
+        "model.stem_channels": 8,
+        "model.stem_freq_pool": 4,
+        "model.resnet_channels": (8, 16),
+        "model.freq_pool": (4, 2),
+        "model.d_model": 48,
         "model.n_heads": 4,
         "model.n_conformer_layers": 2,
         "model.conformer_kernel": 15,
@@ -324,8 +334,10 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth.n_real_train": 24,
         "synth.n_real_test": 12,
         "synth.recording_s": 10.0,
-        "model.resnet_channels": (8, 16),
-        "model.freq_pool": (8, 8),
+        "model.stem_channels": 4,
+        "model.stem_freq_pool": 4,
+        "model.resnet_channels": (8,),
+        "model.freq_pool": (8,),
         "model.d_model": 32,
         "model.n_heads": 2,
         "model.n_conformer_layers": 1,

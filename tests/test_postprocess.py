@@ -1,0 +1,104 @@
+"""Decoding of model outputs and the dynamic per-class threshold fit (seld/postprocess.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from seld.config import N_CLASSES
+from seld.errors import DataError
+from seld.labels import make_events
+from seld.postprocess import decode_outputs, fit_thresholds, load_thresholds, save_thresholds
+
+
+def _constructed(n_clips: int, true_thr: np.ndarray, seed: int = 0):
+    """Outputs where class k is right exactly when thresholded at true_thr[k]: every reference
+    event is predicted with ||(x, y)|| = t_k + 0.02, and spurious cells have t_k - 0.02."""
+    rng = np.random.default_rng(seed)
+    outputs = np.zeros((n_clips, 50, N_CLASSES, 3))
+    outputs[..., 2] = 1.0
+    refs = []
+    for i in range(n_clips):
+        rows = []
+        active = rng.random((50, N_CLASSES)) < 0.15
+        active[49, 0] = True  # frame 49 sets the scored range to 0..48
+        spurious = ~active & (rng.random((50, N_CLASSES)) < 0.15)
+        for f, c in zip(*np.nonzero(active), strict=True):
+            az = rng.uniform(-80, 80)
+            rows.append((f, c, 0, az, 200.0, 0))
+            r = true_thr[c] + 0.02
+            outputs[i, f, c] = (r * np.cos(np.deg2rad(az)), r * np.sin(np.deg2rad(az)), 2.0)
+        for f, c in zip(*np.nonzero(spurious), strict=True):
+            outputs[i, f, c, :2] = (true_thr[c] - 0.02, 0.0)
+        refs.append(make_events(rows))
+    return outputs, refs
+
+
+def test_decode_outputs_splits_clips_and_decodes_geometry():
+    out = np.zeros((3, 50, N_CLASSES, 3))
+    out[1, 7, 4] = (np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30)), 2.5)
+    out[2, 0, 0] = (0.3, 0.0, 1.0)  # below 0.5
+    events = decode_outputs(out, "accdoa", 0.5)
+    assert [len(e) for e in events] == [0, 1, 0]
+    ev = events[1][0]
+    assert (ev["frame"], ev["class"]) == (7, 4)
+    assert ev["azimuth"] == pytest.approx(30.0)
+    assert ev["distance"] == 250
+    per_class = np.full(N_CLASSES, 0.5)
+    per_class[0] = 0.2
+    assert len(decode_outputs(out, "accdoa", per_class)[2]) == 1
+
+
+def test_decode_multi_accdoa_merges_close_tracks():
+    out = np.zeros((2, 50, 3, N_CLASSES, 3))
+    out[0, 3, 0, 2] = (np.cos(0.1), np.sin(0.1), 1.0)
+    out[0, 3, 1, 2] = (np.cos(0.15), np.sin(0.15), 1.2)  # 2.9 deg away: merged
+    out[0, 3, 2, 2] = (0.0, 0.9, 1.0)  # 90 deg: separate
+    events = decode_outputs(out, "multi_accdoa", 0.5)
+    assert len(events[0]) == 2 and len(events[1]) == 0
+
+
+def test_decode_rejects_wrong_shapes():
+    with pytest.raises(ValueError, match="accdoa"):
+        decode_outputs(np.zeros((2, 50, 13, 4)), "accdoa")
+
+
+def test_fit_recovers_per_class_thresholds():
+    true_thr = np.linspace(0.2, 0.8, N_CLASSES)
+    outputs, refs = _constructed(60, true_thr)
+    fitted = fit_thresholds(outputs, refs, "accdoa")
+    assert np.all(np.abs(fitted - true_thr) < 0.02 + 1e-9), (fitted, true_thr)
+    # A fixed 0.5 threshold is worse than the fitted ones.
+    from seld.metrics import count_errors, score_counters
+    f_fit = score_counters(count_errors(refs, decode_outputs(outputs, "accdoa", fitted))).f20
+    f_half = score_counters(count_errors(refs, decode_outputs(outputs, "accdoa", 0.5))).f20
+    assert f_fit > 99.9 > f_half
+
+
+def test_fit_2000_clips_under_10_s():
+    true_thr = np.linspace(0.3, 0.7, N_CLASSES)
+    outputs, refs = _constructed(2000, true_thr, seed=1)
+    t0 = time.perf_counter()
+    fitted = fit_thresholds(outputs, refs, "accdoa")
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 10.0, elapsed
+    assert np.all(np.abs(fitted - true_thr) < 0.02 + 1e-9)
+
+
+def test_thresholds_json_round_trip_and_errors(tmp_path):
+    thr = np.linspace(0.1, 0.9, N_CLASSES)
+    path = tmp_path / "thresholds.json"
+    save_thresholds(path, thr)
+    np.testing.assert_allclose(load_thresholds(path), thr)
+    assert json.loads(path.read_text())["classes"][0] == "Female speech"
+    path.write_text('{"thresholds": [0.5, 0.5]}')
+    with pytest.raises(DataError, match="thresholds.json"):
+        load_thresholds(path)
+    path.write_text("not json")
+    with pytest.raises(DataError, match="thresholds.json"):
+        load_thresholds(path)
+    with pytest.raises(DataError, match="not found"):
+        load_thresholds(tmp_path / "missing.json")
