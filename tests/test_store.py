@@ -1,0 +1,201 @@
+"""Parquet feature store: contents, config hashing, resume, corrupt inputs, the CLI, Ray Data reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from seld import labels
+from seld.cli import main as cli_main
+from seld.config import FeatureConfig, config_hash
+from seld.errors import DataError
+from seld.features import load_audio, log_mel
+from seld.store import StoreIncomplete, build_store, open_store
+
+SR = 24_000
+F16 = FeatureConfig()
+F32 = FeatureConfig(store_dtype="float32")
+# (split, clip stem) of the tiny dataset; the eval clip has no labels.
+CLIPS = [
+    ("dev-train-tau", "fold3_room4_mix001_deg010_start0000"),
+    ("dev-train-tau", "fold3_room4_mix002_deg020_start0010"),
+    ("dev-train-tau", "fold3_room6_mix001_deg030_start0020"),
+    ("dev-train-tau", "fold3_room6_mix003_deg040_start0030"),
+    ("dev-train-tau", "fold3_room7_mix001_deg050_start0040"),
+    ("dev-test-sony", "fold4_room21_mix001_deg000_start0000"),
+    ("dev-test-sony", "fold4_room22_mix005_deg359_start0007"),
+    ("dev-train-synth", "fold1_room1_mix001_deg100_start0100"),
+    ("dev-train-synth", "fold1_room2_mix004_deg200_start0005"),
+    ("eval", "sample0"),
+]
+
+
+def _events(i: int) -> np.ndarray:
+    rows = [(f, i % 13, 0, (-1) ** i * (10 * i % 90), 100 + 10 * i, 0) for f in range(i, i + 5)]
+    rows += [(f, (i + 3) % 13, 2, -45, 250, 0) for f in range(20, 20 + 3 * i)]
+    return labels.make_events(rows) if i % 4 else labels.empty_events()  # some clips have no events
+
+
+def _write_dataset(root):
+    rng = np.random.default_rng(0)
+    for i, (split, stem) in enumerate(CLIPS):
+        audio = (10 ** (-i / 4) * 0.3 * rng.standard_normal((SR * 5, 2))).astype(np.float32)
+        folder = root / ("stereo_eval/eval" if split == "eval" else f"stereo_dev/{split}")
+        folder.mkdir(parents=True, exist_ok=True)
+        sf.write(folder / f"{stem}.wav", audio, SR, subtype="PCM_16")
+        if split != "eval":
+            labels.write_csv(root / "metadata_dev" / split / f"{stem}.csv", _events(i))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return _write_dataset(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_data, tmp_path_factory):
+    return build_store(tiny_data, tmp_path_factory.mktemp("tiny") / "store", F16, n_procs=1, shard_rows=3)
+
+
+def _rows(folder):
+    table = pq.ParquetDataset(sorted(folder.glob("shard-*.parquet"))).read()
+    return {r["clip"]: r for r in table.to_pylist()}
+
+
+def test_rows_columns_and_manifest(tiny_data, tiny_store):
+    info = open_store(tiny_store.parent)
+    assert info.path == tiny_store and tiny_store.name == f"features-{config_hash(F16)}"
+    assert info.n_rows == {"dev-test-sony": 2, "dev-train-synth": 2, "dev-train-tau": 5, "eval": 1}
+    m = info.manifest
+    assert m["feature_shape"] == [2, 251, 64] and m["feature_dtype"] == "float16"
+    assert m["feature_config"]["n_mels"] == 64 and m["skipped"] == {}
+    assert len(info.shards) == 5 and all(len(s["sources_sha256"]) == 64 for s in m["shards"])
+    assert 64_000 < m["bytes_per_clip"] < 80_000  # 2*251*64 float16 = 64 256 bytes + events
+    schema = pq.read_schema(info.shards[0])
+    assert str(schema.field("features").type) == "fixed_size_list<element: halffloat>[32128]"
+    rows = _rows(tiny_store)
+    assert set(rows) == {stem for _, stem in CLIPS}
+    for i, (split, stem) in enumerate(CLIPS):
+        r = rows[stem]
+        assert r["split"] == split
+        if split == "eval":
+            assert (r["domain"], r["role"], r["site"], r["room"], r["fold"]) == ("real", "eval", "eval", -1, -1)
+            assert r["ev_frame"] == []
+            continue
+        exp = {"dev-train-tau": ("real", "train", "tau"), "dev-test-sony": ("real", "test", "sony"),
+               "dev-train-synth": ("synthetic", "train", "synth")}[split]
+        assert (r["domain"], r["role"], r["site"]) == exp
+        assert r["fold"] == int(stem[4]) and r["room"] == int(stem.split("_")[1][4:])
+        ev = _events(i)
+        ev = ev[np.lexsort((ev["class"], ev["frame"]))]
+        assert r["ev_frame"] == ev["frame"].tolist() and r["ev_class"] == ev["class"].tolist()
+        assert r["ev_source"] == ev["source"].tolist() and r["ev_azimuth"] == ev["azimuth"].tolist()
+        assert r["ev_distance"] == ev["distance"].tolist()
+        # float16 storage: within half a float16 step of the float32 features (|x| < 128 dB).
+        wav = tiny_data / "stereo_dev" / split / f"{stem}.wav"
+        ref = log_mel(load_audio(wav))
+        got = np.asarray(r["features"], dtype=np.float32).reshape(2, 251, 64)
+        assert np.abs(got - ref).max() <= 2 ** -5 and np.abs(got - ref).max() > 0
+
+
+def test_float32_store_new_folder_exact_and_config_checks(tiny_data, tiny_store, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(tiny_store, out / tiny_store.name)
+    f32 = build_store(tiny_data, out, F32, n_procs=1)
+    assert f32 != tiny_store and f32.parent == out and f32.name == f"features-{config_hash(F32)}"
+    rows = _rows(f32)
+    wav = tiny_data / "stereo_dev" / "dev-train-tau" / f"{CLIPS[1][1]}.wav"
+    np.testing.assert_array_equal(np.asarray(rows[CLIPS[1][1]]["features"], np.float32).reshape(2, 251, 64),
+                                  log_mel(load_audio(wav)))
+    with pytest.raises(DataError, match="several stores"):
+        open_store(out)
+    assert open_store(out, F32).path == f32 and open_store(out, F16).path == out / tiny_store.name
+    with pytest.raises(DataError, match=r"another feature config.*store_dtype: store 'float32' vs wanted 'float16'"):
+        open_store(f32, F16)
+    with pytest.raises(DataError, match="no store for this feature config"):
+        open_store(out, FeatureConfig(n_mels=32))
+
+
+def test_resume_keeps_finished_shards(tiny_data, tmp_path):
+    data = _write_dataset(tmp_path / "data")
+    folder = build_store(data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    # An interrupted run: one shard missing, a half-written temporary file, no manifest.
+    (folder / "shard-dev-train-tau-00001.parquet").unlink()
+    (folder / ".shard-dev-train-tau-00001.parquet.tmp-999").write_bytes(b"PAR1 half")
+    (folder / "manifest.json").unlink()
+    with pytest.raises(DataError, match="incomplete store"):
+        open_store(folder)
+    build_store(data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    assert set(after) == set(before) and not list(folder.glob(".shard-*"))
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {"shard-dev-train-tau-00001.parquet"}
+    # A changed input recomputes only its shard.
+    wav = data / "stereo_dev" / "dev-test-sony" / f"{CLIPS[6][1]}.wav"
+    sf.write(wav, np.zeros((SR * 5, 2), np.float32), SR, subtype="PCM_16")
+    os.utime(wav, ns=(1, 1))
+    build_store(data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    again = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    assert {k for k in after if after[k] != again[k]} == {"shard-dev-test-sony-00000.parquet"}
+    assert np.all(np.asarray(_rows(folder)[CLIPS[6][1]]["features"], np.float32) == -100.0)
+    assert open_store(folder).manifest["n_rows_total"] == 10
+
+
+def test_corrupt_inputs_reported_others_done(tmp_path, capsys):
+    data = _write_dataset(tmp_path / "data")
+    bad_wav = data / "stereo_dev" / "dev-train-tau" / f"{CLIPS[2][1]}.wav"
+    bad_wav.write_bytes(bad_wav.read_bytes()[:5000])  # truncated
+    no_csv = data / "metadata_dev" / "dev-train-synth" / f"{CLIPS[8][1]}.csv"
+    no_csv.unlink()
+    bad_csv = data / "metadata_dev" / "dev-test-sony" / f"{CLIPS[5][1]}.csv"
+    bad_csv.write_text("frame,class,source,azimuth,distance,onscreen\n3,15,0,10,100,0\n")
+    with pytest.raises(StoreIncomplete) as err:
+        build_store(data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    assert set(err.value.skipped) == {str(bad_wav), str(data / "stereo_dev" / "dev-train-synth" / f"{CLIPS[8][1]}.wav"),
+                                      str(data / "stereo_dev" / "dev-test-sony" / f"{CLIPS[5][1]}.wav")}
+    msg = str(err.value)
+    assert "truncated" in msg and "no label file" in msg and f"{CLIPS[5][1]}.csv:2" in msg
+    info = open_store(err.value.path)
+    assert info.manifest["n_rows_total"] == 7 and set(info.skipped) == set(err.value.skipped)
+    # The CLI lists them and exits non-zero; the resumed run recomputes nothing.
+    rc = cli_main(["features", str(data), "--out", str(tmp_path / "store")])
+    assert rc != 0
+    stderr = capsys.readouterr().err
+    assert "3 input file(s) skipped" in stderr and bad_wav.name in stderr
+
+
+@pytest.mark.slow
+def test_two_processes_same_result_and_cli(tiny_data, tiny_store, tmp_path, capsys):
+    rc = cli_main(["features", str(tiny_data), "--out", str(tmp_path / "s"), "--procs", "2"])
+    assert rc == 0 and "10 clips" in capsys.readouterr().out
+    folder = open_store(tmp_path / "s", F16).path
+    a, b = _rows(folder), _rows(tiny_store)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["n_rows"] == open_store(tiny_store).n_rows
+
+
+@pytest.mark.ray
+def test_ray_data_reads_feature_column(tiny_store, ray_session):
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    info = open_store(tiny_store)
+    ds = ray.data.read_parquet([str(p) for p in info.shards])
+    assert "fixed_size_list<element: halffloat>[32128]" in str(ds.schema())
+    batch = ds.take_batch(10, batch_format="numpy")
+    feats = np.stack(list(batch["features"])).reshape(-1, 2, 251, 64)
+    assert feats.dtype == np.float16 and len(feats) == 10
+    ref = _rows(tiny_store)
+    for clip, f in zip(batch["clip"], feats, strict=True):
+        np.testing.assert_array_equal(f.reshape(-1), np.asarray(ref[clip]["features"], np.float16))
