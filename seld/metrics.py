@@ -33,6 +33,7 @@ import functools
 import itertools
 import logging
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -380,22 +381,27 @@ def score_events(refs: Sequence[np.ndarray], preds: Sequence[np.ndarray],
                           score_all_frames=score_all_frames)
 
 
-def _index_csvs(root: Path, what: str) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for p in sorted(root.rglob("*.csv")):
-        if p.name in found:
-            raise DataError(f"{what} folder {root}: two files named {p.name} "
-                            f"({found[p.name]} and {p}); files are paired by name")
-        found[p.name] = p
+def _index_csvs(root: Path, what: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.endswith(".csv"):
+                continue
+            path = os.path.join(folder, name)
+            if name in found:
+                raise DataError(f"{what} folder {root}: two files named {name} "
+                                f"({found[name]} and {path}); files are paired by name")
+            found[name] = path
     return found
 
 
 def pair_files(reference_dir: str | Path, prediction_dir: str | Path
-               ) -> tuple[list[Path], list[Path]]:
+               ) -> tuple[list[str], list[str]]:
     """Pair prediction CSVs with reference CSVs by file name (both folders searched recursively).
 
     Returns:
-        (reference paths, prediction paths) in the same order, sorted by file name.
+        (reference paths, prediction paths) as strings, in the same order, sorted by file name.
     """
     reference_dir, prediction_dir = Path(reference_dir), Path(prediction_dir)
     for d, what in ((reference_dir, "reference"), (prediction_dir, "prediction")):

@@ -106,6 +106,10 @@ def test_empty_file_round_trip(tmp_path):
         (STEREO_HEADER + "\n0,1,0,30,200,2\n", 2, "onscreen must be 0 or 1"),
         (STEREO_HEADER + "\n0,1,0,30,200,0\n\n1,1,0,30,200,0\n", 3, "empty line"),
         (STEREO_HEADER + "\n0,1,0,30,nan,0\n", 2, "distance must be an integer"),
+        (STEREO_HEADER + "\n0,1-2,0,30,200,0\n", 2, "class must be an integer"),
+        (STEREO_HEADER + "\n0,1,0,-,200,0\n", 2, "azimuth must be an integer"),
+        (STEREO_HEADER + "\n0,1,0,30,200\n0,1,0,30,200,0,0\n", 2, "got 5"),
+        (STEREO_HEADER + "\n0,1,0,30,,0\n", 2, "distance must be an integer"),
     ],
 )
 def test_strict_reference_reader_names_file_and_line(tmp_path, content, line, fragment):
