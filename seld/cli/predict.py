@@ -1,0 +1,38 @@
+"""`seld predict RUN WAV_DIR --out PRED`: one DCASE2025 CSV per wav from a trained run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NAME = "predict"
+HELP = "predict one DCASE2025 CSV per wav with a run's selected checkpoint and thresholds"
+EXAMPLE = """examples:
+  seld predict runs/local data/stereo_dev/dev-test-tau data/stereo_dev/dev-test-sony --out pred
+  seld predict runs/local data/stereo_eval/eval --out pred_eval --threshold 0.5
+  seld predict runs/local wavs --out pred --checkpoint stage1_best.pt
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="training run folder")
+    p.add_argument("wav_dirs", type=Path, nargs="+", metavar="WAV_DIR", help="folder(s) of wav files")
+    p.add_argument("--out", type=Path, required=True, help="folder for the CSVs")
+    p.add_argument("--checkpoint", help="checkpoint path or name in RUN/checkpoints (default: selected)")
+    p.add_argument("--threshold", type=float, help="one activity threshold (default RUN/thresholds.json)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from seld.predict import predict_dir
+
+    report = predict_dir(args.run, args.wav_dirs, args.out, checkpoint=args.checkpoint,
+                         thresholds=args.threshold, device=args.device)
+    print(f"{len(report.written)} CSVs written to {args.out}")
+    for _path, msg in report.errors:
+        print(f"seld predict: error: {msg}", file=sys.stderr)
+    if report.errors:
+        print(f"seld predict: {len(report.errors)} file(s) failed, the others were written", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,69 @@
+"""`seld train STORE --preset ... --out RUN`: two-stage training with Ray Train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from seld.config import BASELINE_OVERRIDES, PRESETS, ExperimentConfig, parse_set_args, preset_config
+
+NAME = "train"
+HELP = "two-stage training (Ray Train) from a feature store into a run folder"
+EXAMPLE = """examples:
+  seld train store --preset smoke --out runs/smoke
+  seld train store --preset local --out runs/local --set train.stage1.epochs=8 --workers 2
+  seld train store --preset local --out runs/s2 --stages stage2 --init-checkpoint runs/local/checkpoints/stage1_best.pt
+  seld train store --preset local --out runs/local --resume      # continue a killed run
+"""
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", type=Path, help="feature store folder (from `seld features`)")
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--preset", choices=PRESETS, default="local", help="config preset (default local)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="override a config field, e.g. --set model.n_conformer_layers=2 (repeatable)")
+    p.add_argument("--baseline", action="store_true", help="train Baseline-A (spec §7) with its own schedule")
+    p.add_argument("--stages", choices=("both", "stage1", "stage2"), help="stages to run (train.stages)")
+    p.add_argument("--init-checkpoint", type=Path, help="model file to start from (train.init_checkpoint)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (train.num_workers; DDP when > 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    p.add_argument("--wandb", action="store_true", help="log to W&B (offline unless WANDB_MODE is set)")
+    p.add_argument("--wandb-project", default="seld", help="W&B project (default seld)")
+    p.add_argument("--wandb-group", help="W&B group")
+
+
+def build_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The run's config from the preset, --baseline, the flags and --set (in that order)."""
+    overrides: dict = dict(BASELINE_OVERRIDES) if args.baseline else {}
+    for key, value in (("train.stages", args.stages), ("train.num_workers", args.workers),
+                       ("seed", args.seed),
+                       ("train.init_checkpoint", str(args.init_checkpoint) if args.init_checkpoint else None)):
+        if value is not None:
+            overrides[key] = value
+    if args.gpu:
+        overrides["train.use_gpu"] = True
+    overrides.update(parse_set_args(args.set))
+    return preset_config(args.preset, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from seld.config import load_experiment
+    from seld.train import run_training
+
+    if args.resume and (args.out / "config.json").is_file():
+        cfg = load_experiment(args.out / "config.json")
+        log.info("resuming %s with its saved config", args.out)
+    else:
+        cfg = build_config(args)
+    wandb = {"project": args.wandb_project, "group": args.wandb_group} if args.wandb else None
+    metrics = run_training(cfg, args.store, args.out, resume=args.resume, wandb=wandb)
+    keys = [k for k in ("test/f20", "test/doae_cd", "test/rde_cd", "test_pp/f20", "cost/wall_s") if k in metrics]
+    print(json.dumps({k: metrics[k] for k in keys}))
+    return 0

@@ -1,0 +1,279 @@
+"""Prediction: a trained run's selected checkpoint + thresholds -> one DCASE2025 CSV per wav.
+
+Reads wavs of any length (24 kHz stereo), cuts them into 5-s windows (120 000 samples, zero-padded
+at the end), computes the official log-mel (2, 251, 64) per window exactly as the feature store did
+(same function, quantised to the store dtype), normalises with the run's statistics and runs the
+model in eval mode in batches of the run's batch size; window w gives label frames 50w .. 50w+49
+(100 ms), so the alignment rule of the 5-s clips holds across windows. Also the pure-torch helpers
+that training uses for validation and test, so both paths feed the model the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from seld import labels
+from seld.config import (
+    N_LABEL_FRAMES,
+    SAMPLES_PER_LABEL_FRAME,
+    ConfigError,
+    ExperimentConfig,
+    from_dict,
+)
+from seld.errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+# Names inside a run folder (shared with seld/train.py).
+CHECKPOINT_DIR = "checkpoints"
+SELECTED = "selected.pt"
+THRESHOLDS = "thresholds.json"
+
+
+# --- Checkpoints -------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    """A model ready for inference with what it needs to be fed like in training.
+
+    mean, std: float32 (2, 1, n_mels) feature normalisation of the run (None when not normalised).
+    """
+
+    model: torch.nn.Module
+    cfg: ExperimentConfig
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    meta: dict = field(default_factory=dict)
+
+
+def save_model_file(path: Path, model_state: dict, cfg_json: str, mean, std, meta: dict) -> None:
+    """Write a model checkpoint (weights, config JSON, normalisation, meta) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model_state, "config": cfg_json,
+                "norm_mean": None if mean is None else torch.as_tensor(mean),
+                "norm_std": None if std is None else torch.as_tensor(std), "meta": meta}, tmp)
+    tmp.replace(path)
+
+
+def read_model_file(path: str | Path) -> dict:
+    """The dict saved by :func:`save_model_file`; DataError naming the file when unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
+        raise DataError(f"{path}: not a seld checkpoint (expected keys model, config)")
+    return blob
+
+
+def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
+    """Load a state dict, turning a shape/key mismatch into a DataError naming the checkpoint."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[:3]
+        raise DataError(f"{path}: checkpoint does not fit this model config ({' '.join(first)})") from None
+
+
+def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Build the model of a checkpoint's own config and load its weights (eval mode)."""
+    from seld.model import build_model
+
+    blob = read_model_file(path)
+    try:
+        cfg = from_dict(ExperimentConfig, json.loads(blob["config"]))
+    except (ConfigError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: checkpoint config is not valid ({e})") from None
+    model = build_model(cfg.model, n_mels=cfg.features.n_mels)
+    load_weights(model, blob["model"], path)
+    model.to(device).eval()
+    mean = None if blob.get("norm_mean") is None else blob["norm_mean"].numpy()
+    std = None if blob.get("norm_std") is None else blob["norm_std"].numpy()
+    return LoadedModel(model, cfg, mean, std, dict(blob.get("meta") or {}))
+
+
+# --- The one forward path (training validation/test and prediction) ----------------------------------
+def prepare_batch(features: np.ndarray, mean, std, device) -> torch.Tensor:
+    """Store-dtype features (B, 2, T, n_mels) -> normalised float32 tensor on `device`."""
+    x = torch.from_numpy(np.ascontiguousarray(features)).to(device=device).float()
+    if mean is not None:
+        m = torch.as_tensor(mean, device=device)
+        s = torch.as_tensor(std, device=device)
+        x = (x - m) / s
+    return x
+
+
+@torch.no_grad()
+def infer(model: torch.nn.Module, features: np.ndarray, mean, std, batch_size: int,
+          device="cpu", amp_bf16: bool = False) -> np.ndarray:
+    """Model outputs of store-dtype features, in eval mode, in consecutive batches of `batch_size`.
+
+    Args:
+        features: (n, 2, 251, n_mels) in the store dtype (e.g. float16).
+    Returns:
+        float32 (n, 50, 13, 3) ACCDOA or (n, 50, 3, 13, 3) multi-ACCDOA, (x, y, distance_m).
+    """
+    was_training = model.training
+    model.eval()
+    outs = []
+    dev = torch.device(device)
+    for start in range(0, len(features), batch_size):
+        x = prepare_batch(features[start:start + batch_size], mean, std, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_bf16 and dev.type == "cuda"):
+            y = model(x)
+        outs.append(y.float().cpu().numpy())
+    model.train(was_training)
+    if not outs:
+        return np.zeros((0, N_LABEL_FRAMES), dtype=np.float32)
+    return np.concatenate(outs)
+
+
+def decode(outputs: np.ndarray, output_format: str, thresholds) -> list[np.ndarray]:
+    """Events (EVENT_DTYPE, distance cm) of each clip's outputs at the given activity thresholds."""
+    from seld.postprocess import decode_outputs
+
+    return decode_outputs(outputs, output_format, thresholds)
+
+
+def as_written(events: np.ndarray) -> np.ndarray:
+    """Events exactly as a DCASE CSV stores them (integer azimuth and distance), so a score computed
+    in memory equals the score of the written files."""
+    ev = np.array(events, dtype=labels.EVENT_DTYPE, copy=True)
+    ev["azimuth"] = np.rint(ev["azimuth"])
+    ev["distance"] = np.rint(ev["distance"])
+    return ev
+
+
+# --- Wav folders ------------------------------------------------------------------------------------
+def window_audio(audio: np.ndarray, clip_samples: int) -> tuple[np.ndarray, int]:
+    """Cut (2, n) audio into 5-s windows.
+
+    Returns:
+        (windows float32 (n_windows, 2, clip_samples), n_label_frames of the recording =
+        ceil(n / 2400)); the last window is zero-padded.
+    """
+    n = audio.shape[1]
+    n_win = max(1, -(-n // clip_samples))
+    padded = np.zeros((2, n_win * clip_samples), dtype=np.float32)
+    padded[:, :n] = audio
+    windows = padded.reshape(2, n_win, clip_samples).transpose(1, 0, 2)
+    return np.ascontiguousarray(windows), max(1, -(-n // SAMPLES_PER_LABEL_FRAME))
+
+
+def features_of_wav(path: Path, cfg: ExperimentConfig) -> tuple[np.ndarray, int]:
+    """Store-dtype log-mel of each 5-s window of a wav: ((n_windows, 2, 251, n_mels), n_frames)."""
+    from seld.features import load_audio, log_mel
+
+    audio = load_audio(path, cfg.features)
+    clip_samples = int(round(cfg.features.clip_s * cfg.features.sample_rate_hz))
+    windows, n_frames = window_audio(audio, clip_samples)
+    feats = np.stack([log_mel(w, cfg.features.sample_rate_hz, cfg.features) for w in windows])
+    return feats.astype(cfg.features.store_dtype), n_frames
+
+
+def stitch(outputs: np.ndarray, n_frames: int) -> np.ndarray:
+    """Concatenate per-window outputs (n_windows, 50, ...) along time and cut to n_frames."""
+    return np.concatenate(list(outputs), axis=0)[:n_frames]
+
+
+@dataclass
+class PredictReport:
+    """What predict_dir did: CSVs written and per-file errors (path, message)."""
+
+    written: list[Path]
+    errors: list[tuple[Path, str]]
+
+
+def resolve_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    """The checkpoint to use: the given one (a path, or a name inside RUN/checkpoints) or the run's
+    selected one."""
+    if checkpoint is None:
+        path = run_dir / CHECKPOINT_DIR / SELECTED
+        if not path.is_file():
+            raise UserError(f"{run_dir}: no {CHECKPOINT_DIR}/{SELECTED}; has the training run finished? "
+                            "(choose one with --checkpoint)")
+        return path
+    path = Path(checkpoint)
+    if not path.is_file() and (run_dir / CHECKPOINT_DIR / path).is_file():
+        path = run_dir / CHECKPOINT_DIR / path
+    if not path.is_file():
+        raise UserError(f"{checkpoint}: no such checkpoint (nor in {run_dir / CHECKPOINT_DIR})")
+    return path
+
+
+def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path], out_dir: str | Path,
+                checkpoint: str | Path | None = None, thresholds: float | None = None,
+                device: str = "cpu") -> PredictReport:
+    """Write one DCASE2025 CSV per wav of each folder into `out_dir` (same stem).
+
+    Args:
+        run_dir: a finished training run (checkpoints/selected.pt, thresholds.json).
+        wav_dirs: one or more folders of wavs (each processed in sorted order, in batches of the
+            run's batch size, as the run scored its test split).
+        checkpoint: another checkpoint (path or name in RUN/checkpoints); default the selected one.
+        thresholds: one activity threshold for all classes (e.g. 0.5); default RUN/thresholds.json.
+    Returns:
+        PredictReport; files that fail (corrupt, mono, ...) are listed with their error, the others
+        are still written.
+    """
+    from seld.postprocess import load_thresholds
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
+    loaded = load_model(resolve_checkpoint(run_dir, checkpoint), device)
+    cfg = loaded.cfg
+    if thresholds is None:
+        thr_path = run_dir / THRESHOLDS
+        if not thr_path.is_file():
+            raise UserError(f"{thr_path}: missing; pass --threshold 0.5 to predict without it")
+        thr = load_thresholds(thr_path)
+    else:
+        thr = float(thresholds)
+    dirs = [wav_dirs] if isinstance(wav_dirs, str | Path) else list(wav_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = PredictReport([], [])
+    for wav_dir in map(Path, dirs):
+        if not wav_dir.is_dir():
+            raise UserError(f"{wav_dir}: no such folder of wav files")
+        wavs = sorted(p for p in wav_dir.iterdir() if p.suffix.lower() == ".wav")
+        if not wavs:
+            log.warning("%s: no .wav files", wav_dir)
+        feats, spans = [], []
+        for path in wavs:
+            try:
+                f, n_frames = features_of_wav(path, cfg)
+            except (DataError, ValueError, OSError) as e:
+                report.errors.append((path, str(e)))
+                log.error("%s", e)
+                continue
+            spans.append((path, len(f), n_frames))
+            feats.append(f)
+        if not feats:
+            continue
+        outputs = infer(loaded.model, np.concatenate(feats), loaded.mean, loaded.std,
+                        cfg.train.batch_size, device, cfg.train.amp_bf16)
+        start = 0
+        for path, n_win, n_frames in spans:
+            out = stitch(outputs[start:start + n_win], n_frames)
+            start += n_win
+            events = decode(out[None], cfg.model.output_format, thr)[0]
+            target = out_dir / (path.stem + ".csv")
+            labels.write_csv(target, events)
+            report.written.append(target)
+        log.info("%s: %d CSVs written to %s", wav_dir, len(spans), out_dir)
+    return report
+
+
+__all__ = ["LoadedModel", "PredictReport", "infer", "load_model", "predict_dir"]
