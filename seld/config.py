@@ -102,7 +102,12 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """Generated dataset (seld/synth.py). Fields are owned by the generator; see its docstring."""
+    """Generated dataset (seld/synth): FOA scenes in shoebox rooms, converted to stereo clips.
+
+    Two domains: "synthetic" (dev-*-synth; DCASE2024-style, moderate rooms and noise, balanced
+    classes) and "real-like" (dev-*-tau/sony; other rooms, more noise, a device response, level
+    variation and a STARSS23-like skewed class balance). Every field enters the dataset hash.
+    """
 
     seed: int = 0
     n_synth_train: int = 1000  # 5-s clips in dev-train-synth
@@ -112,26 +117,83 @@ class SynthConfig:
     recording_s: float = 30.0  # length of each generated FOA recording that clips are cut from
     distance_m_range: tuple[float, float] = (0.5, 5.0)
     elevation_deg_range: tuple[float, float] = (-45.0, 45.0)
-    max_polyphony: int = 3  # simultaneous events at most
+    max_polyphony: int = 3  # simultaneous events at most (one track each)
+    first_track_fill: float = 0.7  # fraction of time track 0 is busy; track i is busy fill * 0.5**i
+    same_class_overlap_p: float = 0.1  # chance an event may share its class with an overlapping one
     moving_fraction: float = 0.3  # fraction of events that move
-    max_speed_deg_s: float = 40.0
-    rt60_s_range: tuple[float, float] = (0.2, 0.9)
+    max_speed_deg_s: float = 40.0  # moving sources turn at 10..max deg/s around the microphone
     classes: tuple[int, ...] = tuple(range(N_CLASSES))  # classes that may occur
+    # Synthetic domain
+    rt60_s_range: tuple[float, float] = (0.2, 0.5)
+    room_size_m_min: tuple[float, float, float] = (6.0, 5.0, 2.8)  # length, width, height
+    room_size_m_max: tuple[float, float, float] = (10.0, 8.0, 4.0)
+    snr_db_range: tuple[float, float] = (10.0, 30.0)  # event mixture vs diffuse ambience, FOA W
+    level_db_range: tuple[float, float] = (-6.0, 0.0)  # per-event level
+    class_weights: tuple[float, ...] = ()  # 13 relative weights; () = balanced
+    n_synth_train_rooms: int = 8
+    n_synth_test_rooms: int = 2
+    # Real-like domain (dev-*-tau, dev-*-sony)
+    real_rt60_s_range: tuple[float, float] = (0.3, 0.8)
+    real_room_size_m_min: tuple[float, float, float] = (5.0, 4.5, 2.6)
+    real_room_size_m_max: tuple[float, float, float] = (9.0, 7.0, 3.5)
+    real_snr_db_range: tuple[float, float] = (5.0, 20.0)
+    real_level_db_range: tuple[float, float] = (-12.0, 0.0)
+    real_gain_db_range: tuple[float, float] = (-6.0, 3.0)  # per-recording level variation
+    real_device_response: bool = True  # random high-pass, resonance and low-pass per recording
+    # STARSS23-like: speech and music dominate; door, tap, bell, knock are rare.
+    real_class_weights: tuple[float, ...] = (20.0, 20.0, 5.0, 4.0, 10.0, 6.0, 7.0, 3.0, 12.0, 6.0, 3.0, 2.0, 2.0)
+    n_real_train_rooms_per_site: int = 3  # >= 2 so whole rooms can be held out for validation
+    n_real_test_rooms_per_site: int = 2
 
     def __post_init__(self) -> None:
         lo, hi = self.distance_m_range
         _check(0 < lo < hi, "synth.distance_m_range", f"need 0 < min < max, got {self.distance_m_range}")
         lo, hi = self.elevation_deg_range
         _check(-90 <= lo <= hi <= 90, "synth.elevation_deg_range", "need -90 <= min <= max <= 90")
-        lo, hi = self.rt60_s_range
-        _check(0 < lo <= hi, "synth.rt60_s_range", f"need 0 < min <= max, got {self.rt60_s_range}")
         _check(1 <= self.max_polyphony <= 6, "synth.max_polyphony", "must be in 1..6")
+        _check(0 < self.first_track_fill < 1, "synth.first_track_fill", "must be in (0, 1)")
+        _check(0 <= self.same_class_overlap_p <= 1, "synth.same_class_overlap_p", "must be in [0, 1]")
         _check(0 <= self.moving_fraction <= 1, "synth.moving_fraction", "must be in [0, 1]")
+        _check(self.max_speed_deg_s >= 0, "synth.max_speed_deg_s", "must be >= 0")
         _check(self.recording_s >= CLIP_S, "synth.recording_s", f"must be >= {CLIP_S}")
         bad = [c for c in self.classes if not 0 <= c < N_CLASSES]
         _check(not bad and len(self.classes) > 0, "synth.classes", f"unknown class ids {bad}; valid 0..{N_CLASSES - 1}")
         for name in ("n_synth_train", "n_synth_test", "n_real_train", "n_real_test"):
             _check(getattr(self, name) >= 0, f"synth.{name}", "must be >= 0")
+        for name in ("n_synth_train_rooms", "n_synth_test_rooms", "n_real_test_rooms_per_site"):
+            _check(getattr(self, name) >= 1, f"synth.{name}", "must be >= 1")
+        _check(self.n_real_train_rooms_per_site >= 2, "synth.n_real_train_rooms_per_site",
+               "must be >= 2 (whole train rooms are held out for validation)")
+        for name in ("class_weights", "real_class_weights"):
+            w = getattr(self, name)
+            _check(len(w) in ((0, N_CLASSES) if name == "class_weights" else (N_CLASSES,)), f"synth.{name}",
+                   f"needs {N_CLASSES} weights, got {len(w)}")
+            _check(all(v >= 0 for v in w), f"synth.{name}", "weights must be >= 0")
+            if w:
+                _check(sum(w[c] for c in self.classes) > 0, f"synth.{name}", "no weight on any class in synth.classes")
+        for prefix in ("", "real_"):
+            rt_name = f"synth.{prefix}rt60_s_range"
+            lo, hi = getattr(self, f"{prefix}rt60_s_range")
+            _check(0 < lo <= hi, rt_name, f"need 0 < min <= max, got {(lo, hi)}")
+            smin, smax = getattr(self, f"{prefix}room_size_m_min"), getattr(self, f"{prefix}room_size_m_max")
+            room = f"synth.{prefix}room_size_m_min"
+            _check(all(0 < a <= b for a, b in zip(smin, smax, strict=True)), room,
+                   f"impossible room: need 0 < min <= max per dimension, got min {smin}, max {smax}")
+            # The microphone must sit at least (nearest source distance + 0.3 m) from every side wall,
+            # so that a source at the nearest distance fits in every horizontal direction.
+            need = 2 * (self.distance_m_range[0] + 0.3) + 0.2
+            _check(min(smin[:2]) >= need, room, f"impossible room: length and width must be >= {need:.2f} m "
+                   f"to hold a source at {self.distance_m_range[0]} m from the microphone, got {smin}")
+            _check(smin[2] >= 2.0, room, f"impossible room: height must be >= 2.0 m, got {smin[2]}")
+            lx, ly, lz = smax
+            alpha = 0.161 * lx * ly * lz / (2 * (lx * ly + lx * lz + ly * lz) * lo)
+            _check(alpha < 0.95, rt_name, f"impossible room: RT60 {lo} s needs absorption {alpha:.2f} "
+                   f"(>= 0.95) in the largest room {smax}; raise the RT60 or shrink the room")
+            for r in ("snr_db_range", "level_db_range"):
+                a, b = getattr(self, f"{prefix}{r}")
+                _check(a <= b, f"synth.{prefix}{r}", f"need min <= max, got {(a, b)}")
+        a, b = self.real_gain_db_range
+        _check(a <= b, "synth.real_gain_db_range", f"need min <= max, got {(a, b)}")
 
 
 @dataclass(frozen=True)
@@ -333,7 +395,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth.n_synth_test": 8,
         "synth.n_real_train": 24,
         "synth.n_real_test": 12,
-        "synth.recording_s": 10.0,
+        "synth.recording_s": 5.0,  # one clip per recording: every planned event is in a clip
         "model.stem_channels": 4,
         "model.stem_freq_pool": 4,
         "model.resnet_channels": (8,),
