@@ -405,9 +405,9 @@ def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path) -> DataPlan:
             root = _merge_roots(root, Path(opts.synth_root), cache / "data-merged")
         data_hash, dataset = _tree_hash(roots), "real"
     else:
-        from seld.synth import generate_dataset
+        from seld.synth import dataset_hash, generate_dataset
 
-        data_hash, dataset = config_hash(cfg.synth), "generated"
+        data_hash, dataset = dataset_hash(cfg.synth), "generated"
         root = generate_dataset(cfg.synth, cache / f"synth-{data_hash}", progress=True)
     store = build_store(root, cache / f"store-{data_hash}", cfg.features)
     return DataPlan(Path(store), Path(root), data_hash, dataset)
@@ -523,6 +523,10 @@ def _row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Pa
         metrics = json.loads(metrics_path.read_text())
         row.update(flatten_metrics(metrics))
         row["wall_s"] = metrics.get("cost/wall_s")
+        if row["wall_s"] is None and attempts:
+            # Driver-side wall time of the run that finished: its last start to its metrics.json.
+            start = json.loads(attempts_file.read_text().splitlines()[-1])["start_unix_s"]
+            row["wall_s"] = round(metrics_path.stat().st_mtime - start, 2)
         if row["wall_s"] is not None:
             row["device_hours"] = round(row["wall_s"] * cfg.train.num_workers / 3600.0, 5)
         if data is not None and (run_dir / "predictions").is_dir():
@@ -555,7 +559,8 @@ def _curves(runs: list[tuple[str, int, Path]]) -> pd.DataFrame | None:
 
 
 # --- Ray Tune ------------------------------------------------------------------------------------------
-def _start_ray(plan: ClusterPlan, env: dict[str, str]) -> None:
+def _start_ray(plan: ClusterPlan) -> None:
+    """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running)."""
     import ray
 
     if ray.is_initialized():
@@ -566,19 +571,17 @@ def _start_ray(plan: ClusterPlan, env: dict[str, str]) -> None:
     if plan.source != "embedded":
         address = os.environ.get("RAY_ADDRESS", "auto")
         log.info("connecting to the Ray cluster at %s (%s)", address, plan.source)
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
         return
     ray.init(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env}, log_to_driver=False)
+             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
 
 
-def _trial_env(opts: Options, out: Path, study: str) -> dict[str, str]:
+def _trial_env(opts: Options, study: str) -> dict[str, str]:
+    """Environment each trial sets in its own process (W&B offline unless the user chose a mode)."""
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
     if opts.wandb:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_SILENT", "true")
-        env.update({"WANDB_MODE": os.environ["WANDB_MODE"], "WANDB_SILENT": "true",
+        env.update({"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
                     "WANDB_RUN_GROUP": study})
     return env
 
@@ -594,6 +597,7 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
 
     from seld.train import run_training
 
+    os.environ.update(spec.get("env", {}))
     cfg = preset_config(spec["preset"], {**spec["overrides"], **(params or {})})
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -668,16 +672,16 @@ def run_study(study: Study, opts: Options) -> Path | str:
              len(runs), len(runs) - len(pending), len(pending), plan.concurrency)
     errors: dict[str, str] = {}
     if pending:
-        env = _trial_env(opts, out, study.name)
+        env = _trial_env(opts, study.name)
         specs = {
             f"{v.name}-s{seed}": {
                 "preset": study.preset, "overrides": overrides, "store": str(data.store),
                 "run_dir": str(run_dir.resolve()), "tags": [study.name, v.name, f"seed{seed}"],
-                "wandb": {"project": "seld", "group": study.name} if opts.wandb else None,
+                "wandb": {"project": "seld", "group": study.name} if opts.wandb else None, "env": env,
             }
             for v, seed, overrides, _, run_dir in pending
         }
-        errors = _tune_grid(specs, plan, out, study.name, opts, env)
+        errors = _tune_grid(specs, plan, out, study.name, opts)
     sha = git_sha()
     rows = []
     for v, seed, _, cfg, run_dir in runs:
@@ -699,13 +703,12 @@ def run_study(study: Study, opts: Options) -> Path | str:
     return out / "summary.csv"
 
 
-def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options,
-               env: dict[str, str]) -> dict[str, str]:
+def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options) -> dict[str, str]:
     """One Tune trial per run spec; returns run_id -> error text of the trials that failed."""
     import ray
     from ray import tune
 
-    _start_ray(plan, env)
+    _start_ray(plan)
     trainable = tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), {"cpu": 0.01})
     storage = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
     tuner = tune.Tuner(
@@ -821,7 +824,8 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
             overrides["train.time_budget_s"] = opts.time_budget_s
         spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
                 "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
-                "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None}
+                "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
+                "env": _trial_env(opts, sweep.name)}
         _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
     return _sweep_outputs(sweep, out, storage)
 
@@ -833,7 +837,7 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    _start_ray(plan, _trial_env(opts, out, sweep.name))
+    _start_ray(plan)
     cfg = preset_config(sweep.preset, spec["overrides"])
     max_t = cfg.train.stage1.epochs + cfg.train.stage2.epochs if cfg.train.stages == "both" else (
         cfg.train.stage1.epochs if cfg.train.stages == "stage1" else cfg.train.stage2.epochs)

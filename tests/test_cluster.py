@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -86,3 +87,75 @@ def test_dry_run_cli_prints_different_plans_without_connecting(tmp_path):
     assert "1 GPU" in gpu and "concurrency         : 14" in gpu and "gpu-hours" in gpu
     assert "concurrency         : 1 " in local and "cpu-hours" in local
     assert not (tmp_path / "o").exists()  # nothing written, nothing connected (RAY_ADDRESS is unroutable)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data):
+    """`ray start --head` on 127.0.0.1, `ray job submit` of the smoke study against
+    cluster/local.yaml, results in the expected folder, `ray stop`."""
+    import json
+    import os
+
+    from seld.synth import dataset_hash
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
+    bin_dir = Path(sys.executable).parent
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    (tmp_path / "ray").mkdir()
+    # `--block` keeps the head in one process that we own: stopping it (SIGINT) stops exactly this
+    # cluster; `ray stop` would stop every Ray on the machine.
+    head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             "--num-cpus=4", f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        out = tmp_path / "results"
+        job = subprocess.run(
+            [bin_dir / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"env_vars": {"SELD_STORAGE": str(tmp_path / "storage")}}),
+             "--", "python", "studies/ablation.py", "--preset", "smoke", "--cluster", "cluster/local.yaml",
+             "--out", str(out), "--cache-dir", str(cache)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        rows = pd.read_csv(out / "summary.csv")
+        assert list(rows["status"]) == ["ok", "ok"]
+        assert (out / "table1.md").exists()
+        assert (tmp_path / "storage" / "ray").is_dir()  # Tune's storage on the cluster's shared storage
+    finally:
+        import signal
+
+        head.send_signal(signal.SIGINT)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    import time
+    import urllib.request
+
+    t0 = time.time()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.time() - t0 > timeout_s:
+                raise
+            time.sleep(1)

@@ -1,0 +1,97 @@
+"""The ablation study end to end on the smoke preset: Tune trials over Train V2 runs, tidy rows,
+tables, --report-only byte for byte, --resume without retraining, a failing run recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from seld.config import preset_config
+from seld.report import TableRow, TableSpec
+from seld.study import Options, Study, Variant, flatten_metrics, run_study
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_studies():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_study", ROOT / "studies/ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, smoke_data) -> Path:
+    """A study cache whose generated dataset is the session's smoke dataset (the store is built
+    once, by the first test, and reused by the next)."""
+    from seld.synth import dataset_hash
+
+    cache = tmp_path_factory.mktemp("study-cache")
+    (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
+    return cache
+
+
+def _attempts(out: Path) -> dict[str, int]:
+    return {p.parent.name: len(p.read_text().splitlines()) for p in sorted((out / "runs").glob("*/attempts.jsonl"))}
+
+
+def test_flatten_metrics_keeps_scalars_and_classwise_f20():
+    flat = flatten_metrics({"test/f20": 12.5, "thresholds": [0.5] * 13, "selected_checkpoint": "x",
+                            "classwise": {"test_pp": [{"class": 3, "f20": 40.0, "doae": 2.0}]}})
+    assert flat == {"test/f20": 12.5, "test_pp/class/3/f20": 40.0}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_session):
+    out = tmp_path / "ablation"
+    smoke = _load_studies().STUDIES["smoke"]
+    opts = Options(out=out, preset="smoke", cache_dir=cache, max_retries=0)
+    summary = run_study(smoke, opts)
+    rows = pd.read_csv(summary)
+    assert list(rows["variant"]) == ["baseline", "stereo_rcnet"] and set(rows["status"]) == {"ok"}
+    for col in ("git_sha", "config_hash", "data_hash", "wall_s", "device_hours", "test/f20",
+                "test_pp/f20", "test/doae_cd", "test/rde_cd"):
+        assert rows[col].notna().all(), col
+    assert rows.loc[1, "stage1_test/f20"] >= 0 and "test_pp/site/tau/f20" in rows.columns
+    assert _attempts(out) == {d: 1 for d in _attempts(out)} and len(_attempts(out)) == 2
+    md = (out / "table1.md").read_text()
+    for label in ("Baseline-A", "Stage 1", "Stage 2", "Stage 2 + PP"):
+        line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
+        assert "–" not in line.split("|")[2], line  # a number in the F20 cell
+    outputs = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv", ".tex", ".png")}
+    assert {"table1.md", "table1.csv", "table1.tex", "table1.png", "curves.png", "summary.csv"} <= set(outputs)
+
+    # --report-only: the same bytes from the recorded rows.
+    for name in outputs:
+        if name not in ("summary.csv", "curves.csv"):
+            (out / name).unlink()
+    run_study(smoke, Options(out=out, preset="smoke", report_only=True))
+    for name, blob in outputs.items():
+        assert (out / name).read_bytes() == blob, name
+
+    # --resume after a "kill" that lost one run, with a variant added that keeps failing: only the
+    # lost run and the new one start; the failing run is recorded with its error and the study goes on.
+    before = _attempts(out)
+    lost = next(d for d in (out / "runs").iterdir() if d.name.startswith("baseline"))
+    import shutil
+
+    shutil.rmtree(lost)
+    broken = Variant("broken", {"train.init_checkpoint": str(tmp_path / "missing.pt"), "train.stages": "stage1"})
+    table = TableSpec("failing", "with a failing variant",
+                      (*smoke.tables[0].rows, TableRow("Broken", "broken", "test")))
+    study = Study("ablation", "smoke", (*smoke.variants, broken), seeds=(0,), tables=(table,))
+    run_study(study, Options(out=out, preset="smoke", cache_dir=cache, resume=True, max_retries=1))
+    after = _attempts(out)
+    broken_dir = next(k for k in after if k.startswith("broken"))
+    assert after.pop(broken_dir) == 2  # one retry, then recorded as failed
+    assert after == before  # the lost run started once more, the finished one never
+    rows = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert list(rows["status"]) == ["ok", "failed", "ok"] and rows.loc["broken", "attempts"] == 2
+    assert "missing.pt" in rows.loc["broken", "error"]
+    md = (out / "failing.md").read_text()
+    assert "## Failed runs" in md and "missing.pt" in md
