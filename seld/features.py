@@ -94,8 +94,12 @@ def _log_mel_chunk(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
     off = (cfg.n_fft - cfg.win_length) // 2  # librosa centres the short window inside n_fft
     xp = torch.nn.functional.pad(x.to(torch.float32), (pad, pad))
     frames = xp.unfold(-1, cfg.n_fft, cfg.hop_length)[..., off:off + cfg.win_length]
-    windowed = frames * _window(cfg.win_length, device)  # float64 (c, ch, frames, win)
-    spec = torch.view_as_real(torch.fft.rfft(windowed, n=cfg.n_fft, dim=-1))  # (c, ch, frames, bins, 2)
+    # Window straight into a zero-edged float64 buffer of n_fft (one pass, no extra padding copy).
+    windowed = torch.empty(*frames.shape[:-1], cfg.n_fft, dtype=torch.float64, device=x.device)
+    windowed[..., :off] = 0.0
+    windowed[..., off + cfg.win_length:] = 0.0
+    torch.mul(frames, _window(cfg.win_length, device), out=windowed[..., off:off + cfg.win_length])
+    spec = torch.view_as_real(torch.fft.rfft(windowed, dim=-1))  # (c, ch, frames, bins, 2)
     power = torch.addcmul(spec[..., 0].square(), spec[..., 1], spec[..., 1]).to(torch.float32)
     mel = torch.matmul(power, _mel_basis(cfg, device))  # (c, ch, frames, n_mels)
     db = 10.0 * torch.log10(mel.clamp_min(_AMIN))
