@@ -155,13 +155,24 @@ def recording_tasks(cfg: SynthConfig, plan: SplitPlan) -> list[RecordingTask]:
     return tasks
 
 
+def _plan_task(cfg: SynthConfig, domain: str, task: RecordingTask
+               ) -> tuple[list[scenes.Event], np.random.Generator, int]:
+    room = make_room(cfg, domain, task.room_id)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 3, SPLIT_ORDER.index(task.split), task.index]))
+    n_frames = int(round(cfg.recording_s / LABEL_HOP_S))
+    return scenes.plan_recording(rng, room, domain_spec(cfg, domain), n_frames, task.forced_classes), rng, n_frames
+
+
+def plan_task(cfg: SynthConfig, domain: str, task: RecordingTask) -> list[scenes.Event]:
+    """The planned events of one recording (what :func:`render_task` renders and labels)."""
+    return _plan_task(cfg, domain, task)[0]
+
+
 def render_task(cfg: SynthConfig, domain: str, task: RecordingTask) -> tuple[np.ndarray, list]:
     """FOA audio (4, n) float32 and FOA label rows of one recording (pure function of its inputs)."""
     room = make_room(cfg, domain, task.room_id)
     spec = domain_spec(cfg, domain)
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 3, SPLIT_ORDER.index(task.split), task.index]))
-    n_frames = int(round(cfg.recording_s / LABEL_HOP_S))
-    events = scenes.plan_recording(rng, room, spec, n_frames, task.forced_classes)
+    events, rng, n_frames = _plan_task(cfg, domain, task)
     tail = _room_tail(room)
     audio = scenes.render_recording(events, room, spec, n_frames, rng, tail=tail)
     return audio, scenes.event_labels(events)
