@@ -18,8 +18,17 @@ import soundfile as sf
 from seld.config import N_CLASSES, SPLITS, ConfigError, SynthConfig, apply_overrides, preset_config
 from seld.labels import read_foa_csv, read_reference_csv
 from seld.stereo import foa_to_stereo
-from seld.synth import (domain_spec, generate_dataset, make_room, plan_splits, plan_task, recording_tasks,
-                        render_task, rooms, scenes)
+from seld.synth import (
+    domain_spec,
+    generate_dataset,
+    make_room,
+    plan_splits,
+    plan_task,
+    recording_tasks,
+    render_task,
+    rooms,
+    scenes,
+)
 from seld.synth.sounds import synthesize_event
 
 SR = 24_000
@@ -64,7 +73,7 @@ def test_direct_path_arrives_later_and_weaker_with_distance():
         # direction: the intensity vector (X, Y) points to the source
         assert np.rad2deg(np.arctan2(h[1].sum(), h[3].sum())) == pytest.approx(20.0, abs=1e-6)
         peaks.append((arrival, h[0].sum()))
-    assert all(a1 < a2 and g1 > g2 for (a1, g1), (a2, g2) in zip(peaks, peaks[1:]))
+    assert all(a1 < a2 and g1 > g2 for (a1, g1), (a2, g2) in zip(peaks, peaks[1:], strict=False))
 
 
 def test_late_tail_has_diffuse_channel_energies_and_the_room_rt60():

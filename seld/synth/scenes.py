@@ -140,9 +140,13 @@ def event_labels(events: list[Event]) -> list[tuple[int, int, int, float, float,
 
 
 def _fftconv(x: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """Full linear convolution of (..., n) with (..., m) along the last axis (broadcast)."""
+    """Full linear convolution of (..., n) with (..., m) along the last axis (broadcast).
+
+    Single precision (the result is written as 16-bit audio); deterministic (pocketfft).
+    """
     n = x.shape[-1] + h.shape[-1] - 1
     nfft = sfft.next_fast_len(n, real=True)
+    x, h = np.asarray(x, dtype=np.float32), np.asarray(h, dtype=np.float32)
     return sfft.irfft(sfft.rfft(x, nfft) * sfft.rfft(h, nfft), nfft)[..., :n]
 
 
@@ -184,13 +188,15 @@ def render_event(event: Event, room: rooms.Room, tail: np.ndarray,
 
 def _diffuse_noise(rng: np.random.Generator, n: int, sample_rate_hz: int) -> np.ndarray:
     """Diffuse ambience (4, n): W unit variance, X, Y, Z independent at a third of W's energy."""
-    white = rng.standard_normal((4, n))
-    # A random spectral tilt between white and brown (one-pole low-pass mixed with white).
+    white = rng.standard_normal((4, n), dtype=np.float32)
+    # A random spectral tilt between white and brown: a one-pole low-pass mixed with the white noise.
+    # Variances are known in closed form: var(low-pass) = (1 - p) / (1 + p), and its covariance with
+    # the white input is (1 - p); the mix is scaled to unit variance without measuring it.
     pole = rng.uniform(0.9, 0.995)
-    coloured = signal.lfilter([1 - pole], [1, -pole], white, axis=1)
+    coloured = signal.lfilter([1 - pole], [1, -pole], white, axis=1) / np.sqrt((1 - pole) / (1 + pole))
     mix = rng.uniform(0.1, 0.5)
-    x = (1 - mix) * coloured / coloured.std(axis=1, keepdims=True) + mix * white
-    x /= x.std(axis=1, keepdims=True)
+    corr = np.sqrt(1 - pole**2)
+    x = ((1 - mix) * coloured + mix * white) / np.sqrt((1 - mix) ** 2 + mix**2 + 2 * mix * (1 - mix) * corr)
     x[1:] *= np.sqrt(1.0 / 3.0)
     return x
 
