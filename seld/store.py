@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import re
 import time
@@ -150,7 +149,7 @@ def plan_shards(sources: list[ClipSource], cfg: FeatureConfig, shard_rows: int =
     return jobs
 
 
-# --- Extraction (runs in worker processes) ----------------------------------------------------------
+# --- Extraction (runs in worker threads) ----------------------------------------------------------
 def _schema(cfg: FeatureConfig, n_features: int) -> pa.Schema:
     value = pa.float16() if cfg.store_dtype == "float16" else pa.float32()
     ints, floats = pa.list_(pa.int32()), pa.list_(pa.float64())
@@ -188,17 +187,13 @@ def _read_clip(src: ClipSource, cfg: FeatureConfig):
     return audio, labels.read_reference_csv(csv, n_frames=n_frames), h.hexdigest()
 
 
-def extract_shard(job: ShardJob, cfg: FeatureConfig, out_dir: str, torch_threads: int = 0) -> dict:
+def extract_shard(job: ShardJob, cfg: FeatureConfig, out_dir: str) -> dict:
     """Compute one shard and write it atomically (temporary name, then rename).
 
     Returns a summary dict: name, split, rows, bytes, sources_sha256, skipped {file: reason}.
     """
-    import torch
-
     from seld.features import log_mel
 
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
     info = split_info(job.split)
     rows: dict[str, list] = {k: [] for k in ("clip", "room", "fold", "ev")}
     feats: list[np.ndarray] = []
@@ -263,11 +258,6 @@ def _finished(path: Path, job: ShardJob) -> dict | None:
     return summary
 
 
-def _run_one(args) -> dict:
-    job, cfg_dict, out_dir = args
-    return extract_shard(job, from_dict(FeatureConfig, cfg_dict), out_dir, torch_threads=1)
-
-
 # --- Public API ------------------------------------------------------------------------------------
 def store_folder(out: str | Path, cfg: FeatureConfig) -> Path:
     """`out/features-<hash>` for a feature config."""
@@ -284,7 +274,8 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
         out: store root; the store is `out/features-<hash of cfg>/`.
         cfg: feature settings (default: the official recipe, float16 storage).
         splits: split folder names to include (default: all known ones present).
-        n_procs: worker processes (default: CPU count, at most the number of shards to compute).
+        n_procs: parallel workers (threads with one torch thread each; default: CPU count, at most
+            the number of shards to compute).
         progress: progress bar on stderr.
         shard_rows: clips per shard.
 
@@ -324,18 +315,27 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
         log.info("%s: %d of %d shards already done", folder, len(summaries), len(jobs))
     n_procs = max(1, min(n_procs or os.cpu_count() or 1, len(todo)))
     bar = tqdm(total=sum(len(j.sources) for j in todo), desc="features", unit="clip", disable=not progress)
-    if n_procs == 1 or len(todo) <= 1:
+    if n_procs == 1:
         for job in todo:
             summaries[job.name] = extract_shard(job, cfg, str(folder))
             bar.update(len(job.sources))
     else:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-        with cf.ProcessPoolExecutor(n_procs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_one, (job, to_dict(cfg), str(folder))): job for job in todo}
-            for fut in cf.as_completed(futures):
-                job = futures[fut]
-                summaries[job.name] = fut.result()
-                bar.update(len(job.sources))
+        # Worker threads, one torch thread each: decoding, the DFT, Parquet encoding and hashing all
+        # release the GIL, and threads start instantly (a spawned process spends seconds importing
+        # torch/scipy) and share the cached filterbank.
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with cf.ThreadPoolExecutor(n_procs, thread_name_prefix="seld-features") as pool:
+                futures = {pool.submit(extract_shard, job, cfg, str(folder)): job for job in todo}
+                for fut in cf.as_completed(futures):
+                    job = futures[fut]
+                    summaries[job.name] = fut.result()
+                    bar.update(len(job.sources))
+        finally:
+            torch.set_num_threads(threads)
     bar.close()
 
     ordered = [summaries[j.name] for j in jobs]

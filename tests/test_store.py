@@ -172,8 +172,7 @@ def test_corrupt_inputs_reported_others_done(tmp_path, capsys):
     assert "3 input file(s) skipped" in stderr and bad_wav.name in stderr
 
 
-@pytest.mark.slow
-def test_two_processes_same_result_and_cli(tiny_data, tiny_store, tmp_path, capsys):
+def test_two_workers_same_result_and_cli(tiny_data, tiny_store, tmp_path, capsys):
     rc = cli_main(["features", str(tiny_data), "--out", str(tmp_path / "s"), "--procs", "2"])
     assert rc == 0 and "10 clips" in capsys.readouterr().out
     folder = open_store(tmp_path / "s", F16).path

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", metavar="DATA", help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
     parser.add_argument("--out", required=True, metavar="STORE", help="store root folder")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT", help="only these split folders (eval = stereo_eval/eval)")
-    parser.add_argument("--procs", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--procs", type=int, default=None, help="parallel workers (default: CPU count)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="feature config override, e.g. features.store_dtype=float32 (repeatable)")
 
