@@ -198,3 +198,12 @@ def test_ray_data_reads_feature_column(tiny_store, ray_session):
     ref = _rows(tiny_store)
     for clip, f in zip(batch["clip"], feats, strict=True):
         np.testing.assert_array_equal(f.reshape(-1), np.asarray(ref[clip]["features"], np.float16))
+
+
+def test_smoke_store_covers_the_smoke_dataset(smoke_data, smoke_store):
+    info = open_store(smoke_store, FeatureConfig())
+    wavs = {p.parent.name: len(list(p.parent.glob("*.wav"))) for p in smoke_data.glob("stereo_dev/*/*.wav")}
+    assert info.n_rows == wavs and info.skipped == {}
+    index = pq.ParquetDataset(list(info.shards)).read(columns=["clip", "split", "domain", "role"]).to_pandas()
+    assert set(index["domain"]) == {"real", "synthetic"} and set(index["role"]) == {"train", "test"}
+    assert index["clip"].is_unique
