@@ -115,6 +115,9 @@ class SynthConfig:
     n_real_train: int = 400  # 5-s clips over dev-train-tau + dev-train-sony
     n_real_test: int = 200  # 5-s clips over dev-test-tau + dev-test-sony
     recording_s: float = 30.0  # length of each generated FOA recording that clips are cut from
+    # 5-s clips cut per 5 s of FOA recording (> 1: clips overlap in time with different viewing
+    # angles, as the official stereo set reuses its FOA recordings); halves the work at 2.
+    clip_reuse: float = 1.0
     distance_m_range: tuple[float, float] = (0.5, 5.0)
     elevation_deg_range: tuple[float, float] = (-45.0, 45.0)
     max_polyphony: int = 3  # simultaneous events at most (one track each)
@@ -156,6 +159,7 @@ class SynthConfig:
         _check(0 <= self.moving_fraction <= 1, "synth.moving_fraction", "must be in [0, 1]")
         _check(self.max_speed_deg_s >= 0, "synth.max_speed_deg_s", "must be >= 0")
         _check(self.recording_s >= CLIP_S, "synth.recording_s", f"must be >= {CLIP_S}")
+        _check(0 < self.clip_reuse <= 10, "synth.clip_reuse", "must be in (0, 10]")
         bad = [c for c in self.classes if not 0 <= c < N_CLASSES]
         _check(not bad and len(self.classes) > 0, "synth.classes", f"unknown class ids {bad}; valid 0..{N_CLASSES - 1}")
         for name in ("n_synth_train", "n_synth_test", "n_real_train", "n_real_test"):
@@ -369,6 +373,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth.n_synth_test": 200,
         "synth.n_real_train": 600,
         "synth.n_real_test": 240,
+        "synth.clip_reuse": 2.0,
         "model.stem_channels": 8,
         "model.stem_freq_pool": 4,
         "model.resnet_channels": (8, 16),

@@ -90,8 +90,8 @@ def plan_splits(cfg: SynthConfig) -> list[SplitPlan]:
         room_ids = tuple(range(next_room, next_room + n_rooms[split]))
         next_room += n_rooms[split]
         n_clips = clips[split]
-        # About one 5-s clip per 5 s of recording, and every room recorded at least once.
-        n_rec = max(len(room_ids), math.ceil(n_clips * CLIP_S / cfg.recording_s)) if n_clips else 0
+        # `clip_reuse` 5-s clips per 5 s of recording, and every room recorded at least once.
+        n_rec = max(len(room_ids), math.ceil(n_clips * CLIP_S / (cfg.recording_s * cfg.clip_reuse))) if n_clips else 0
         plans.append(SplitPlan(split, info["domain"], FOLDS[info["role"]], room_ids, n_clips, n_rec))
     return plans
 
