@@ -1,0 +1,61 @@
+"""seld/train.py: run-folder rules, Ray sizing, and restore after a Ray Train worker is killed."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from seld.config import preset_config
+from seld.errors import UserError
+from seld.train import default_num_cpus, prepare_run_dir, run_training
+
+
+def test_ray_gets_more_cpus_than_train_reserves():
+    for n in (1, 2, 4):
+        assert default_num_cpus(n) >= n + 2
+
+
+def test_run_folder_rules(tmp_path):
+    cfg = preset_config("smoke")
+    with pytest.raises(UserError, match="nothing to resume"):
+        prepare_run_dir(cfg, tmp_path / "a", resume=True)
+    prepare_run_dir(cfg, tmp_path / "a", resume=False)
+    with pytest.raises(UserError, match="--resume"):
+        prepare_run_dir(cfg, tmp_path / "a", resume=False)
+    prepare_run_dir(cfg, tmp_path / "a", resume=True)
+    with pytest.raises(UserError, match="another config.*model"):
+        prepare_run_dir(preset_config("smoke", {"model.d_model": 64}), tmp_path / "a", resume=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_killed_after_an_epoch_restores_from_its_checkpoint(smoke_store, ray_session, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = preset_config("smoke", {"train.stage1.epochs": 3, "train.stage2.epochs": 1,
+                                  "train.max_failures": 1, "train.time_budget_s": 3600.0})
+    run = tmp_path / "run"
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, smoke_store, run)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and killed is None and thread.is_alive():
+        time.sleep(0.5)
+        rows = list(csv.DictReader((run / "metrics.csv").open())) if (run / "metrics.csv").exists() else []
+        if rows:  # epoch 0 is checkpointed: kill this run's (only) Ray Train worker
+            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if actors:
+                killed = actors[0].pid
+                os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert killed is not None, "the run finished before a worker could be killed"
+    assert result, "training did not finish after the restore"
+    epochs = [int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    assert epochs == list(range(4))  # every epoch exactly once
+    assert result["cost/epochs"] == 4
