@@ -62,32 +62,68 @@ def log_mel(audio, sample_rate_hz: int = 24_000, cfg: FeatureConfig = DEFAULT_CO
         ``librosa.power_to_db`` call per clip makes it.
 
     The DFT runs in float64: a float32 FFT (MKL, cuFFT) has absolute errors near 1e-8 of a frame's
-    peak, which is up to 1e-3 dB in bins 80 dB down; numpy's FFT (librosa) is accurate to ~1e-6 dB.
-    Framing, power, the mel matmul and the dB step run in float32.
+    peak, which is up to 1e-3 dB in bins 80 dB down. On CPU (numpy arrays and CPU tensors) it is
+    numpy's pocketfft, the FFT librosa calls, which was also faster per core than torch's MKL FFT
+    (BENCHMARKS.md); on GPU it is torch's cuFFT. Power, the mel matmul and the dB step are float32.
     """
     if sample_rate_hz != cfg.sample_rate_hz:
         raise ValueError(f"log_mel: audio at {sample_rate_hz} Hz, features need {cfg.sample_rate_hz} Hz; "
                          "resample first (load_audio does)")
     is_numpy = not isinstance(audio, torch.Tensor)
-    x = torch.from_numpy(np.asarray(audio, dtype=np.float32)) if is_numpy else audio
+    if is_numpy or audio.device.type == "cpu":
+        x = np.asarray(audio if is_numpy else audio.detach().to(torch.float32).numpy(), dtype=np.float32)
+        out = _log_mel_cpu(x, cfg)
+        return out if is_numpy else torch.from_numpy(out)
+    x = audio
     if x.ndim < 2:
         raise ValueError(f"log_mel: expected (..., channels, samples), got shape {tuple(x.shape)}")
     lead, n_channels, n_samples = x.shape[:-2], x.shape[-2], x.shape[-1]
     x = x.reshape(-1, n_channels, n_samples)
-    n_clips = x.shape[0]
-    out = torch.empty(n_clips, n_channels, n_frames(n_samples, cfg), cfg.n_mels, dtype=torch.float32,
+    out = torch.empty(x.shape[0], n_channels, n_frames(n_samples, cfg), cfg.n_mels, dtype=torch.float32,
                       device=x.device)
-    # Chunks of clips bound the float64 frame buffer (about 4 MB per clip) and stay cache-friendly.
-    chunk = 256 if x.device.type == "cuda" else 8
     with torch.no_grad():
-        for i in range(0, n_clips, chunk):
-            out[i:i + chunk] = _log_mel_chunk(x[i:i + chunk], cfg)
-    out = out.reshape(*lead, n_channels, out.shape[-2], out.shape[-1])
-    return out.cpu().numpy() if is_numpy else out
+        for i in range(0, x.shape[0], 256):  # chunks bound the float64 frame buffer (4 MB per clip)
+            out[i:i + 256] = _log_mel_chunk(x[i:i + 256], cfg)
+    return out.reshape(*lead, n_channels, out.shape[-2], out.shape[-1])
+
+
+def _log_mel_cpu(x: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """CPU path: (..., channels, samples) float32 -> (..., channels, frames, n_mels) float32 dB.
+
+    The DFT is numpy's (pocketfft, float64), the one librosa calls, so results agree with the
+    librosa recipe to ~1e-5 dB; batching, a float32 power spectrum and one mel matmul per chunk
+    make it faster than per-file librosa. numpy's FFT, torch's matmul (which follows
+    ``torch.set_num_threads``) and the elementwise steps release the GIL, so worker threads scale.
+    """
+    if x.ndim < 2:
+        raise ValueError(f"log_mel: expected (..., channels, samples), got shape {x.shape}")
+    lead, n_channels, n_samples = x.shape[:-2], x.shape[-2], x.shape[-1]
+    x = x.reshape(-1, n_channels, n_samples)
+    n_out = n_frames(n_samples, cfg)
+    out = np.empty((x.shape[0], n_channels, n_out, cfg.n_mels), dtype=np.float32)
+    pad = cfg.n_fft // 2
+    off = (cfg.n_fft - cfg.win_length) // 2  # librosa centres the short window inside n_fft
+    window = _window(cfg.win_length, "cpu").numpy()
+    mel_basis = _mel_basis(cfg, "cpu")
+    chunk = 8  # clips per step: the float64 frames (4 MB per clip) stay cache-friendly
+    for i in range(0, x.shape[0], chunk):
+        xp = np.pad(x[i:i + chunk], ((0, 0), (0, 0), (pad, pad)))
+        frames = np.lib.stride_tricks.sliding_window_view(xp, cfg.win_length, axis=-1)
+        frames = frames[..., off::cfg.hop_length, :][..., :n_out, :]
+        # Zero padding at the end instead of around the window only rotates each frame, which
+        # changes the DFT's phase, not its magnitude.
+        spec = np.fft.rfft(frames * window, n=cfg.n_fft, axis=-1)  # complex128 (c, ch, frames, bins)
+        power = np.square(spec.real, dtype=np.float32)
+        power += np.square(spec.imag, dtype=np.float32)
+        mel = torch.matmul(torch.from_numpy(power), mel_basis).numpy()  # (c, ch, frames, n_mels)
+        db = 10.0 * np.log10(np.maximum(mel, _AMIN))
+        peak = db.reshape(len(db), -1).max(axis=1).reshape(-1, 1, 1, 1)
+        out[i:i + chunk] = np.maximum(db, peak - cfg.top_db)
+    return out.reshape(*lead, n_channels, n_out, cfg.n_mels)
 
 
 def _log_mel_chunk(x: torch.Tensor, cfg: FeatureConfig) -> torch.Tensor:
-    """(clips, channels, samples) any float -> (clips, channels, frames, n_mels) float32 dB."""
+    """GPU path: (clips, channels, samples) -> (clips, channels, frames, n_mels) float32 dB."""
     device = str(x.device)
     n_clips, n_channels, _ = x.shape
     pad = cfg.n_fft // 2
