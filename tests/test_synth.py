@@ -261,3 +261,28 @@ def test_cli_generates_and_reuses(tmp_path):
     assert json.loads((tmp_path / "d" / "synth.json").read_text())["config"]["seed"] == cfg.seed
     second = subprocess.run(args, capture_output=True, text=True)
     assert second.returncode == 0 and "reusing" in second.stderr
+
+
+@pytest.mark.parametrize("splits", [("dev-train-synth", "dev-test-synth"),
+                                    ("dev-train-tau", "dev-train-sony", "dev-test-tau", "dev-test-sony")])
+def test_stereo_clips_carry_direction_and_distance_cues(smoke_data, splits):
+    """In frames with one active event, the L/R level difference follows the labelled azimuth and
+    the level falls with the labelled distance (reverberation and noise blur both, as in rooms)."""
+    ild, expected, level, log_dist = [], [], [], []
+    for split in splits:
+        for wav in sorted((Path(smoke_data) / "stereo_dev" / split).glob("*.wav")):
+            audio, _ = sf.read(wav)
+            events = read_reference_csv(Path(smoke_data) / "metadata_dev" / split / f"{wav.stem}.csv")
+            for frame in range(50):
+                ev = events[events["frame"] == frame]
+                if len(ev) != 1:
+                    continue
+                left, right = np.sum(audio[frame * 2400:(frame + 1) * 2400] ** 2, axis=0) + 1e-12
+                s = np.sin(np.deg2rad(ev["azimuth"][0]))
+                ild.append(10 * np.log10(left / right))
+                expected.append(np.clip(20 * np.log10((1 + s + 1e-3) / (1 - s + 1e-3)), -30, 30))
+                level.append(10 * np.log10(left + right))
+                log_dist.append(np.log(ev["distance"][0]))
+    assert len(ild) > 200
+    assert np.corrcoef(ild, expected)[0, 1] > 0.5
+    assert np.corrcoef(level, log_dist)[0, 1] < -0.1
