@@ -47,7 +47,7 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
         return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def count_flops(model: nn.Module, n_mels: int = 64, batch_size: int = 2, training: bool = False) -> int:
+def count_flops(model: nn.Module, n_mels: int = 64, batch_size: int = 1, training: bool = False) -> int:
     """FLOPs (multiply-adds count 2) per clip of one forward pass, or of forward + backward when
     `training`; matrix products, convolutions and attention only (norms and activations excluded).
 
