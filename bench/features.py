@@ -1,4 +1,4 @@
-"""Benchmark: batched torch log-mel (seld.features.log_mel) against the per-file librosa recipe.
+"""Benchmark: batched log-mel (seld.features.log_mel) against the per-file librosa recipe.
 
 Same synthetic 5-s stereo clips for every path, warmed up, best of --repeats (the machine is
 shared, so the ratio to the librosa reference measured in the same run is the robust figure).
@@ -98,7 +98,7 @@ def main() -> None:
 
     for threads in sorted({1, n_cpu}):
         torch.set_num_threads(threads)
-        res[f"batched_torch_{threads}thread"] = args.clips / best_time(lambda: log_mel(x), args.repeats)
+        res[f"batched_{threads}thread"] = args.clips / best_time(lambda: log_mel(x), args.repeats)
     torch.set_num_threads(n_cpu)
     if n_cpu > 1:
         ctx = multiprocessing.get_context("spawn")
@@ -106,7 +106,7 @@ def main() -> None:
         with cf.ProcessPoolExecutor(n_cpu, mp_context=ctx) as pool:
             list(pool.map(_worker, range(n_cpu), [2] * n_cpu, [1] * n_cpu))  # start + import
             times = list(pool.map(_worker, range(n_cpu), [per] * n_cpu, [args.repeats] * n_cpu))
-        res[f"batched_torch_{n_cpu}proc_x_1thread"] = per * n_cpu / max(times)
+        res[f"batched_{n_cpu}proc_x_1thread"] = per * n_cpu / max(times)
 
     # Peaks on one core (single-threaded), so the full-machine figure assumes linear scaling.
     torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def main() -> None:
     res.update({
         "cpu_fft64_peak_gflops_1core": fft_peak, "cpu_sgemm_peak_gflops_1core": mm_peak,
         "cpu_best_clips_per_s": best_cpu, "speedup_vs_librosa": best_cpu / res["librosa_per_file_1core"],
-        "cpu_fraction_of_peak_1core": ideal_s * res["batched_torch_1thread"],
+        "cpu_fraction_of_peak_1core": ideal_s * res["batched_1thread"],
         "cpu_fraction_of_peak_machine": ideal_s / n_cpu * best_cpu,
     })
 
