@@ -18,6 +18,7 @@ output does not depend on the number of worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -256,21 +257,13 @@ def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n
     for p in plans:  # every split folder exists, even an empty one
         (foa_root / p.split / "foa_dev" / p.split).mkdir(parents=True, exist_ok=True)
         (foa_root / p.split / "metadata_dev" / p.split).mkdir(parents=True, exist_ok=True)
-    _run_jobs(jobs, progress, n_procs)
-
-    from seld.stereo import convert_foa
-
-    for i, p in enumerate(plans):
-        if p.split in manifest["converted"]:
-            continue
-        for sub in ("stereo_dev", "metadata_dev"):  # drop what an interrupted conversion left
-            shutil.rmtree(out / sub / p.split, ignore_errors=True)
-            (out / sub / p.split).mkdir(parents=True, exist_ok=True)
-        if p.n_clips:
-            convert_foa(foa_root / p.split, out, p.split, p.n_clips, seed=int(
-                np.random.SeedSequence([cfg.seed, 4, i]).generate_state(1)[0]))
-        manifest["converted"].append(p.split)
-        _write_manifest(manifest_path, manifest)
+    n_procs = max(1, min(n_procs or os.cpu_count() or 1, len(jobs)))
+    # One spawn pool for both stages (spawn: safe whatever the parent holds: threads, torch, Ray).
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(n_procs)) if n_procs > 1 else None
+        for _ in _map(_write_recording, jobs, pool, progress, "synth recordings", "rec"):
+            pass
+        _convert_all(cfg, out, plans, manifest, manifest_path, pool, progress)
     manifest["complete"] = True
     manifest["splits"] = {p.split: {"domain": p.domain, "rooms": list(p.room_ids), "n_recordings": p.n_recordings,
                                     "n_clips": p.n_clips} for p in plans}
@@ -279,21 +272,44 @@ def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n
     return out
 
 
-def _run_jobs(jobs: list, progress: bool, n_procs: int | None) -> None:
+def _convert_all(cfg: SynthConfig, out: Path, plans: list[SplitPlan], manifest: dict, manifest_path: Path,
+                 pool, progress: bool) -> None:
+    """Convert every split not yet converted (largest first), recording each one as done."""
+    foa_root = out / FOA_DIR
+    todo = []
+    for i, p in enumerate(plans):
+        if p.split in manifest["converted"]:
+            continue
+        for sub in ("stereo_dev", "metadata_dev"):  # drop what an interrupted conversion left
+            shutil.rmtree(out / sub / p.split, ignore_errors=True)
+            (out / sub / p.split).mkdir(parents=True, exist_ok=True)
+        seed = int(np.random.SeedSequence([cfg.seed, 4, i]).generate_state(1)[0])
+        todo.append((str(foa_root / p.split), str(out), p.split, p.n_clips, seed))
+    todo.sort(key=lambda job: -job[3])
+    for split in _map(_convert_split, todo, pool, progress, "FOA->stereo splits", "split"):
+        manifest["converted"] = sorted({*manifest["converted"], split})
+        _write_manifest(manifest_path, manifest)
+
+
+def _convert_split(args: tuple[str, str, str, int, int]) -> str:
+    """Cut one split's stereo clips from its FOA root (seld.stereo, the path real FOA data takes)."""
+    from seld.stereo import convert_foa
+
+    foa_root, out, split, n_clips, seed = args
+    if n_clips:
+        convert_foa(foa_root, out, split, n_clips, seed=seed)
+    return split
+
+
+def _map(fn, jobs: list, pool, progress: bool, desc: str, unit: str):
+    """Yield fn(job) for every job, in completion order, on `pool` (None: in this process)."""
     from tqdm import tqdm
 
-    n_procs = max(1, min(n_procs or os.cpu_count() or 1, len(jobs)))
-    bar = tqdm(total=len(jobs), desc="synth recordings", unit="rec", disable=not progress)
+    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress)
     try:
-        if n_procs == 1 or len(jobs) < 8:
-            for job in jobs:
-                _write_recording(job)
-                bar.update()
-        else:
-            # spawn: safe whatever the parent process holds (threads, torch, Ray).
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(n_procs) as pool:
-                for _ in pool.imap_unordered(_write_recording, jobs, chunksize=1):
-                    bar.update()
+        results = map(fn, jobs) if pool is None or len(jobs) < 2 else pool.imap_unordered(fn, jobs, chunksize=1)
+        for result in results:
+            yield result
+            bar.update()
     finally:
         bar.close()
