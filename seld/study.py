@@ -42,8 +42,9 @@ from seld.report import TableSpec, report_from_files
 log = logging.getLogger(__name__)
 
 # Rough training throughput of one Train worker (5-s clips per second, forward + backward), used
-# only for the dry-run's device-hour estimate. "cpu": the `local` model on this project's 2-core
-# machine (measured, BENCHMARKS.md); "gpu": an assumption for the paper-size model on one A10G-class GPU.
+# only for the dry-run's device-hour estimate. Both are rough assumptions, not measurements: "cpu"
+# for the `local` model on a 2-core machine, "gpu" for the paper-size model on one A10G-class GPU.
+# A finished run records its real throughput as `cost/train_clips_per_s` in summary.csv.
 CLIPS_PER_S = {"cpu": 60.0, "gpu": 400.0}
 # Logical CPUs planned per CPU Train worker (see plan_cluster).
 CPU_TRIAL_FOOTPRINT = 4
@@ -626,10 +627,13 @@ def _sweep_trainable(config: dict, spec: dict) -> None:
 
 
 def _error_text(err: BaseException | None) -> str:
+    """One line naming the root cause of a trial's failure (the innermost ``XxxError: msg`` line)."""
     if err is None:
         return ""
-    text = "".join(traceback.format_exception_only(type(err), err)).strip()
-    return re.sub(r"\s+", " ", text)[:500]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(traceback.format_exception_only(type(err), err)))
+    causes = re.findall(r"^\s*([\w.]*(?:Error|Exception): .+)$", text, flags=re.M)
+    line = causes[-1] if causes else text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return re.sub(r"\s+", " ", line).strip()[:500]
 
 
 def _prepare_out(out: Path, opts: Options, marker: str) -> None:
@@ -848,7 +852,9 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
         metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
         sampler=optuna.samplers.TPESampler(seed=sweep.seed + n_before, n_startup_trials=max(2, min(5, sweep.n_trials // 3))),
     )
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t),
+    # Each epoch is one Tune iteration and the run's final report (test scores) one more: a trial
+    # that survives every rung must reach max_t + 1, or ASHA stops it before its scores exist.
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t) + 1,
                               grace_period=max(1, min(sweep.grace_period, max_t)),
                               reduction_factor=sweep.reduction_factor)
     trainable = tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), {"cpu": 0.01})
