@@ -50,7 +50,8 @@ def test_worker_killed_after_an_epoch_restores_from_its_checkpoint(smoke_store, 
         time.sleep(0.5)
         rows = list(csv.DictReader((run / "metrics.csv").open())) if (run / "metrics.csv").exists() else []
         if rows:  # epoch 0 is checkpointed: kill this run's (only) Ray Train worker
-            actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            actors = list_actors(address=ray_session.get_runtime_context().gcs_address,
+                                 filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
             if actors:
                 killed = actors[0].pid
                 os.kill(killed, signal.SIGKILL)
