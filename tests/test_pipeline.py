@@ -78,3 +78,15 @@ def test_same_seed_same_metrics_csv(smoke_run, smoke_store, ray_session, tmp_pat
 def test_existing_run_needs_resume(smoke_run, smoke_store, capsys):
     assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(smoke_run)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_streaming_mode_two_workers(smoke_store, ray_session, tmp_path):
+    """Stores too large to materialise are streamed every epoch (Ray Data read_parquet, split)."""
+    from seld.config import preset_config
+    from seld.train import run_training
+
+    cfg = preset_config("smoke", {"data.materialize": False, "train.num_workers": 2, "train.stages": "stage1"})
+    metrics = run_training(cfg, smoke_store, tmp_path / "run")
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) == metrics["cost/epochs"] == 1
+    assert int(rows[0]["train/clips"]) > 0 and metrics["test/f20"] is not None
