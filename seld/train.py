@@ -551,8 +551,10 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
 
     run_dir = Path(run_dir).resolve()
     rows = seld_data.plan_rows(seld_data.read_index(store, cfg.features), cfg)
+    stages = {"both": ("stage1", "stage2"), "stage1": ("stage1",), "stage2": ("stage2",)}[cfg.train.stages]
+    rows = {k: v for k, v in rows.items() if k not in ("stage1", "stage2") or k in stages}
     datasets = seld_data.build_datasets(store, rows, cfg.data.materialize, cfg.features)
-    to_split = [] if cfg.data.materialize else ["stage1", "stage2"]
+    to_split = [] if cfg.data.materialize else list(stages)
     cpus = cfg.train.cpus_per_worker
     scaling = ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                       resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
