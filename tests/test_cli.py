@@ -1,0 +1,47 @@
+"""The `seld` command line: every pipeline stage is a subcommand with --help and an example."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from seld.cli import ORDER, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_stage_in_pipeline_order(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    positions = [out.find(f"    {name}") for name in ORDER]
+    assert all(p >= 0 for p in positions), out
+    assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_each_subcommand_has_help_with_an_example(name):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[name]
+    text = sub.format_help()
+    assert "example" in text.lower() and f"seld {name}" in text, text
+
+
+def test_console_script_runs_and_bad_usage_exits_nonzero():
+    done = subprocess.run([sys.executable, "-m", "seld", "evaluate"], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "usage" in done.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(python3 -m venv .+)$", readme, flags=re.M)
+    assert len(commands) == 2, commands  # exactly two set-up commands
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in ci
