@@ -264,6 +264,9 @@ def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n
         for _ in _map(_write_recording, jobs, pool, progress, "synth recordings", "rec"):
             pass
         _convert_all(cfg, out, plans, manifest, manifest_path, pool, progress)
+        if pool is not None:  # a clean shutdown (terminate, the context's exit, leaks semaphores)
+            pool.close()
+            pool.join()
     manifest["complete"] = True
     manifest["splits"] = {p.split: {"domain": p.domain, "rooms": list(p.room_ids), "n_recordings": p.n_recordings,
                                     "n_clips": p.n_clips} for p in plans}
