@@ -594,8 +594,6 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     suggested values (dotted keys), applied on top. The Train run reports every epoch to Tune
     through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
     """
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     from seld.train import run_training
 
     os.environ.update(spec.get("env", {}))
@@ -609,7 +607,24 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     if spec.get("wandb"):
         os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
     return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
-                        run_callbacks=[TuneReportCallback()])
+                        run_callbacks=[_tune_report_callback()])
+
+
+# Result keys that Tune itself interprets: a Train report carrying "done" would end the trial at
+# once (Tune kills it) before the run writes its final files and frees its placement group.
+TUNE_RESERVED_KEYS = frozenset({"done"})
+
+
+def _tune_report_callback():
+    """Tune's TuneReportCallback, minus the result keys Tune reserves (TUNE_RESERVED_KEYS)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            clean = [{k: v for k, v in m.items() if k not in TUNE_RESERVED_KEYS} for m in metrics]
+            super().after_report(run_context, clean, checkpoint)
+
+    return ForwardToTune()
 
 
 def _ablation_trainable(config: dict, specs: dict[str, dict]) -> None:
