@@ -32,7 +32,6 @@ from seld.config import (
     ConfigError,
     ExperimentConfig,
     config_hash,
-    flatten,
     parse_set_args,
     preset_config,
 )
@@ -953,11 +952,15 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
 
 
 def _match_run(run_dirs: dict[str, Path], params: dict[str, Any]) -> Path | None:
-    """The run folder whose config.json holds these parameter values (flattened dotted keys)."""
-    from seld.config import from_dict
+    """The run folder whose config.json holds these parameter values (dotted keys)."""
+    def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
 
     for d in run_dirs.values():
-        cfg = flatten(from_dict(ExperimentConfig, json.loads((d / "config.json").read_text())))
+        cfg = dotted(json.loads((d / "config.json").read_text()))
         if all(_same(cfg.get(k), v) for k, v in params.items()):
             return d
     return None
