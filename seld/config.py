@@ -239,6 +239,9 @@ class ModelConfig:
     attention_reduction: int = 4  # MS-CAM bottleneck ratio r
     d_model: int = 256
     n_conformer_layers: int = 4
+    # "feature": Conformer on all 251 feature frames, T-Pooling after it (paper, eq. 3).
+    # "label": T-Pooling to 50 label frames first (about 5x cheaper; used by the CPU presets).
+    conformer_rate: Literal["feature", "label"] = "feature"
     n_heads: int = 8
     conformer_kernel: int = 31  # depthwise conv kernel (frames)
     ff_mult: int = 4
@@ -381,6 +384,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model.d_model": 48,
         "model.n_heads": 4,
         "model.n_conformer_layers": 2,
+        "model.conformer_rate": "label",
         "model.conformer_kernel": 15,
         "model.ff_mult": 2,
         "model.dropout": 0.05,
@@ -389,11 +393,17 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model.baseline_n_heads": 4,
         "train.batch_size": 32,
         "train.stage1.epochs": 12,
-        "train.stage1.lr": 1e-3,
+        "train.stage1.lr": 3e-3,
         "train.stage2.epochs": 8,
-        "train.stage2.lr": 2e-4,
+        "train.stage2.lr": 6e-4,
         "train.stage2.patience": 4,
         "train.time_budget_s": 1200.0,
+        # A 4-minute schedule: lr 3e-3 with light augmentation (every kind stays on) reached val F20
+        # 9.6 % after 9 stage-1 epochs, against 1.9 % with lr 1e-3 and the default (heavier) mix.
+        "augment.cutout_p": 0.1,
+        "augment.specaug_p": 0.1,
+        "augment.freq_shift_p": 0.1,
+        "augment.augmix_p": 0.1,
     },
     "smoke": {
         "synth.n_synth_train": 24,

@@ -469,3 +469,23 @@ def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path
     curves_path = study_dir / "curves.csv"
     curves = pd.read_csv(curves_path) if curves_path.is_file() else None
     return write_report(rows, study_dir, tables, curves)
+
+
+def paste_into_readme(readme: Path, table_md: Path, marker: str) -> bool:
+    """Replace the block between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in `readme`
+    by the contents of `table_md`, so the README's results are generated, never typed.
+
+    Returns whether the README changed. A README without the markers is an error naming them.
+    """
+    readme, table_md = Path(readme), Path(table_md)
+    text = readme.read_text()
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if start not in text or end not in text:
+        raise DataError(f"{readme}: no '{start}' ... '{end}' block to paste {table_md.name} into")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = table_md.read_text().strip()
+    new = f"{head}{start}\n{body}\n{end}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text

@@ -36,7 +36,7 @@ from seld.config import (
     preset_config,
 )
 from seld.errors import UserError
-from seld.report import TableSpec, report_from_files
+from seld.report import TableSpec, paste_into_readme, report_from_files
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +352,7 @@ class Options:
     trials: int | None = None
     concurrency: int | None = None
     time_budget_s: float | None = None
+    readme: Path | None = None  # paste the first table's markdown into this README's marked block
 
 
 # --- Data: generated (cached by config hash) or the user's DCASE2025 root ---------------------------------
@@ -609,21 +610,10 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
                         run_callbacks=[_tune_report_callback()])
 
 
-# Result keys that Tune itself interprets: a Train report carrying "done" would end the trial at
-# once (Tune kills it) before the run writes its final files and frees its placement group.
-TUNE_RESERVED_KEYS = frozenset({"done"})
-
-
 def _tune_report_callback():
-    """Tune's TuneReportCallback, minus the result keys Tune reserves (TUNE_RESERVED_KEYS)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    class ForwardToTune(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            clean = [{k: v for k, v in m.items() if k not in TUNE_RESERVED_KEYS} for m in metrics]
-            super().after_report(run_context, clean, checkpoint)
-
-    return ForwardToTune()
+    return TuneReportCallback()
 
 
 def _ablation_trainable(config: dict, specs: dict[str, dict]) -> None:
@@ -662,6 +652,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
     out = Path(opts.out)
     if opts.report_only:
         report_from_files(out, study.tables)
+        _paste_readme(study, out, opts)
         return out / "summary.csv"
     seeds = tuple(opts.seeds) if opts.seeds else study.seeds
     base = preset_config(study.preset, {**study.overrides, **opts.sets})
@@ -713,12 +704,21 @@ def run_study(study: Study, opts: Options) -> Path | str:
     if curves is not None:
         curves.to_csv(out / "curves.csv", index=False, float_format="%.6g", lineterminator="\n")
     paths = report_from_files(out, study.tables)
+    _paste_readme(study, out, opts)
     if opts.wandb:
         _log_tables_to_wandb(study.name, out, paths)
     n_failed = sum(r["status"] != "ok" for r in rows)
     log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
              out / "summary.csv")
     return out / "summary.csv"
+
+
+def _paste_readme(study: Study, out: Path, opts: Options) -> None:
+    if opts.readme is None or not study.tables:
+        return
+    table = study.tables[0]
+    if paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}"):
+        log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
 
 
 def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options) -> dict[str, str]:
@@ -1017,6 +1017,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--cache-dir", type=Path, help="where generated data and stores are cached (default OUT/_work)")
     parser.add_argument("--max-retries", type=int, default=1, help="retries of a failing run before it is recorded as failed")
     parser.add_argument("--time-budget-s", type=float, help="hard bound per run, seconds (train.time_budget_s)")
+    parser.add_argument("--readme", type=Path,
+                        help="paste the main table into this README's '<!-- STUDY:TABLE:start -->' block")
     parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     if sweep:
@@ -1033,7 +1035,7 @@ def options_from_args(args: argparse.Namespace, name: str) -> Options:
         dry_run=args.dry_run, wandb=args.wandb, resume=args.resume, report_only=args.report_only,
         seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
         max_retries=args.max_retries, trials=getattr(args, "trials", None),
-        concurrency=args.concurrency, time_budget_s=args.time_budget_s,
+        concurrency=args.concurrency, time_budget_s=args.time_budget_s, readme=args.readme,
     )
 
 

@@ -421,7 +421,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         final = _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages)
         final["cost/train_loop_s"] = round(time.time() - t_start, 2)
         _write_json(run_dir / "metrics.json", final)
-    ray.train.report({"done": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
+    # The final report carries the test figures. Its marker is not called "done": Tune reads a
+    # "done" key as "end this trial now" and would kill it before the run's files are written.
+    ray.train.report({"run_finished": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
 def _write_json(path: Path, obj: dict) -> None:

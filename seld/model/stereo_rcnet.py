@@ -87,12 +87,18 @@ class StereoRCnet(nn.Module):
         fused = self.extract(features)
         b, c, t, f = fused.shape
         h = self.embed(fused.permute(0, 2, 1, 3).reshape(b, t, c * f))
+        if self.cfg.conformer_rate == "label":
+            # Cheaper variant (not the paper's): T-Pooling before the Conformer, which then runs on
+            # 50 label frames instead of 251 feature frames (attention cost / 25, the rest / 5).
+            h = pool_to_label_frames(h)
         if self.cfg.temporal_encoding:
-            h = h + self.encoding[:t]
+            h = h + self.encoding[: h.shape[1]]
         h = self.dropout(h)
         for layer in self.conformer:
             h = layer(h)
-        raw = self.head(pool_to_label_frames(h))
+        if self.cfg.conformer_rate == "feature":
+            h = pool_to_label_frames(h)
+        raw = self.head(h)
         if self.n_tracks == 1:
             return accdoa_activation(raw.view(b, N_LABEL_FRAMES, N_CLASSES, 3))
         return accdoa_activation(raw.view(b, N_LABEL_FRAMES, self.n_tracks, N_CLASSES, 3))
