@@ -411,7 +411,8 @@ def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path) -> DataPlan:
         data_hash, dataset = dataset_hash(cfg.synth), "generated"
         root = generate_dataset(cfg.synth, cache / f"synth-{data_hash}", progress=True)
     store = build_store(root, cache / f"store-{data_hash}", cfg.features)
-    return DataPlan(Path(store), Path(root), data_hash, dataset)
+    # Absolute paths: trials run in Ray workers whose working directory is not the driver's.
+    return DataPlan(Path(store).resolve(), Path(root).resolve(), data_hash, dataset)
 
 
 # --- Run folders and rows ----------------------------------------------------------------------------------
