@@ -30,7 +30,7 @@ import torch
 
 from seld import data as seld_data
 from seld.config import ExperimentConfig, StageConfig, from_dict, save_json, to_dict
-from seld.errors import UserError
+from seld.errors import DataError, UserError
 from seld.predict import (
     CHECKPOINT_DIR,
     SELECTED,
@@ -586,6 +586,12 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
 
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
+    # Check the store (feature config, the splits each set needs) before anything is created or started.
+    index = seld_data.read_index(store, cfg.features)
+    try:
+        seld_data.plan_rows(index, cfg)
+    except DataError as e:
+        raise DataError(f"{store}: {e}; the store holds the splits {sorted(index['split'].unique())}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(cfg, run_dir, resume)
     init_ray(num_workers=cfg.train.num_workers)
@@ -647,14 +653,17 @@ class _WandbLogger:
         self._stop.set()
         self._thread.join()
         self._flush()
+        rows = metrics.get("classwise", {}).get("test_pp", [])
+        table = {}
+        if rows:
+            cols = sorted(rows[0])
+            table = {"test_pp/classwise": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}
+        # Commit the last epoch's row first: a row committed later would overwrite the summary's
+        # final val/* figures (also per-epoch keys) with the last epoch's instead of metrics.json's.
+        self.run.log(table, commit=True)
         for k, v in metrics.items():
             if isinstance(v, int | float):
                 self.run.summary[k] = v
-        rows = metrics.get("classwise", {}).get("test_pp", [])
-        if rows:
-            cols = sorted(rows[0])
-            self.run.log({"test_pp/classwise": wandb.Table(columns=cols,
-                                                           data=[[r[c] for c in cols] for r in rows])})
 
     def close(self) -> None:
         self._stop.set()

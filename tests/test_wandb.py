@@ -1,0 +1,112 @@
+"""`seld train --wandb`: one offline W&B run in RUN/wandb whose history and summary match the run's
+metrics.csv / metrics.json, and no API key written anywhere under the run folder.
+
+The offline run is read from its `.wandb` file. wandb 0.31 writes it from its Go core and ships no
+Python reader, so the file is parsed here: the LevelDB log format (32 KiB blocks of
+crc32c | length u16 | type u8 chunks after a 7-byte `:W&B` header) holding `wandb_internal_pb2.Record`s.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+
+from seld.cli import main
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CANARY = "seldcanary0123456789abcdef0123456789abcdef"  # 40 characters, the shape of a real key
+BLOCK = 32 * 1024
+CHUNK_HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path) -> list:
+    """The `Record` protobufs of a `.wandb` file, in order."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B transaction log"
+    records, pending, pos = [], b"", 7
+    while pos + CHUNK_HEADER <= len(data):
+        left_in_block = BLOCK - pos % BLOCK
+        if left_in_block < CHUNK_HEADER:  # block trailer: zero padding
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + CHUNK_HEADER])
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += left_in_block
+            continue
+        chunk = data[pos + CHUNK_HEADER:pos + CHUNK_HEADER + length]
+        pos += CHUNK_HEADER + length
+        if kind in (FULL, FIRST):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (FULL, LAST):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def _items(items) -> dict:
+    """History/summary/config items as {key: value}; a nested key is joined with '/'."""
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
+def test_wandb_offline_run_matches_metrics_and_holds_no_key(smoke_store, ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", CANARY)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # restored after the test (train sets it per run)
+    run = tmp_path / "run"
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(run), "--wandb",
+                 "--wandb-group", "canary-test"]) == 0
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    logs = sorted(run.glob("wandb/**/offline-run-*/*.wandb"))
+    assert len(logs) == 1, logs  # one W&B run per training run, inside the run folder
+    records = read_wandb_records(logs[0])
+    kinds = [r.WhichOneof("record_type") for r in records]
+
+    # Config and group.
+    run_rec = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run_rec.run_group == "canary-test" and run_rec.project == "seld"
+    config = _items(run_rec.config.update)
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: config[k] for k in saved} == saved
+
+    # History: one row per epoch of metrics.csv, with its values.
+    history = [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    epoch_rows = [h for h in history if "epoch" in h]
+    assert [int(h["_step"]) for h in epoch_rows] == [int(r["epoch"]) for r in rows] == list(range(len(rows)))
+    for h, r in zip(epoch_rows, rows, strict=True):
+        for key, text in r.items():
+            if text not in ("", None):
+                assert h[key] == pytest.approx(float(text), rel=1e-12), (r["epoch"], key)
+    assert len(history) == len(rows), "a history row that is not an epoch"
+
+    # Summary: the last value of each key equals metrics.json (test and test_pp figures included).
+    summary: dict = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update(_items(r.summary.update))
+    assert "exit" in kinds  # the run was finished cleanly
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    assert {"test/f20", "test/doae_cd", "test/rde_cd", "test/dist_err_cd", "test_pp/f20"} <= numeric.keys()
+    for key, value in numeric.items():
+        got = summary[key]
+        assert (math.isnan(value) and math.isnan(got)) or got == pytest.approx(value, rel=1e-12), key
+    assert summary["test_pp/classwise/_type"] == "table-file"  # the per-class table
+    assert summary["test_pp/classwise/nrows"] == len(metrics["classwise"]["test_pp"])
+
+    # The canary key is in no file under the run folder.
+    hits = [p for p in run.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    assert not hits, hits
