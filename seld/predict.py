@@ -56,10 +56,16 @@ def save_model_file(path: Path, model_state: dict, cfg_json: str, mean, std, met
     """Write a model checkpoint (weights, config JSON, normalisation, meta) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model_state, "config": cfg_json,
-                "norm_mean": None if mean is None else torch.as_tensor(mean),
-                "norm_std": None if std is None else torch.as_tensor(std), "meta": meta}, tmp)
-    tmp.replace(path)
+    try:
+        torch.save({"model": model_state, "config": cfg_json,
+                    "norm_mean": None if mean is None else torch.as_tensor(mean),
+                    "norm_std": None if std is None else torch.as_tensor(std), "meta": meta}, tmp)
+        tmp.replace(path)
+    except (OSError, RuntimeError) as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous file is kept" if path.exists() else "nothing was written"
+        raise DataError(f"{path}: cannot write the checkpoint (disk full or not writable?; {kept}): "
+                        f"{str(e).strip().splitlines()[0]}") from None
 
 
 def read_model_file(path: str | Path) -> dict:

@@ -119,6 +119,11 @@ def find_clips(data_root: str | Path, splits=None) -> list[ClipSource]:
     ev_dir = root / "stereo_eval" / "eval"
     if ev_dir.is_dir() and (not wanted or EVAL_SPLIT in wanted):
         out += [ClipSource(w.stem, EVAL_SPLIT, str(w), None) for w in sorted(ev_dir.glob("*.wav"))]
+    if wanted:  # a requested split whose folder is missing is an error, not a silent drop
+        absent = sorted(s for s in wanted if not (ev_dir if s == EVAL_SPLIT else dev / s).is_dir())
+        if absent:
+            raise UserError(f"{root}: no folder for the requested split(s) {', '.join(absent)} "
+                            f"(expected stereo_dev/<split>/ or stereo_eval/eval/)")
     if not out:
         raise UserError(f"{root}: no wav files found under stereo_dev/<split>/ or stereo_eval/eval/")
     return out

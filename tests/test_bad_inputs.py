@@ -1,0 +1,176 @@
+"""Bad inputs not already covered by the module tests (docs/bad_inputs.md lists them all): each gives
+one line naming the file or field, a non-zero exit, and leaves what was already written intact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from seld.cli import main
+from seld.errors import DataError
+from seld.predict import CHECKPOINT_DIR, SELECTED, load_model, save_model_file
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative path -> hex)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no message"
+    last = err[-1]
+    assert "Traceback" not in "\n".join(err)
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+    return last
+
+
+def _dataset_with(smoke_data: Path, root: Path, splits: list[str]) -> Path:
+    """A dataset root holding only `splits` of the smoke data (split folders linked, not copied)."""
+    for top in ("stereo_dev", "metadata_dev"):
+        (root / top).mkdir(parents=True)
+        for split in splits:
+            (root / top / split).symlink_to(smoke_data / top / split)
+    return root
+
+
+# --- Config -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("setting", "fragments"), [
+    ("model.n_conformr_layers=2", ("model.n_conformr_layers", "did you mean model.n_conformer_layers")),
+    ("train.batch_size=big", ("train.batch_size", "expected an integer")),
+    ("model.d_model", ("model.d_model", "expected key=value")),
+])
+def test_bad_set_fails_before_anything_is_written(smoke_store, tmp_path, capsys, setting, fragments):
+    out = tmp_path / "run"
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(out), "--set", setting]) == 2
+    _one_line_error(capsys, *fragments)
+    assert not out.exists()
+
+
+def test_resume_with_a_different_set_is_refused_not_ignored(smoke_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    from seld.config import preset_config, save_json
+
+    save_json(preset_config("smoke"), run / "config.json")
+    (run / "metrics.csv").write_text("epoch\n0\n")
+    before = _digest(run)
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(run), "--resume",
+                 "--set", "model.d_model=64"]) == 2
+    _one_line_error(capsys, str(run / "config.json"), "model.d_model=64", "--resume")
+    assert _digest(run) == before
+
+
+def test_resume_of_a_run_with_a_corrupt_config_json(smoke_store, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / CHECKPOINT_DIR).mkdir(parents=True)
+    (run / "config.json").write_text('{"preset": "smoke", "model": {')  # cut short
+    (run / CHECKPOINT_DIR / "stage1_best.pt").write_bytes(b"weights")
+    before = _digest(run)
+    assert main(["train", str(smoke_store), "--out", str(run), "--resume"]) == 2
+    _one_line_error(capsys, str(run / "config.json"), "cannot read config JSON")
+    assert _digest(run) == before
+
+
+# --- Feature store ------------------------------------------------------------------------------------
+def test_store_of_another_feature_config(smoke_store, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(out), "--set",
+                 "features.n_mels=32"]) == 2
+    _one_line_error(capsys, str(smoke_store), "another feature config", "n_mels")
+    assert not out.exists()  # checked before the run folder is made or Ray is started
+
+
+def test_missing_split_folder(smoke_data, tmp_path, capsys):
+    data = _dataset_with(smoke_data, tmp_path / "data", ["dev-train-tau"])
+    # Asking for a split whose folder is missing is an error, not a silent drop.
+    store = tmp_path / "store"
+    assert main(["features", str(data), "--out", str(store), "--splits", "dev-train-tau", "dev-test-tau"]) == 2
+    _one_line_error(capsys, str(data), "dev-test-tau")
+    assert not store.exists()
+    # A store built without the real test folders: training names the store, the missing set and
+    # the splits the store holds, before it creates the run folder.
+    assert main(["features", str(data), "--out", str(store), "--procs", "1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["train", str(store), "--preset", "smoke", "--out", str(out)]) == 2
+    _one_line_error(capsys, str(store), "no rows for the 'test' set", "dev-train-tau")
+    assert not out.exists()
+
+
+def test_killed_extraction_resumes_to_the_uninterrupted_store(smoke_data, smoke_store, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "seld", "features", str(smoke_data), "--out", str(out), "--procs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    folder = out / smoke_store.name
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list(folder.glob("shard-*.parquet")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*.parquet")}
+    assert kept and not (folder / "manifest.json").exists(), "the extraction finished before the kill"
+    assert main(["features", str(smoke_data), "--out", str(out), "--procs", "1"]) == 0
+    # Finished shards were kept as they were; the result equals the uninterrupted store.
+    assert {n: (folder / n).stat().st_mtime_ns for n in kept} == kept
+    want = sorted(p.name for p in smoke_store.glob("shard-*.parquet"))
+    assert sorted(p.name for p in folder.glob("shard-*.parquet")) == want
+    assert not list(folder.glob(".shard-*"))
+    for name in want:
+        assert pq.read_table(folder / name).equals(pq.read_table(smoke_store / name)), name
+
+
+# --- Checkpoints ----------------------------------------------------------------------------------------
+def test_full_disk_during_a_checkpoint_write_keeps_the_previous_file(tmp_path):
+    from seld.config import preset_config, to_dict
+    from seld.model import build_model
+
+    cfg = preset_config("smoke")
+    model = build_model(cfg.model, n_mels=cfg.features.n_mels)
+    path = tmp_path / "run" / CHECKPOINT_DIR / SELECTED
+    save_model_file(path, model.state_dict(), json.dumps(to_dict(cfg)), None, None, {"epoch": 0})
+    before = path.read_bytes()
+    # The atomic writer's temporary file lands on a full device: writes fail with ENOSPC.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.symlink_to("/dev/full")
+    newer = {k: v + 1 for k, v in model.state_dict().items()}
+    with pytest.raises(DataError) as err:
+        save_model_file(path, newer, "{}", None, None, {"epoch": 1})
+    msg = str(err.value)
+    assert str(path) in msg and "cannot write the checkpoint" in msg and "previous file is kept" in msg
+    assert "\n" not in msg
+    assert path.read_bytes() == before and not os.path.lexists(tmp)
+    assert load_model(path) is not None  # still a valid checkpoint
+    # A first write that fails leaves nothing behind (no half file a later run could trust).
+    fresh = tmp_path / "other" / "stage1_best.pt"
+    fresh.parent.mkdir()
+    fresh.with_name(fresh.name + ".tmp").symlink_to("/dev/full")
+    with pytest.raises(DataError, match="nothing was written"):
+        save_model_file(fresh, newer, "{}", None, None, {})
+    assert list(fresh.parent.iterdir()) == []
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_full_disk_during_training_is_one_line_naming_the_checkpoint(smoke_store, ray_session, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / CHECKPOINT_DIR).mkdir(parents=True)
+    (run / CHECKPOINT_DIR / "stage1_best.pt.tmp").symlink_to("/dev/full")
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(run),
+                 "--set", "train.max_failures=0", "--stages", "stage1"]) == 2
+    _one_line_error(capsys, "training failed", str(run / CHECKPOINT_DIR / "stage1_best.pt"),
+                    "cannot write the checkpoint")
+    # What was written before the failed write is there (config, normalisation) and no half file.
+    assert (run / "config.json").is_file() and (run / "norm.npz").is_file()
+    assert list((run / CHECKPOINT_DIR).iterdir()) == []
