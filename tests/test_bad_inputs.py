@@ -1,4 +1,4 @@
-"""Bad inputs not already covered by the module tests (docs/bad_inputs.md lists them all): each gives
+"""Bad inputs not already covered by the module tests (the README's "Bad inputs" table lists them all): each gives
 one line naming the file or field, a non-zero exit, and leaves what was already written intact."""
 
 from __future__ import annotations
