@@ -604,7 +604,8 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
             causes = [getattr(x, "cause", x) for x in getattr(e, "worker_failures", {}).values()]
             for cause in causes:  # a bad input met in a worker (e.g. a full disk): one line, as on the driver
                 if isinstance(cause, UserError):
-                    raise UserError(f"training failed ({run_dir}): {str(cause).strip().splitlines()[-1]}") from e
+                    # Same class as the worker's error (DataError stays DataError), one line.
+                    raise type(cause)(f"training failed ({run_dir}): {str(cause).strip().splitlines()[-1]}") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["cost/wall_s"] = round(time.time() - t0, 2)
