@@ -15,10 +15,10 @@ from seld.config import (
     config_hash,
     flatten,
     from_dict,
+    load_experiment,
     parse_set_args,
     preset_config,
     save_json,
-    load_experiment,
     to_dict,
 )
 
