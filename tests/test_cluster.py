@@ -104,6 +104,9 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
     cluster/local.yaml, results in the expected folder, `ray stop`."""
     import json
     import os
+    import shutil
+    import tempfile
+    import time
 
     from seld.synth import dataset_hash
 
@@ -112,25 +115,33 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
     (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
     bin_dir = Path(sys.executable).parent
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # A short temp dir: Ray puts Unix sockets there, and pytest's tmp paths exceed their 107-byte limit
+    # (the head then dies silently and the dashboard never answers).
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    (tmp_path / "ray").mkdir()
     # `--block` keeps the head in one process that we own: stopping it (SIGINT) stops exactly this
     # cluster; `ray stop` would stop every Ray on the machine.
     head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--num-cpus=4", f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+                             "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         out = tmp_path / "results"
-        job = subprocess.run(
-            [bin_dir / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
-             "--runtime-env-json", json.dumps({"env_vars": {"SELD_STORAGE": str(tmp_path / "storage")}}),
-             "--", "python", "studies/ablation.py", "--preset", "smoke", "--cluster", "cluster/local.yaml",
-             "--out", str(out), "--cache-dir", str(cache)],
-            env=env, capture_output=True, text=True, timeout=600)
+        # The dashboard answers before its job agent is up (seconds later on a loaded machine): retry
+        # only that refusal.
+        for _ in range(12):
+            job = subprocess.run(
+                [bin_dir / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(ROOT),
+                 "--runtime-env-json", json.dumps({"env_vars": {"SELD_STORAGE": str(tmp_path / "storage")}}),
+                 "--", "python", "studies/ablation.py", "--preset", "smoke", "--cluster", "cluster/local.yaml",
+                 "--out", str(out), "--cache-dir", str(cache)],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr + job.stdout:
+                break
+            time.sleep(5)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         rows = pd.read_csv(out / "summary.csv")
         assert list(rows["status"]) == ["ok", "ok"]
@@ -144,6 +155,7 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _wait_http(url: str, timeout_s: float) -> None:
