@@ -605,7 +605,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
             for cause in causes:  # a bad input met in a worker (e.g. a full disk): one line, as on the driver
                 if isinstance(cause, UserError):
                     # Same class as the worker's error (DataError stays DataError), one line.
-                    raise type(cause)(f"training failed ({run_dir}): {str(cause).strip().splitlines()[-1]}") from e
+                    raise type(cause)(f"{str(cause).strip().splitlines()[-1]} (training run {run_dir} stopped)") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["cost/wall_s"] = round(time.time() - t0, 2)

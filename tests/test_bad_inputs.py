@@ -169,7 +169,7 @@ def test_full_disk_during_training_is_one_line_naming_the_checkpoint(smoke_store
     (run / CHECKPOINT_DIR / "stage1_best.pt.tmp").symlink_to("/dev/full")
     assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(run),
                  "--set", "train.max_failures=0", "--stages", "stage1"]) == 2
-    _one_line_error(capsys, "training failed", str(run / CHECKPOINT_DIR / "stage1_best.pt"),
+    _one_line_error(capsys, "training run", str(run / CHECKPOINT_DIR / "stage1_best.pt"),
                     "cannot write the checkpoint")
     # What was written before the failed write is there (config, normalisation) and no half file.
     assert (run / "config.json").is_file() and (run / "norm.npz").is_file()
