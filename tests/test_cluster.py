@@ -115,6 +115,12 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
     (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
     bin_dir = Path(sys.executable).parent
     port, dash = _free_port(), _free_port()
+    # Every fixed default port moved to a free one: the test session's own Ray (or any other on the
+    # machine) already holds the defaults, and a head whose dashboard agent cannot bind answers
+    # "No available agent to submit job" forever.
+    agent_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # A short temp dir: Ray puts Unix sockets there, and pytest's tmp paths exceed their 107-byte limit
     # (the head then dies silently and the dashboard never answers).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))
@@ -123,12 +129,16 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
     env.pop("RAY_ADDRESS", None)
     # `--block` keeps the head in one process that we own: stopping it (SIGINT) stops exactly this
     # cluster; `ray stop` would stop every Ray on the machine.
+    head_log = open(tmp_path / "head.log", "w")  # noqa: SIM115 (closed with the head below)
     head = subprocess.Popen([bin_dir / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                             "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats", *agent_ports],
+                            env=env, stdout=head_log, stderr=subprocess.STDOUT)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        try:
+            _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        except OSError as e:
+            raise AssertionError(f"the head did not come up: {e}\n{(tmp_path / 'head.log').read_text()[-3000:]}") from e
         out = tmp_path / "results"
         # The dashboard answers before its job agent is up (seconds later on a loaded machine): retry
         # only that refusal.
@@ -155,6 +165,7 @@ def test_smoke_ablation_as_a_ray_job_on_a_loopback_cluster(tmp_path, smoke_data)
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             head.kill()
+        head_log.close()
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
