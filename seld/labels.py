@@ -118,16 +118,7 @@ def read_reference_csv(path: str | Path, n_frames: int | None = N_LABEL_FRAMES) 
         got = lines[0].strip() if lines else "an empty file"
         raise DataError(f"{path}:1: expected the header {STEREO_HEADER!r}, got {got!r}")
     rows = []
-    names = STEREO_HEADER.split(",")
-    for lineno, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            raise DataError(f"{path}:{lineno}: empty line inside the label file")
-        values = line.split(",")
-        if len(values) != 6:
-            raise DataError(f"{path}:{lineno}: expected 6 comma-separated values, got {len(values)}")
-        frame, cls, src, az, dist, onscreen = (
-            _parse_int(v, path, lineno, n) for v, n in zip(values, names, strict=True)
-        )
+    for lineno, (frame, cls, src, az, dist, onscreen) in _strict_int_rows(path, lines, 1, STEREO_HEADER):
         _check_row(path, lineno, frame, cls, n_frames)
         if not -90 <= az <= 90:
             raise DataError(f"{path}:{lineno}: stereo azimuth {az} is outside [-90, 90] degrees")
@@ -137,6 +128,19 @@ def read_reference_csv(path: str | Path, n_frames: int | None = N_LABEL_FRAMES) 
             raise DataError(f"{path}:{lineno}: onscreen must be 0 or 1, got {onscreen}")
         rows.append((frame, cls, src, az, dist, onscreen))
     return make_events(rows)
+
+
+def _strict_int_rows(path: Path, lines: list[str], start: int, header: str):
+    """Yield (line number, six ints) for every data line from index `start`; an empty line, a wrong
+    column count or a non-integer value raises DataError naming ``file:line`` and the column."""
+    names = header.split(",")
+    for lineno, line in enumerate(lines[start:], start=start + 1):
+        if not line.strip():
+            raise DataError(f"{path}:{lineno}: empty line inside the label file")
+        values = line.split(",")
+        if len(values) != len(names):
+            raise DataError(f"{path}:{lineno}: expected {len(names)} comma-separated values, got {len(values)}")
+        yield lineno, tuple(_parse_int(v, path, lineno, n) for v, n in zip(values, names, strict=True))
 
 
 def _check_row(path: Path, lineno: int, frame: int, cls: int, n_frames: int | None) -> None:
@@ -322,7 +326,6 @@ def read_foa_csv(path: str | Path, n_frames: int | None = None) -> np.ndarray:
     """
     path = Path(path)
     lines = _read_text(path).splitlines()
-    names = FOA_HEADER.split(",")
     start = 0
     if lines and not lines[0].strip()[:1].lstrip("-").isdigit():
         if lines[0].strip().lower() != FOA_HEADER:
@@ -330,14 +333,7 @@ def read_foa_csv(path: str | Path, n_frames: int | None = None) -> np.ndarray:
                             f"got {lines[0].strip()!r}")
         start = 1
     rows = []
-    for lineno, line in enumerate(lines[start:], start=start + 1):
-        if not line.strip():
-            raise DataError(f"{path}:{lineno}: empty line inside the label file")
-        values = line.split(",")
-        if len(values) != 6:
-            raise DataError(f"{path}:{lineno}: expected 6 comma-separated values, got {len(values)}")
-        frame, cls, src, az, el, dist = (
-            _parse_int(v, path, lineno, n) for v, n in zip(values, names, strict=True))
+    for lineno, (frame, cls, src, az, el, dist) in _strict_int_rows(path, lines, start, FOA_HEADER):
         _check_row(path, lineno, frame, cls, n_frames)
         if not -180 <= az <= 180:
             raise DataError(f"{path}:{lineno}: azimuth {az} is outside [-180, 180] degrees")
