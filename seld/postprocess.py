@@ -19,7 +19,7 @@ import numpy as np
 
 from seld.config import CLASS_NAMES, N_CLASSES
 from seld.errors import DataError
-from seld.labels import decode_accdoa, decode_multi_accdoa
+from seld.labels import EVENT_DTYPE, decode_accdoa, decode_multi_accdoa
 from seld.metrics import count_errors, score_counters
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # 0.05 .. 0.95
 N_REFINE_STEPS = 4  # the refining sweep tries best +- 1..4 fine steps
+GLOBAL_GRID = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 .. 0.9, one threshold for all classes
 
 
 def _as_numpy(outputs) -> np.ndarray:
@@ -65,6 +66,15 @@ def decode_outputs(outputs, output_format: str, thresholds=DEFAULT_THRESHOLD,
     events["frame"] %= n_frames
     bounds = np.searchsorted(clip, np.arange(n_clips + 1))
     return [events[bounds[i]:bounds[i + 1]] for i in range(n_clips)]
+
+
+def as_written(events: np.ndarray) -> np.ndarray:
+    """Events exactly as a DCASE CSV stores them (integer azimuth and distance), so a score computed
+    in memory equals the score of the written files."""
+    ev = np.array(events, dtype=EVENT_DTYPE, copy=True)
+    ev["azimuth"] = np.rint(ev["azimuth"])
+    ev["distance"] = np.rint(ev["distance"])
+    return ev
 
 
 def classwise_f(outputs, refs: Sequence[np.ndarray], output_format: str, thresholds,
@@ -193,6 +203,26 @@ def fit_thresholds(outputs, refs: Sequence[np.ndarray], output_format: str,
     log.info("fitted thresholds on %d clips in %.1f s: val F20 %.2f %% (%s)", len(refs),
              time.perf_counter() - t0, 100.0 * best_f.mean(), np.round(best_t, 3).tolist())
     return best_t
+
+
+def scan_global_threshold(outputs, refs: Sequence[np.ndarray], output_format: str,
+                          grid: Sequence[float] = GLOBAL_GRID, score_all_frames: bool = False
+                          ) -> tuple[float, np.ndarray]:
+    """The global-threshold grid: F20 (%) with one activity threshold shared by every class, for each
+    grid value, by the official metric (decode, count, score: what the CSVs would score).
+
+    Returns:
+        (the best grid value, ties going to the one closest to 0.5; F20 % per grid value).
+    """
+    out = _as_numpy(outputs)
+    if len(refs) != len(out):
+        raise ValueError(f"{len(out)} output clips but {len(refs)} reference clips")
+    grid = np.asarray(grid, dtype=np.float64)
+    f20 = np.array([score_counters(count_errors(
+        refs, [as_written(e) for e in decode_outputs(out, output_format, float(t))], score_all_frames).sum(axis=0)).f20
+        for t in grid])
+    best = np.flatnonzero(f20 >= f20.max() - 1e-9)
+    return float(grid[best[np.argmin(np.abs(grid[best] - DEFAULT_THRESHOLD))]]), f20
 
 
 def save_thresholds(path: str | Path, thresholds: Sequence[float]) -> None:

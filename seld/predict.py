@@ -151,15 +151,6 @@ def decode(outputs: np.ndarray, output_format: str, thresholds) -> list[np.ndarr
     return decode_outputs(outputs, output_format, thresholds)
 
 
-def as_written(events: np.ndarray) -> np.ndarray:
-    """Events exactly as a DCASE CSV stores them (integer azimuth and distance), so a score computed
-    in memory equals the score of the written files."""
-    ev = np.array(events, dtype=labels.EVENT_DTYPE, copy=True)
-    ev["azimuth"] = np.rint(ev["azimuth"])
-    ev["distance"] = np.rint(ev["distance"])
-    return ev
-
-
 # --- Wav folders ------------------------------------------------------------------------------------
 def window_audio(audio: np.ndarray, clip_samples: int) -> tuple[np.ndarray, int]:
     """Cut (2, n) audio into 5-s windows.

@@ -707,7 +707,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
     paths = report_from_files(out, study.tables)
     _paste_readme(study, out, opts)
     if opts.wandb:
-        _log_tables_to_wandb(study.name, out, paths)
+        _log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths])
     n_failed = sum(r["status"] != "ok" for r in rows)
     log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
              out / "summary.csv")
@@ -813,6 +813,24 @@ def _finished_trials(storage, name: str) -> list:
     return [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
 
 
+def _fail_interrupted_trials(storage, name: str) -> int:
+    """Mark trials a killed sweep left RUNNING in the Optuna storage as FAIL (their Tune trials are
+    gone), so trials.csv and Optuna's tools do not show them as running forever. Returns how many."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return 0
+    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    if stale:
+        log.warning("sweep %s: %d trial(s) interrupted by the earlier kill marked failed: %s", name, len(stale),
+                    [t.number for t in stale])
+    return len(stale)
+
+
 def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     """Run (or resume) a sweep: Optuna TPE + ASHA over Tune trials; writes trials.csv, the best
     config and the plots. Returns trials.csv, or the plan text on --dry-run."""
@@ -832,6 +850,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
         return _sweep_outputs(sweep, out, _optuna_storage(out / "optuna.journal"))
     _prepare_out(out, opts, "optuna.journal")
     storage = _optuna_storage(out / "optuna.journal")
+    _fail_interrupted_trials(storage, sweep.name)
     done = _finished_trials(storage, sweep.name)
     remaining = n_trials - len(done)
     log.info("sweep %s: %d of %d trials finished before, %d to run", sweep.name, len(done), n_trials,
@@ -846,7 +865,10 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
                 "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
                 "env": _trial_env(opts, sweep.name)}
         _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
-    return _sweep_outputs(sweep, out, storage)
+    trials = _sweep_outputs(sweep, out, storage)
+    if opts.wandb:
+        _log_tables_to_wandb(sweep.name, out, [trials, *sorted(out.glob("*.png"))])
+    return trials
 
 
 def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
@@ -909,7 +931,9 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
         raise UserError(f"{out}: no sweep {sweep.name!r} recorded yet") from None
     run_dirs = {}
     runs_root = out / "runs"
-    for d in sorted(runs_root.iterdir()) if runs_root.is_dir() else []:
+    # In the order the trials started: Optuna numbers its trials in the order Tune asked for them,
+    # so two trials with the same parameters (a finite space) pair up with their own run folders.
+    for d in sorted(runs_root.iterdir() if runs_root.is_dir() else [], key=_first_start):
         cfg_path = d / "config.json"
         if cfg_path.exists():
             run_dirs[d.name] = d
@@ -919,9 +943,12 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
         for line in (out / "tune_trials.jsonl").read_text().splitlines():
             rec = json.loads(line)
             tune_log[rec["trial_id"]] = rec
+    used: set[str] = set()
     for t in study.trials:
         params = {k: v for k, v in t.params.items()}
-        trial_dir = _match_run(run_dirs, params)
+        trial_dir = _match_run(run_dirs, params, used)
+        if trial_dir is not None:
+            used.add(trial_dir.name)
         metrics = json.loads((trial_dir / "metrics.json").read_text()) if trial_dir and (trial_dir / "metrics.json").exists() else {}
         n_epochs = 0
         if trial_dir and (trial_dir / "metrics.csv").exists() and (trial_dir / "metrics.csv").stat().st_size:
@@ -952,15 +979,30 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
     return out / "trials.csv"
 
 
-def _match_run(run_dirs: dict[str, Path], params: dict[str, Any]) -> Path | None:
-    """The run folder whose config.json holds these parameter values (dotted keys)."""
+def _first_start(run_dir: Path) -> tuple[float, str]:
+    """When a trial's run folder was first started (attempts.jsonl), for ordering; then the name."""
+    try:
+        first = (run_dir / "attempts.jsonl").read_text().splitlines()[0]
+        return float(json.loads(first)["start_unix_s"]), run_dir.name
+    except (OSError, IndexError, ValueError, KeyError):
+        return float("inf"), run_dir.name
+
+
+def _match_run(run_dirs: dict[str, Path], params: dict[str, Any], used: set[str] | None = None) -> Path | None:
+    """The run folder whose config.json holds these parameter values (dotted keys), skipping the
+    folders in `used`; None for a trial without parameters (one a kill interrupted before it ran)."""
+    if not params:
+        return None
+
     def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in tree.items():
             out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
         return out
 
-    for d in run_dirs.values():
+    for name, d in run_dirs.items():
+        if used is not None and name in used:
+            continue
         cfg = dotted(json.loads((d / "config.json").read_text()))
         if all(_same(cfg.get(k), v) for k, v in params.items()):
             return d

@@ -31,11 +31,11 @@ import torch
 from seld import data as seld_data
 from seld.config import ExperimentConfig, StageConfig, from_dict, save_json, to_dict
 from seld.errors import DataError, UserError
+from seld.postprocess import as_written
 from seld.predict import (
     CHECKPOINT_DIR,
     SELECTED,
     THRESHOLDS,
-    as_written,
     decode,
     infer,
     load_weights,
@@ -62,12 +62,12 @@ def default_num_cpus(num_workers: int) -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_workers: int = 1,
-             include_dashboard: bool = True) -> None:
+             include_dashboard: bool = True) -> float:
     """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS.
 
     A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
     and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
-    :func:`default_num_cpus`).
+    :func:`default_num_cpus`). Returns the seconds it took (0.0 when Ray was already up).
     """
     # Before Ray is imported: bind and advertise loopback only, write no auth token.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -76,17 +76,18 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_wor
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
-        return
+        return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
-    t0 = time.perf_counter()
     ray.init(num_cpus=n, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=True)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 # --- Distributed helpers (no-ops with one worker) -------------------------------------------------------
@@ -272,6 +273,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                       for s in stages}
         val = seld_data.materialize(ray.train.get_dataset_shard("val"))
     val_mine = val.take(np.arange(rank, len(val), world))
+    t_data = time.perf_counter() - t0
     log.info("rank %d: data ready in %.1f s (%s; val %d, mine %d)", rank, time.perf_counter() - t0,
              {k: (len(v.rows) if v.rows is not None else "streamed") for k, v in train_sets.items()},
              len(val), len(val_mine))
@@ -418,7 +420,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         if not cfg.data.materialize:
             tests = {n: seld_data.materialize(ray.train.get_dataset_shard(n))
                      for n in ("test", "synth_test") if n in names}
+        t_fin = time.time()
         final = _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages)
+        final["cost/finish_s"] = round(time.time() - t_fin, 2)
+        final["cost/data_ready_s"] = round(t_data, 2)
         final["cost/train_loop_s"] = round(time.time() - t_start, 2)
         _write_json(run_dir / "metrics.json", final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
@@ -454,7 +459,7 @@ def _infer_by_split(model, rows: seld_data.ClipBatch, mean, std, cfg, device, am
 def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
     """Rank 0: thresholds on validation, test scores (0.5, thresholds, stage 1), predictions."""
     from seld.labels import write_csv
-    from seld.postprocess import fit_thresholds, save_thresholds
+    from seld.postprocess import GLOBAL_GRID, fit_thresholds, save_thresholds, scan_global_threshold
 
     fmt = cfg.model.output_format
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -488,6 +493,12 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     save_thresholds(run_dir / THRESHOLDS, thr)
     s_valpp, _ = _score_sets(out["val"], val, fmt, thr)
     metrics.update(_flat(s_valpp, "val_pp"))
+    # The global-threshold grid on validation; its best value is also scored on test (no retraining).
+    t_glob, scan = scan_global_threshold(out["val"], val.events, fmt, GLOBAL_GRID)
+    metrics["global_threshold"] = t_glob
+    metrics["threshold_scan"] = {"threshold": list(GLOBAL_GRID), "val_f20": [float(f) for f in scan]}
+    metrics.update(_flat(_score_sets(out["val"], val, fmt, t_glob)[0], "val_global"))
+    metrics.update(_flat(_score_sets(out["test"], tests["test"], fmt, t_glob)[0], "test_global"))
     s_test, preds05 = _score_sets(out["test"], tests["test"], fmt, cfg.train.val_threshold)
     s_pp, preds_pp = _score_sets(out["test"], tests["test"], fmt, thr)
     metrics.update(_flat(s_test, "test"))
@@ -594,7 +605,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
         raise DataError(f"{store}: {e}; the store holds the splits {sorted(index['split'].unique())}") from None
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(cfg, run_dir, resume)
-    init_ray(num_workers=cfg.train.num_workers)
+    t_ray = init_ray(num_workers=cfg.train.num_workers)
     logger = _WandbLogger(cfg, run_dir, wandb) if wandb else None
     try:
         trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks)
@@ -609,6 +620,10 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
         metrics = json.loads((run_dir / "metrics.json").read_text())
         metrics["cost/wall_s"] = round(time.time() - t0, 2)
+        # What small runs cost besides training: starting Ray here, then everything between the
+        # driver and the worker's loop (trainer controller, worker group, dataset planning).
+        metrics["cost/ray_start_s"] = round(t_ray, 2)
+        metrics["cost/trainer_start_s"] = round(metrics["cost/wall_s"] - t_ray - metrics["cost/train_loop_s"], 2)
         _write_json(run_dir / "metrics.json", metrics)
         if logger:
             logger.finish(metrics)

@@ -1,8 +1,9 @@
 """The hyperparameter sweep: Ray Tune + Optuna (seeded TPE, file storage) + ASHA on validation F20.
 
 Declarative only: the search space (loss weights, Conformer depth and width, augmentation mix),
-trial counts and the preset. Class-wise thresholds are fitted per trial after training, on the
-trial's own validation predictions (`val_pp/*` in trials.csv), never by retraining.
+trial counts and the preset. Thresholds are swept per trial after training, on the trial's own
+validation predictions, never by retraining: one global threshold over a grid (`global_threshold`,
+`val_global/*`, `test_global/*` in trials.csv) and class-wise thresholds fitted (`val_pp/*`, `test_pp/*`).
 """
 
 from __future__ import annotations

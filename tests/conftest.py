@@ -27,19 +27,26 @@ def smoke_config():
 
 
 @pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory, smoke_config) -> Path:
-    """The smoke generated dataset (all splits present), in the DCASE2025 layout."""
-    from seld.synth import generate_dataset
+def smoke_data(tmp_path_factory) -> Path:
+    """The smoke generated dataset (all splits present), in the DCASE2025 layout, made as a user
+    makes it: `seld synth --preset smoke --out DATA`."""
+    from seld.cli import main
 
-    return generate_dataset(smoke_config.synth, tmp_path_factory.mktemp("smoke") / "data", progress=False)
+    data = tmp_path_factory.mktemp("smoke") / "data"
+    assert main(["synth", "--preset", "smoke", "--out", str(data), "--no-progress"]) == 0
+    return data
 
 
 @pytest.fixture(scope="session")
 def smoke_store(tmp_path_factory, smoke_data, smoke_config) -> Path:
-    """The feature store of the smoke dataset."""
-    from seld.store import build_store
+    """The feature store of the smoke dataset, made by `seld features DATA --out STORE`; returns the
+    store's folder for the default feature config (STORE/features-<hash>, which `seld train` also takes)."""
+    from seld.cli import main
+    from seld.store import store_folder
 
-    return build_store(smoke_data, tmp_path_factory.mktemp("smoke") / "store", smoke_config.features)
+    store = tmp_path_factory.mktemp("smoke") / "store"
+    assert main(["features", str(smoke_data), "--out", str(store)]) == 0
+    return store_folder(store, smoke_config.features)
 
 
 @pytest.fixture(scope="session")

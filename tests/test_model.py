@@ -13,7 +13,7 @@ import torch
 
 from seld.config import BASELINE_OVERRIDES, ModelConfig, apply_overrides, preset_config
 from seld.model import build_model, count_flops, count_parameters
-from seld.model.blocks import AttentionalFeatureFusion
+from seld.model.blocks import AttentionalFeatureFusion, FreqAvgPool
 from seld.model.stereo_rcnet import pool_to_label_frames
 
 SMOKE = preset_config("smoke").model
@@ -60,6 +60,15 @@ def test_aff_weights_in_0_2_and_equal_inputs_give_twice():
     torch.testing.assert_close(aff(a, a), 2 * a)
     w = 2 * aff.attention(a + torch.randn_like(a))
     assert torch.all((w > 0) & (w < 2))
+
+
+@pytest.mark.parametrize("size,n_freq", [(2, 64), (2, 63), (3, 64), (4, 10)])
+def test_freq_pool_is_bitwise_avgpool2d_forward_and_backward(size, n_freq):
+    x = torch.randn(3, 5, 17, n_freq, requires_grad=True)
+    want, got = torch.nn.AvgPool2d((1, size))(x), FreqAvgPool(size)(x)
+    grad = torch.randn_like(want)
+    assert torch.equal(got, want)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
 
 
 def test_temporal_pooling_follows_the_alignment_rule():

@@ -11,7 +11,16 @@ import pytest
 from seld.config import N_CLASSES
 from seld.errors import DataError
 from seld.labels import make_events
-from seld.postprocess import decode_outputs, fit_thresholds, load_thresholds, save_thresholds
+from seld.metrics import count_errors, score_counters
+from seld.postprocess import (
+    GLOBAL_GRID,
+    as_written,
+    decode_outputs,
+    fit_thresholds,
+    load_thresholds,
+    save_thresholds,
+    scan_global_threshold,
+)
 
 
 def _constructed(n_clips: int, true_thr: np.ndarray, seed: int = 0):
@@ -76,6 +85,29 @@ def test_fit_recovers_per_class_thresholds():
     f_fit = score_counters(count_errors(refs, decode_outputs(outputs, "accdoa", fitted))).f20
     f_half = score_counters(count_errors(refs, decode_outputs(outputs, "accdoa", 0.5))).f20
     assert f_fit > 99.9 > f_half
+
+
+def test_global_threshold_scan_finds_the_shared_threshold_and_scores_like_the_csvs():
+    # Every class is right at 0.3 (true events 0.32, spurious 0.28): 0.3 wins; 0.5 and above find nothing.
+    outputs, refs = _constructed(40, np.full(N_CLASSES, 0.3), seed=3)
+    best, f20 = scan_global_threshold(outputs, refs, "accdoa")
+    assert best == 0.3
+    assert f20.shape == (len(GLOBAL_GRID),)
+    assert f20[GLOBAL_GRID.index(0.3)] == pytest.approx(100.0)
+    assert f20[GLOBAL_GRID.index(0.5)] == 0.0
+    assert 0.0 < f20[GLOBAL_GRID.index(0.2)] < 100.0  # spurious cells admitted
+    for t, f in zip(GLOBAL_GRID, f20, strict=True):  # each value is what the decoded events score
+        preds = [as_written(e) for e in decode_outputs(outputs, "accdoa", t)]
+        assert f == pytest.approx(score_counters(count_errors(refs, preds).sum(axis=0)).f20)
+    # Classes wanting different thresholds: one shared value cannot reach the per-class fit.
+    true_thr = np.where(np.arange(N_CLASSES) % 2 == 0, 0.3, 0.7)
+    outputs, refs = _constructed(40, true_thr, seed=4)
+    best, f20 = scan_global_threshold(outputs, refs, "accdoa")
+    fitted = fit_thresholds(outputs, refs, "accdoa")
+    per_class = score_counters(count_errors(refs, decode_outputs(outputs, "accdoa", fitted)).sum(axis=0)).f20
+    assert f20.max() < per_class - 10.0
+    with pytest.raises(ValueError, match="reference clips"):
+        scan_global_threshold(outputs, refs[:3], "accdoa")
 
 
 def test_fit_2000_clips_under_10_s():

@@ -45,12 +45,50 @@ def test_flatten_metrics_keeps_scalars_and_classwise_f20():
     assert flat == {"test/f20": 12.5, "test_pp/class/3/f20": 40.0}
 
 
+def _check_study_wandb(out: Path, study: str, rows: pd.DataFrame) -> None:
+    """--wandb: one offline run per trial in its run folder, grouped by study, tagged with variant and
+    seed, its summary holding the trial's test F20; and one report run holding the study's tables."""
+    from wandb_records import items, read_wandb_records
+
+    for _, row in rows.iterrows():
+        run_dir = next((out / "runs").glob(f"{row['variant']}-s{row['seed']}-*"))
+        logs = sorted(run_dir.glob("wandb/**/offline-run-*/*.wandb"))
+        assert len(logs) == 1, (run_dir, logs)
+        records = read_wandb_records(logs[0])
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        assert (run.project, run.run_group) == ("seld", study)
+        assert {study, row["variant"], f"seed{row['seed']}"} <= set(run.tags)
+        summary: dict = {}
+        for r in records:
+            if r.WhichOneof("record_type") == "summary":
+                summary.update(items(r.summary.update))
+        assert summary["test/f20"] == pytest.approx(row["test/f20"])
+    report = [p for p in out.glob("wandb/**/offline-run-*/*.wandb")]
+    assert len(report) == 1, report
+    records = read_wandb_records(report[0])
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group == study and "report" in set(run.tags)
+    logged: dict = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            logged.update(items(r.history.item))
+    table1 = pd.read_csv(out / "table1.csv")
+    assert logged["table1/_type"] == "table-file" and logged["table1/nrows"] == len(table1)
+    assert logged["summary/nrows"] == len(rows)
+    assert logged["plots/table1/_type"] == "image-file"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_session):
-    out = tmp_path / "ablation"
+def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_session, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # A relative --out, as users type it: trials run in Tune workers with another working
+    # directory, so every path handed to them must be absolute (a bug once: the first run failed).
+    monkeypatch.chdir(tmp_path)
+    out = Path("ablation")
     smoke = _load_studies().STUDIES["smoke"]
-    opts = Options(out=out, preset="smoke", cache_dir=cache, max_retries=0)
+    opts = Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, wandb=True)
     summary = run_study(smoke, opts)
     rows = pd.read_csv(summary)
     assert list(rows["variant"]) == ["baseline", "stereo_rcnet"] and set(rows["status"]) == {"ok"}
@@ -63,6 +101,7 @@ def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_s
     for label in ("Baseline-A", "Stage 1", "Stage 2", "Stage 2 + PP"):
         line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
         assert "–" not in line.split("|")[2], line  # a number in the F20 cell
+    _check_study_wandb(out, smoke.name, rows)
     outputs = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv", ".tex", ".png")}
     assert {"table1.md", "table1.csv", "table1.tex", "table1.png", "curves.png", "summary.csv"} <= set(outputs)
 

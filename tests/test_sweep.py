@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -31,20 +32,43 @@ def _starts(out: Path) -> int:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session):
+def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monkeypatch):
+    from wandb_records import items, read_wandb_records
+
     from seld.synth import dataset_hash
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
 
     out = tmp_path / "sweep"
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
-    run_sweep(SWEEP, Options(out=out, preset="smoke", cache_dir=cache, trials=1, max_retries=0))
-    trials = pd.read_csv(out / "trials.csv")
+    run_sweep(SWEEP, Options(out=out, preset="smoke", cache_dir=cache, trials=1, max_retries=0, wandb=True))
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})  # ids are digits with leading zeros
+    # --wandb: the trial's run logs to the sweep's group; trials.csv goes in as a W&B table.
+    (trial_log,) = (out / "runs").glob("*/wandb/**/offline-run-*/*.wandb")
+    run = next(r.run for r in read_wandb_records(trial_log) if r.WhichOneof("record_type") == "run")
+    assert (run.project, run.run_group) == ("seld", "sweep") and "sweep" in run.tags
+    (report_log,) = out.glob("wandb/**/offline-run-*/*.wandb")
+    logged: dict = {}
+    for r in read_wandb_records(report_log):
+        if r.WhichOneof("record_type") == "history":
+            logged.update(items(r.history.item))
+    assert logged["trials/_type"] == "table-file" and logged["trials/nrows"] == len(trials)
     assert len(trials) == 1 and _starts(out) == 1
     assert {"param/loss.alpha", "param/model.n_conformer_layers", "value", "epochs", "status"} <= set(trials.columns)
     assert trials["value"].notna().all() and (trials["epochs"] >= 1).all()
     finished = trials[trials["status"] == "finished"]
     assert len(finished) >= 1 and finished["val_pp/f20"].notna().all()  # thresholds fitted per trial
+    # ... and the global-threshold grid scanned per trial: its best value is scored, and is the
+    # grid's argmax of the trial's own validation scan.
+    assert finished["val_global/f20"].notna().all() and finished["test_global/f20"].notna().all()
+    for trial_id, thr in zip(finished["trial_id"], finished["global_threshold"], strict=True):
+        scan = json.loads((out / "runs" / trial_id / "metrics.json").read_text())["threshold_scan"]
+        grid, f20 = np.array(scan["threshold"]), np.array(scan["val_f20"])
+        best = grid[f20 >= f20.max() - 1e-9]
+        assert thr == best[np.argmin(np.abs(best - 0.5))]  # ties go to the value closest to 0.5
+        assert max(scan["val_f20"]) == pytest.approx(finished.set_index("trial_id").loc[trial_id, "val_global/f20"])
     best = json.loads((out / "best_config.json").read_text())
     assert best["value"] == pytest.approx(trials["value"].max())
     # The best overrides are ready for --set / a study variant.
@@ -55,9 +79,44 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session):
 
     with pytest.raises(UserError, match="--resume"):
         run_sweep(SWEEP, Options(out=out, preset="smoke", cache_dir=cache, trials=2))
-    # Resume to 2 trials: one new training start, the finished trial is not rerun.
+    # A kill mid-trial leaves that trial RUNNING in the Optuna journal (its Tune trial is gone).
+    import optuna
+
+    from seld.study import _optuna_storage
+
+    optuna.load_study(study_name="sweep", storage=_optuna_storage(out / "optuna.journal")).ask()
+    # Resume to 2 trials: one new training start, the finished trial is not rerun, the interrupted
+    # one is recorded as failed instead of running forever.
     run_sweep(SWEEP, Options(out=out, preset="smoke", cache_dir=cache, trials=2, resume=True, max_retries=0))
     assert _starts(out) == 2
-    trials = pd.read_csv(out / "trials.csv")
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str})
+    assert list(trials["status"]).count("fail") == 1 and "running" not in set(trials["status"])
+    trials = trials[trials["status"] != "fail"]
     assert len(trials) == 2 and trials["trial_id"].nunique() == 2
     assert json.loads((out / "best_config.json").read_text())["value"] == pytest.approx(trials["value"].max())
+
+
+def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
+    """A finite space makes TPE propose the same point twice: each Optuna trial (in number order)
+    takes the next unused run folder with those values, in the order the folders were started."""
+    from seld.study import _first_start, _match_run
+
+    runs = {}
+    for name, start in (("b", 20.0), ("a", 10.0), ("c", 30.0)):
+        d = tmp_path / name
+        d.mkdir()
+        layers = 1 if name == "c" else 0
+        (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": layers}}))
+        (d / "attempts.jsonl").write_text(json.dumps({"start_unix_s": start}) + "\n")
+        runs[name] = d
+    ordered = {d.name: d for d in sorted(runs.values(), key=_first_start)}
+    assert list(ordered) == ["a", "b", "c"]
+    used: set[str] = set()
+    got = []
+    for params in ({"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 1},
+                   {"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 0}, {}):
+        d = _match_run(ordered, params, used)
+        got.append(d.name if d else None)
+        if d:
+            used.add(d.name)
+    assert got == ["a", "c", "b", None, None]

@@ -69,6 +69,22 @@ class ResidualBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class FreqAvgPool(nn.Module):
+    """Average pooling over the last (frequency) axis by `size`, keeping time: nn.AvgPool2d((1, size)).
+
+    Written as a reshape and a mean, which gives the same bits as AvgPool2d (forward and backward)
+    and is about 1.5x faster on CPU (AvgPool2d's CPU kernel is slow for (1, k) windows). A trailing
+    remainder of F % size bins is dropped, as AvgPool2d does.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1] // self.size
+        return x[..., :n * self.size].unflatten(-1, (n, self.size)).mean(-1)
+
 class MCSAnet(nn.Module):
     """The per-channel feature extractor of Stereo-RCnet (paper §2.2, Fig. 1a/b).
 
@@ -91,13 +107,13 @@ class MCSAnet(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True),
-            nn.AvgPool2d((1, stem_freq_pool)) if stem_freq_pool > 1 else nn.Identity(),
+            FreqAvgPool(stem_freq_pool) if stem_freq_pool > 1 else nn.Identity(),
         )
         widths = (stem_channels, *channels)
         self.blocks = nn.ModuleList(
             ResidualBlock(widths[i], widths[i + 1], attention, reduction) for i in range(len(channels))
         )
-        self.pools = nn.ModuleList(nn.AvgPool2d((1, p)) if p > 1 else nn.Identity() for p in freq_pool)
+        self.pools = nn.ModuleList(FreqAvgPool(p) if p > 1 else nn.Identity() for p in freq_pool)
         self.out_channels = channels[-1] if channels else stem_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
