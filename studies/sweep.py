@@ -25,7 +25,8 @@ SPACE = {
 }
 
 SWEEPS = {
-    "local": Sweep("sweep", "local", SPACE, n_trials=24, seed=0, grace_period=4),
+    # Grace 6: with stage 1 at lr 3e-3 validation F20 ranks configs only from epoch ~6 on (BENCHMARKS.md).
+    "local": Sweep("sweep", "local", SPACE, n_trials=24, seed=0, grace_period=6),
     "smoke": Sweep("sweep", "smoke", {k: SPACE[k] for k in ("loss.alpha", "loss.beta", "model.n_conformer_layers")},
                    n_trials=3, seed=0, grace_period=1),
     "paper": Sweep("sweep", "paper", SPACE | {"model.d_model": Param("choice", choices=(128, 256, 384))},
