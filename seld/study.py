@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -318,7 +319,10 @@ class Param:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A hyperparameter sweep: Optuna TPE (seeded) proposes, ASHA stops early, on ``metric``."""
+    """A hyperparameter sweep: Optuna (seeded TPE, or random) proposes, ASHA stops early, on ``metric``.
+
+    In a finite space no point is trained twice (see :func:`sweep_searcher`).
+    """
 
     name: str
     preset: str
@@ -330,6 +334,23 @@ class Sweep:
     grace_period: int = 2  # epochs before ASHA may stop a trial
     reduction_factor: int = 3
     overrides: dict[str, Any] = field(default_factory=dict)
+    sampler: str = "tpe"  # or "random" (the baseline the efficiency benchmark compares against)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in ("tpe", "random"):
+            raise ConfigError(f"sweep {self.name!r}: sampler must be 'tpe' or 'random', got {self.sampler!r}")
+
+    def space_size(self) -> int | None:
+        """Number of distinct points when every dimension is finite (choice/int), else None."""
+        n = 1
+        for p in self.space.values():
+            if p.kind == "choice":
+                n *= len(p.choices)
+            elif p.kind == "int":
+                n *= int(p.high) - int(p.low) + 1
+            else:
+                return None
+        return n
 
 
 @dataclass
@@ -871,12 +892,106 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     return trials
 
 
-def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
+def sweep_scheduler(sweep: Sweep, max_t: int):
+    """ASHA on the sweep's metric, one rung unit per epoch (Tune's ``training_iteration``).
+
+    Each epoch is one Tune iteration and the run's final report (test scores) one more: a trial
+    that survives every rung must reach ``max_t + 1`` (``max_t`` = epochs of the trained stages),
+    or ASHA stops it before its scores exist.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t) + 1,
+                         grace_period=max(1, min(sweep.grace_period, max_t)),
+                         reduction_factor=sweep.reduction_factor)
+
+
+REPEAT_ATTR = "repeat_of"  # Optuna user attribute of a proposal skipped as a repeat (never trained)
+MAX_DISTINCT_POINTS = 10_000  # finite spaces up to this size never train a point twice
+MAX_REPEATS = 20  # repeated proposals in a row before an unproposed point is drawn uniformly
+
+
+def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
+    """The sweep's Tune searcher: Optuna (seeded TPE, or random) over ``storage``.
+
+    In a finite space (every dimension a choice or an int, at most MAX_DISTINCT_POINTS points) a
+    point is never trained twice: TPE often proposes its favourite again, and a repeat buys at best
+    a second seed of one config. A repeated proposal is recorded in Optuna as a FAIL trial with the
+    user attribute ``repeat_of`` (the number of the trial that has the point; TPE ignores failed
+    trials, so the next ask draws afresh); after MAX_REPEATS repeats in a row an unproposed point is
+    drawn uniformly (seeded); once every point is proposed the searcher reports the space
+    exhausted and Tune stops asking.
+
+    Args:
+        storage: Optuna storage holding the study ``sweep.name`` (created when absent); points of
+            earlier trials in it count as proposed.
+        n_before: trials finished before (a resumed sweep); offsets the sampler seed so a resumed
+            sweep does not replay the proposals of the first start.
+    """
     import optuna
+    from ray.tune.search import Searcher
+    from ray.tune.search.optuna import OptunaSearch
+
+    seed = sweep.seed + n_before
+    if sweep.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, sweep.n_trials // 3)))
+    size = sweep.space_size()
+    if size is None or size > MAX_DISTINCT_POINTS:  # continuous or huge: repeats are rare, allowed
+        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
+                            sampler=sampler)
+    keys = sorted(sweep.space)
+    points = [dict(zip(keys, c, strict=True))
+              for c in itertools.product(*(_finite_values(sweep.space[k]) for k in keys))]
+
+    class DistinctOptunaSearch(OptunaSearch):
+        """OptunaSearch that never proposes a point twice (finite spaces)."""
+
+        def _proposed(self) -> dict[tuple, int]:
+            if not hasattr(self, "_seen"):
+                self._seen = {}
+                self._rng = np.random.default_rng([seed, 7])
+                for t in self._ot_study.trials:
+                    if t.state != optuna.trial.TrialState.FAIL and t.params:
+                        self._seen.setdefault(_point_key(t.params), t.number)
+            return self._seen
+
+        def suggest(self, trial_id: str):
+            seen = self._proposed()
+            fresh = [p for p in points if _point_key(p) not in seen]
+            if not fresh:
+                log.info("sweep %s: all %d points of the space proposed", sweep.name, len(points))
+                return Searcher.FINISHED
+            for attempt in range(MAX_REPEATS + 1):
+                if attempt == MAX_REPEATS:  # the sampler keeps proposing known points
+                    self._ot_study.enqueue_trial(fresh[int(self._rng.integers(len(fresh)))])
+                config = super().suggest(trial_id)
+                ot_trial = self._ot_trials[trial_id]
+                key = _point_key(ot_trial.params)
+                if key not in seen:
+                    seen[key] = ot_trial.number
+                    return config
+                ot_trial.set_user_attr(REPEAT_ATTR, seen[key])
+                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
+                del self._ot_trials[trial_id]
+            raise RuntimeError(f"sweep {sweep.name}: an enqueued unproposed point came back as a repeat")
+
+    return DistinctOptunaSearch(metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
+                                sampler=sampler)
+
+
+def _finite_values(p: Param) -> list[Any]:
+    return list(p.choices) if p.kind == "choice" else list(range(int(p.low), int(p.high) + 1))
+
+
+def _point_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     _start_ray(plan)
     cfg = preset_config(sweep.preset, spec["overrides"])
@@ -885,15 +1000,8 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     # Optuna ids of earlier trials seed the sampler's RNG offset so a resumed sweep does not
     # replay the same proposals.
     n_before = len(_finished_trials(storage, sweep.name))
-    searcher = OptunaSearch(
-        metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
-        sampler=optuna.samplers.TPESampler(seed=sweep.seed + n_before, n_startup_trials=max(2, min(5, sweep.n_trials // 3))),
-    )
-    # Each epoch is one Tune iteration and the run's final report (test scores) one more: a trial
-    # that survives every rung must reach max_t + 1, or ASHA stops it before its scores exist.
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t) + 1,
-                              grace_period=max(1, min(sweep.grace_period, max_t)),
-                              reduction_factor=sweep.reduction_factor)
+    searcher = sweep_searcher(sweep, storage, n_before)
+    scheduler = sweep_scheduler(sweep, max_t)
     trainable = tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), {"cpu": 0.01})
     storage_path = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
     tuner = tune.Tuner(
@@ -944,7 +1052,11 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
             rec = json.loads(line)
             tune_log[rec["trial_id"]] = rec
     used: set[str] = set()
+    repeats = 0
     for t in study.trials:
+        if t.user_attrs.get(REPEAT_ATTR) is not None:  # a repeated proposal, never trained
+            repeats += 1
+            continue
         params = {k: v for k, v in t.params.items()}
         trial_dir = _match_run(run_dirs, params, used)
         if trial_dir is not None:
@@ -975,7 +1087,8 @@ def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
         }
         (out / "best_config.json").write_text(json.dumps(best_json, indent=2, sort_keys=True) + "\n")
     _sweep_plots(study, out)
-    log.info("sweep %s: %d trials in %s", sweep.name, len(df), out / "trials.csv")
+    log.info("sweep %s: %d trials in %s (%d repeated proposals skipped)", sweep.name, len(df),
+             out / "trials.csv", repeats)
     return out / "trials.csv"
 
 

@@ -120,3 +120,77 @@ def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
         if d:
             used.add(d.name)
     assert got == ["a", "c", "b", None, None]
+
+
+def _value_of(config: dict) -> float:
+    """A deterministic 'validation F20' of a point: best at a=2, b=0.5."""
+    return 10.0 * config["a"] - 4.0 * config["b"]
+
+
+def _toy_trainable(config: dict) -> None:
+    from ray import tune
+
+    for epoch in range(3):
+        tune.report({"val/f20": _value_of(config) * (epoch + 1) / 3})
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(("sampler", "max_repeats"), [("tpe", 20), ("random", 20), ("tpe", 1)])
+def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_session, monkeypatch, sampler,
+                                                               max_repeats):
+    """More trials asked than the space has points: every point is trained exactly once, repeated
+    proposals are recorded in Optuna as FAIL with `repeat_of` (never trained), and the sweep ends
+    when the space is exhausted. With max_repeats 1 every repeat is followed by a drawn unproposed
+    point (the fallback path)."""
+    import sys
+
+    import optuna
+    import ray.cloudpickle
+    from ray import tune
+
+    from seld.study import (
+        REPEAT_ATTR,
+        _optuna_storage,
+        _tune_space,
+        sweep_scheduler,
+        sweep_searcher,
+    )
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    monkeypatch.setattr("seld.study.MAX_REPEATS", max_repeats)
+    space = {"a": Param("choice", choices=(1, 2)), "b": Param("choice", choices=(0.5, 1.0, 2.0))}
+    sweep = Sweep("finite", "smoke", space, n_trials=12, seed=3, grace_period=1, sampler=sampler)
+    assert sweep.space_size() == 6
+    storage = _optuna_storage(tmp_path / "optuna.journal")
+    searcher = sweep_searcher(sweep, storage)
+    assert type(searcher).__name__ == "DistinctOptunaSearch"
+    results = tune.Tuner(
+        _toy_trainable, param_space=_tune_space(space),
+        tune_config=tune.TuneConfig(metric="val/f20", mode="max", num_samples=sweep.n_trials, search_alg=searcher,
+                                    scheduler=sweep_scheduler(sweep, 3), max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="finite", storage_path=str(tmp_path / "ray"), verbose=0),
+    ).fit()
+    trained = sorted((r.config["a"], r.config["b"]) for r in results)
+    assert trained == sorted((a, b) for a in (1, 2) for b in (0.5, 1.0, 2.0))  # each once, all of them
+    study = optuna.load_study(study_name="finite", storage=storage)
+    ran = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(ran) == 6
+    by_number = {t.number: t for t in study.trials}
+    repeats = [t for t in study.trials if t.user_attrs.get(REPEAT_ATTR) is not None]
+    assert repeats  # 6 points, 6 proposals: a repeat is all but certain (the seeds are fixed)
+    for t in repeats:
+        assert t.state == optuna.trial.TrialState.FAIL
+        assert by_number[t.user_attrs[REPEAT_ATTR]].params == t.params
+    if max_repeats == 1:  # after each repeat the next trial is the drawn unproposed point
+        for t in repeats:
+            nxt = by_number[t.number + 1]
+            assert nxt.state == optuna.trial.TrialState.COMPLETE and nxt.user_attrs.get(REPEAT_ATTR) is None
+    best = max(ran, key=lambda t: t.value)
+    assert best.params == {"a": 2, "b": 0.5} and best.value == pytest.approx(_value_of(best.params))
+
+
+def test_space_size_and_sampler_checks():
+    assert Sweep("s", "smoke", {"x": Param("int", 0, 4), "y": Param("choice", choices=(1, 2))}, 1).space_size() == 10
+    assert Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1).space_size() is None
+    with pytest.raises(ValueError, match="sampler must be"):
+        Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1, sampler="grid")
