@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -71,29 +72,46 @@ def grid_variants(space: dict[str, Param]) -> list[Variant]:
 
 
 # --- The replay (tabular) arm ----------------------------------------------------------------------
-def load_curves(grid_dir: Path) -> dict[tuple, dict]:
-    """Per grid point (`_point_key` of its parameters): the rows its run reported to Tune, in order
-    (each metrics.csv row, then metrics.json as the final report)."""
+CURVE_COLUMNS = (*SPACE, "iteration", "val/f20", "final")
+
+
+def export_curves(grid_dir: Path) -> pd.DataFrame:
+    """What every grid run reported to Tune, in order: one row per epoch (metrics.csv's `val/f20`)
+    and the final report (metrics.json's `val/f20`, `final` = 1); `iteration` = Tune's
+    training_iteration. Columns CURVE_COLUMNS."""
     runs = {d.name: d for d in sorted((grid_dir / "runs").iterdir()) if (d / "metrics.json").exists()}
-    curves = {}
+    out = []
     for combo in itertools.product(*(SPACE[k].choices for k in SPACE)):
         params = dict(zip(SPACE, combo, strict=True))
         run = _match_run(runs, params)
         if run is None:
             raise SystemExit(f"{grid_dir}: no finished grid run for {params}; run the grid arm first")
-        rows = pd.read_csv(run / "metrics.csv").to_dict("records")
-        final = {k: v for k, v in json.loads((run / "metrics.json").read_text()).items()
-                 if isinstance(v, int | float)}
-        curves[_point_key(params)] = {"rows": [{k: v for k, v in r.items() if isinstance(v, int | float)}
-                                               for r in rows] + [{"run_finished": 1, **final}],
-                                      "epochs": len(rows)}
+        f20 = pd.read_csv(run / "metrics.csv")["val/f20"].tolist()
+        f20.append(json.loads((run / "metrics.json").read_text())["val/f20"])
+        out += [{**params, "iteration": i + 1, "val/f20": v, "final": int(i == len(f20) - 1)}
+                for i, v in enumerate(f20)]
+    return pd.DataFrame(out, columns=list(CURVE_COLUMNS))
+
+
+def load_curves(path: Path) -> dict[tuple, list[dict]]:
+    """Per grid point (`_point_key` of its parameters): the reports of its run, in order."""
+    df = pd.read_csv(path)
+    missing = [c for c in CURVE_COLUMNS if c not in df.columns]
+    if missing:
+        raise SystemExit(f"{path}: missing columns {missing} (expected {list(CURVE_COLUMNS)})")
+    curves = {}
+    for combo, rows in df.sort_values("iteration").groupby(list(SPACE), sort=False):
+        params = {k: SPACE[k].choices[list(SPACE[k].choices).index(v)] for k, v in zip(SPACE, combo, strict=True)}
+        curves[_point_key(params)] = [{"val/f20": float(v)} for v in rows["val/f20"]]
+    if len(curves) != math.prod(len(p.choices) for p in SPACE.values()):
+        raise SystemExit(f"{path}: {len(curves)} grid points, expected every point of {SPACE}")
     return curves
 
 
 def _replay_trainable(config: dict, curves: dict) -> None:
     from ray import tune
 
-    for row in curves[_point_key({k: config[k] for k in SPACE})]["rows"]:
+    for row in curves[_point_key({k: config[k] for k in SPACE})]:
         tune.report(row)
 
 
@@ -133,7 +151,7 @@ def summarise(trials: list[dict], grid_best: float, grid_epochs: int) -> dict:
     best = max(trials, key=lambda t: t["value"])
     epochs = sum(t["epochs"] for t in trials)
     gap = grid_best - best["value"]
-    return {"best_value": round(best["value"], 4), "best": json.dumps(best["params"], sort_keys=True, default=lambda v: v.item()),
+    return {"best_value": round(best["value"], 4), "best": json.dumps(best["params"], sort_keys=True),
             "trial_epochs": epochs, "epoch_ratio": round(epochs / grid_epochs, 4), "gap": round(gap, 4),
             "met": bool(gap <= GOAL_GAP and epochs <= GOAL_RATIO * grid_epochs)}
 
@@ -147,6 +165,8 @@ def main() -> int:
     ap.add_argument("--sampler", default="tpe", choices=("tpe", "random"), help="real sweep: sampler")
     ap.add_argument("--replay-seeds", type=int, default=20, help="sampler seeds per replayed setting")
     ap.add_argument("--cache", type=Path, default=None, help="folder holding synth-<hash>/store-<hash>")
+    ap.add_argument("--curves", type=Path, default=None,
+                    help="replay from this grid_curves.csv (default: DIR/grid_curves.csv, written from the grid arm)")
     ap.add_argument("--set", dest="sets", action="append", default=["train.stages=stage1"])
     ap.add_argument("--only", choices=("grid", "sweep", "replay", "report"),
                     help="run one arm only, or none (report: the tables from what DIR holds)")
@@ -171,23 +191,33 @@ def main() -> int:
         timings["sweep_wall_s"] = round(time.time() - t0)
     out.mkdir(parents=True, exist_ok=True)
     (out / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
-    if not (gdir / "summary.csv").exists():
+    # The grid as the replay sees it: its runs' reports (refreshed from the runs when present).
+    curves_path = args.curves or out / "grid_curves.csv"
+    if (gdir / "summary.csv").exists() and args.curves is None:
+        export_curves(gdir).to_csv(curves_path, index=False)
+    if not curves_path.exists():
         print(json.dumps(timings))
         return 0
-
-    grid = pd.read_csv(gdir / "summary.csv")
-    g_best = grid.loc[grid["val/f20"].idxmax()]
-    g_value, g_epochs = float(g_best["val/f20"]), int(grid["cost/epochs"].sum())
+    cdf = pd.read_csv(curves_path)
+    finals = cdf[cdf["final"] == 1].reset_index(drop=True)
+    g_best = finals.loc[finals["val/f20"].idxmax()]
+    g_value, g_epochs = float(g_best["val/f20"]), int((cdf["final"] == 0).sum())
+    g_name = ", ".join(f"{k}={g_best[k]}" for k in SPACE)
     cfg = preset_config(args.preset, sets)
     max_t = cfg.train.stage1.epochs if cfg.train.stages == "stage1" else cfg.train.stage1.epochs + cfg.train.stage2.epochs
-    print(f"full grid: {len(grid)} points, {g_epochs} trial-epochs, best val F20 {g_value:.2f} "
-          f"({g_best['variant']}); goal: >= {g_value - GOAL_GAP:.2f} at <= {GOAL_RATIO * g_epochs:.0f} trial-epochs\n")
+    print(f"full grid: {len(finals)} points, {g_epochs} trial-epochs, best val F20 {g_value:.2f} "
+          f"({g_name}); goal: >= {g_value - GOAL_GAP:.2f} at <= {GOAL_RATIO * g_epochs:.0f} trial-epochs\n")
 
-    res: dict = {"grid_points": len(grid), "grid_best_val_f20": g_value, "grid_best": g_best["variant"],
+    res: dict = {"grid_points": len(finals), "grid_best_val_f20": g_value, "grid_best": g_name,
                  "grid_trial_epochs": g_epochs, **timings}
+    # The real sweep's trials, compactly (kept next to the replay so the check can be redone).
     if (sdir / "trials.csv").exists():
         t = pd.read_csv(sdir / "trials.csv", dtype={"trial_id": str})
-        real_trials = [{"params": {k: t.loc[i, f"param/{k}"] for k in SPACE}, "value": float(t.loc[i, "value"]),
+        t.rename(columns={f"param/{k}": k for k in SPACE})[["number", *SPACE, "status", "epochs", "value"]].to_csv(
+            out / "real_sweep.csv", index=False)
+    if (out / "real_sweep.csv").exists():
+        t = pd.read_csv(out / "real_sweep.csv")
+        real_trials = [{"params": {k: t.loc[i, k].item() for k in SPACE}, "value": float(t.loc[i, "value"]),
                         "epochs": int(t.loc[i, "epochs"])} for i in t.index]
         res["sweep"] = {"sampler": real.sampler, "grace": real.grace_period, "trials": real.n_trials,
                         **summarise(real_trials, g_value, g_epochs)}
@@ -197,13 +227,13 @@ def main() -> int:
         from seld.train import init_ray
 
         init_ray(num_cpus=2, include_dashboard=False)
-        curves = load_curves(gdir)
+        curves = load_curves(curves_path)
         rows = []
         for sampler, grace, n in REPLAY_SETTINGS:
             for seed in range(args.replay_seeds):
                 sweep = Sweep(f"replay-{sampler}-g{grace}-n{n}-s{seed}", args.preset, SPACE, n_trials=n,
                               seed=seed, grace_period=grace, sampler=sampler)
-                trials = replay(sweep, curves, max_t, out / "replay" / sweep.name)
+                trials = replay(sweep, curves, max_t, out / "_work" / "replay" / sweep.name)
                 rows.append({"sampler": sampler, "grace": grace, "trials": n, "seed": seed,
                              **summarise(trials, g_value, g_epochs), "sequence": json.dumps(trials)})
         ray.shutdown()

@@ -194,3 +194,33 @@ def test_space_size_and_sampler_checks():
     assert Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1).space_size() is None
     with pytest.raises(ValueError, match="sampler must be"):
         Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1, sampler="grid")
+
+
+@pytest.mark.ray
+def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_session):
+    """The sweep-efficiency benchmark's replay (sweep_searcher + sweep_scheduler under a real Tuner,
+    fed the grid's recorded curves) gives, for the setting and seed of the real sweep recorded in
+    results/sweep_efficiency/real_sweep.csv, that sweep's trials: same points, epochs and values.
+    It fails if the searcher or scheduler changes behaviour (the BENCHMARKS figures would be stale)."""
+    import importlib.util
+    import sys
+
+    import ray.cloudpickle
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sweep_efficiency", root / "bench" / "sweep_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["sweep_efficiency"] = bench
+    spec.loader.exec_module(bench)
+    ray.cloudpickle.register_pickle_by_value(bench)
+    results = root / "results" / "sweep_efficiency"
+    curves = bench.load_curves(results / "grid_curves.csv")
+    sweep = Sweep("efficiency", "local", bench.SPACE, n_trials=4, seed=0, grace_period=6, sampler="tpe")
+    got = bench.replay(sweep, curves, 12, tmp_path)
+    real = pd.read_csv(results / "real_sweep.csv")
+    assert len(got) == len(real) == 4
+    for g, (_, r) in zip(got, real.iterrows(), strict=True):
+        assert g["params"] == {k: type(g["params"][k])(r[k]) for k in bench.SPACE}
+        assert g["epochs"] == r["epochs"]
+        assert g["value"] == pytest.approx(r["value"], abs=1e-4)
+    assert sum(t["epochs"] for t in got) == 42 and max(t["value"] for t in got) == pytest.approx(28.9251, abs=1e-4)
