@@ -2,18 +2,24 @@
 same space, on the same data, all through Ray Tune.
 
     python bench/sweep_efficiency.py --out DIR [--preset local] [--cache results/ablation/_work]
-        [--trials 4] [--grace 6] [--sampler tpe] [--replay-seeds 20] [--only grid|sweep|replay|report]
+        [--trials 4] [--grace 6] [--sampler tpe] [--replay-seeds 20] [--curves CSV]
+        [--only grid|sweep|replay|report]
 
 Three arms, each resumable (DIR keeps them):
-- grid: every point of the finite space below trained to the end of the schedule (the reference).
-- sweep: one real sweep (`run_sweep`, sampler seed 0) with --trials/--grace/--sampler.
+- grid: every point of the finite space below trained to the end of the schedule (the reference);
+  what each run reported to Tune (`val/f20` per epoch, then the final report) goes to
+  DIR/grid_curves.csv.
+- sweep: one real sweep (`run_sweep`, sampler seed 0) with --trials/--grace/--sampler; its trials
+  go to DIR/real_sweep.csv.
 - replay: the same searcher and scheduler (`sweep_searcher`, `sweep_scheduler`: real Optuna, real
-  ASHA, real Tune) over a trainable that reports the grid's recorded per-epoch rows instead of
-  training: a tabular benchmark. It is exact because CPU training is deterministic (a config trained
-  for k epochs reports the first k rows of its full run, to the last digit), so one sweep decision
-  per sampler seed costs seconds, and the result is a distribution over --replay-seeds seeds
-  rather than one draw. The real sweep checks it: the replay of seed 0 must give the real sweep's
+  ASHA, real Tune) over a trainable that reports the recorded `val/f20` of grid_curves.csv instead
+  of training: a tabular benchmark. It is exact because CPU training is deterministic (a config
+  trained for k epochs reports the first k values of its full run, to the last digit), so one sweep
+  costs seconds, and the result is a distribution over --replay-seeds sampler seeds rather than one
+  draw (DIR/replay.csv). The real sweep checks it: the replay of seed 0 must give the real sweep's
   trials (same points, same epochs, same values); the script says whether it does.
+`--only report` runs no arm and prints the tables from what DIR holds; `--curves` replays from
+another grid_curves.csv (results/sweep_efficiency/ holds the committed one).
 
 The space is finite so that "the best of the full grid" is well defined. Stage 1 only by default
 (`--set train.stages=stage1`): the sweep ranks configs; the stage-2 fine-tuning of the winner comes
