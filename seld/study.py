@@ -306,6 +306,14 @@ class Param:
         if self.kind != "choice" and not self.low < self.high:
             raise ConfigError(f"sweep space: need low < high, got {self.low}..{self.high}")
 
+    def values(self) -> list[Any] | None:
+        """Every value of a finite dimension (choice, int), in order; None for a continuous one."""
+        if self.kind == "choice":
+            return list(self.choices)
+        if self.kind == "int":
+            return list(range(int(self.low), int(self.high) + 1))
+        return None
+
     def grid(self, n: int = 3) -> list[Any]:
         """A small grid over this dimension (for the grid baseline of the efficiency benchmark)."""
         if self.kind == "choice":
@@ -342,15 +350,8 @@ class Sweep:
 
     def space_size(self) -> int | None:
         """Number of distinct points when every dimension is finite (choice/int), else None."""
-        n = 1
-        for p in self.space.values():
-            if p.kind == "choice":
-                n *= len(p.choices)
-            elif p.kind == "int":
-                n *= int(p.high) - int(p.low) + 1
-            else:
-                return None
-        return n
+        values = [p.values() for p in self.space.values()]
+        return None if any(v is None for v in values) else math.prod(len(v) for v in values)
 
 
 @dataclass
@@ -943,7 +944,7 @@ def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
                             sampler=sampler)
     keys = sorted(sweep.space)
     points = [dict(zip(keys, c, strict=True))
-              for c in itertools.product(*(_finite_values(sweep.space[k]) for k in keys))]
+              for c in itertools.product(*(sweep.space[k].values() for k in keys))]
 
     class DistinctOptunaSearch(OptunaSearch):
         """OptunaSearch that never proposes a point twice (finite spaces)."""
@@ -979,10 +980,6 @@ def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
 
     return DistinctOptunaSearch(metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
                                 sampler=sampler)
-
-
-def _finite_values(p: Param) -> list[Any]:
-    return list(p.choices) if p.kind == "choice" else list(range(int(p.low), int(p.high) + 1))
 
 
 def _point_key(params: dict[str, Any]) -> tuple:

@@ -192,12 +192,13 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
 def test_space_size_and_sampler_checks():
     assert Sweep("s", "smoke", {"x": Param("int", 0, 4), "y": Param("choice", choices=(1, 2))}, 1).space_size() == 10
     assert Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1).space_size() is None
+    assert Param("int", 2, 4).values() == [2, 3, 4] and Param("loguniform", 1, 2).values() is None
     with pytest.raises(ValueError, match="sampler must be"):
         Sweep("s", "smoke", {"x": Param("uniform", 0, 1)}, 1, sampler="grid")
 
 
 @pytest.mark.ray
-def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_session):
+def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_session, monkeypatch):
     """The sweep-efficiency benchmark's replay (sweep_searcher + sweep_scheduler under a real Tuner,
     fed the grid's recorded curves) gives, for the setting and seed of the real sweep recorded in
     results/sweep_efficiency/real_sweep.csv, that sweep's trials: same points, epochs and values.
@@ -210,7 +211,7 @@ def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_sess
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("sweep_efficiency", root / "bench" / "sweep_efficiency.py")
     bench = importlib.util.module_from_spec(spec)
-    sys.modules["sweep_efficiency"] = bench
+    monkeypatch.setitem(sys.modules, "sweep_efficiency", bench)
     spec.loader.exec_module(bench)
     ray.cloudpickle.register_pickle_by_value(bench)
     results = root / "results" / "sweep_efficiency"
