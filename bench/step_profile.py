@@ -39,6 +39,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=30, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--random", action="store_true", help="Gaussian-noise features instead of the store's")
+    ap.add_argument("--bf16", action="store_true", help="forward under torch.autocast('cpu', bfloat16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = preset_config(args.preset)
@@ -69,7 +70,9 @@ def main() -> int:
             t.append(time.perf_counter())
             x, y = augment(x, y, gen)
             t.append(time.perf_counter())
-            loss = loss_fn(net(x).float(), y)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                out = net(x)
+            loss = loss_fn(out.float(), y)
             t.append(time.perf_counter())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -89,7 +92,7 @@ def main() -> int:
         epoch += 1
     per = {k: round(1000 * v / n_timed, 1) for k, v in spent.items()}
     total = sum(spent.values()) / n_timed
-    print(json.dumps({"preset": args.preset, "threads": args.threads, "input": "random" if args.random else "store",
+    print(json.dumps({"preset": args.preset, "threads": args.threads, "input": "random" if args.random else "store", "bf16": args.bf16,
                       "batch_size": cfg.train.batch_size, "ms_per_batch": round(1000 * total, 1),
                       "clips_per_s": round(cfg.train.batch_size / total, 1), "ms_by_phase": per}))
     return 0

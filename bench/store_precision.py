@@ -21,7 +21,7 @@ from seld import labels
 from seld.config import apply_overrides
 from seld.metrics import count_errors, score_counters
 from seld.postprocess import as_written, load_thresholds
-from seld.predict import SELECTED, decode, features_of_wav, infer, load_model
+from seld.predict import SELECTED, bf16_autocast, decode, features_of_wav, infer, load_model
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
         thr = load_thresholds(run / "thresholds.json")
         outs = {}
         for name, f in (("float32", feats32), ("float16 (store)", feats32.astype(np.float16))):
-            outs[name] = infer(lm.model, f, lm.mean, lm.std, 64)
+            outs[name] = infer(lm.model, f, lm.mean, lm.std, 64, "cpu", bf16_autocast("cpu", lm.cfg.train.amp_bf16))
         for name, out in outs.items():
             row = []
             for t in (0.5, thr):

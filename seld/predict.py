@@ -109,6 +109,27 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 # --- The one forward path (training validation/test and prediction) ----------------------------------
+def bf16_autocast(device, wanted: bool = True) -> bool:
+    """Whether training and inference on `device` run under bf16 autocast (`train.amp_bf16`).
+
+    Only where the hardware computes bf16 natively: CUDA GPUs with bf16 (Ampere and newer), and CPUs
+    with AMX tiles (Intel Xeon 4th generation and newer), where oneDNN's bf16 convolutions and matmuls
+    take a `local` training step from ~310 to ~220 ms (bench/step_profile.py --bf16). CPUs without
+    AMX emulate bf16 more slowly than they compute float32, so they stay in float32. A run records the
+    result as `precision` in metrics.json; bf16 and float32 runs of one config are different
+    computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.
+    """
+    dev = torch.device(device)
+    if not wanted:
+        return False
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if dev.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.4; private but stable
+        return bool(amx and amx())
+    return False
+
+
 def prepare_batch(features: np.ndarray, mean, std, device) -> torch.Tensor:
     """Store-dtype features (B, 2, T, n_mels) -> normalised float32 tensor on `device`."""
     x = torch.from_numpy(np.ascontiguousarray(features)).to(device=device).float()
@@ -135,7 +156,7 @@ def infer(model: torch.nn.Module, features: np.ndarray, mean, std, batch_size: i
     dev = torch.device(device)
     for start in range(0, len(features), batch_size):
         x = prepare_batch(features[start:start + batch_size], mean, std, dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_bf16 and dev.type == "cuda"):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp_bf16):
             y = model(x)
         outs.append(y.float().cpu().numpy())
     model.train(was_training)
@@ -260,7 +281,7 @@ def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path]
         if not feats:
             continue
         outputs = infer(loaded.model, np.concatenate(feats), loaded.mean, loaded.std,
-                        cfg.train.batch_size, device, cfg.train.amp_bf16)
+                        cfg.train.batch_size, device, bf16_autocast(device, cfg.train.amp_bf16))
         start = 0
         for path, n_win, n_frames in spans:
             out = stitch(outputs[start:start + n_win], n_frames)

@@ -36,6 +36,7 @@ from seld.predict import (
     CHECKPOINT_DIR,
     SELECTED,
     THRESHOLDS,
+    bf16_autocast,
     decode,
     infer,
     load_weights,
@@ -249,7 +250,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(_worker_threads(cfg, ctx.get_local_world_size()))
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    amp = cfg.train.amp_bf16 and device.type == "cuda"
+    amp = bf16_autocast(device, cfg.train.amp_bf16)
     fmt = cfg.model.output_format
     stages = {"both": (1, 2), "stage1": (1,), "stage2": (2,)}[cfg.train.stages]
     t_start = time.time()
@@ -517,6 +518,7 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({
+        "precision": "bf16" if amp else "float32",
         "cost/epochs": len(history),
         "cost/stage1_epochs": sum(1 for r in history if r["stage"] == 1),
         "cost/stage2_epochs": sum(1 for r in history if r["stage"] == 2),

@@ -165,3 +165,32 @@ def test_local_model_overfits_8_real_clips(smoke_data, name):
     assert best <= 0.05 * initial, (initial, best, steps)
     assert final <= 0.05 * initial, (initial, final)
     assert f20 >= 90.0, f20
+
+
+def test_attention_under_cpu_bf16_autocast_runs_in_float32():
+    """CPU bf16 autocast leaves the projections in bf16 but computes softmax(QK^T/sqrt(d))V in float32
+    (the bf16 CPU kernel's backward is ~10x slower); checked against the explicit formula."""
+    from seld.model.conformer import SelfAttention
+
+    att = SelfAttention(16, 2, dropout=0.0)
+    x = torch.randn(3, 50, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = att(x)
+        q, k, v = att.qkv(att.norm(x)).view(3, 50, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    q, k, v = q.float(), k.float(), v.float()  # the bf16 projections, as the module sees them
+    assert q.dtype == torch.float32
+    w = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+    y = (w @ v).transpose(1, 2).reshape(3, 50, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = att.proj(y)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+    got.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_decision_follows_the_flag_and_the_hardware():
+    from seld.predict import bf16_autocast
+
+    assert bf16_autocast("cpu", wanted=False) is False
+    assert bf16_autocast("cpu", wanted=True) is bool(torch.cpu._is_amx_tile_supported())
+    assert bf16_autocast("meta", wanted=True) is False
