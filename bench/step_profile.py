@@ -1,12 +1,16 @@
 """Where a training step's time goes: the Ray Train worker's stage-1 loop, replayed stand-alone.
 
     python bench/step_profile.py STORE [--preset local] [--batches 30] [--threads 2] [--random]
+                                       [--precision auto|bf16|float32|both] [--baseline]
 
 Builds what `train_loop_per_worker` builds (the stage-1 rows of the store, their targets, the
 normalisation, the model, loss, augmenter, Adam at the stage-1 lr) without Ray, and times each phase
 of every step: batch (row selection), prep (float16 -> normalised float32), augment, forward (+
 loss), backward, clip (gradient clipping), step (optimizer). The first two steps are warm-up and not
 counted. `--random` replaces the features by Gaussian noise (what a model-only benchmark feeds).
+`--precision both` runs a bf16-autocast model and a float32 one (same initial weights) step by step
+on the same batches, alternating which goes first, and reports the median per-step ratio: the
+host's speed drifts by 10-25 % within minutes, a ratio of interleaved steps does not.
 Compare its ms/batch with a run's `train/time_s` per epoch / batches per epoch.
 """
 
@@ -23,10 +27,10 @@ import torch
 
 from seld import data as seld_data
 from seld.augment import Augmenter
-from seld.config import preset_config
+from seld.config import BASELINE_OVERRIDES, preset_config
 from seld.losses import build_loss
 from seld.model import build_model
-from seld.predict import prepare_batch
+from seld.predict import bf16_autocast, prepare_batch
 from seld.train import _seed_everything, _TrainSet
 
 PHASES = ("batch", "prep", "augment", "forward", "backward", "clip", "step")
@@ -38,63 +42,90 @@ def main() -> int:
     ap.add_argument("--preset", default="local")
     ap.add_argument("--batches", type=int, default=30, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", action="store_true", help="Baseline-A (its own overrides) instead of Stereo-RCnet")
     ap.add_argument("--random", action="store_true", help="Gaussian-noise features instead of the store's")
-    ap.add_argument("--bf16", action="store_true", help="forward under torch.autocast('cpu', bfloat16)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "float32", "both"), default="auto",
+                    help="auto: what the worker does (seld.predict.bf16_autocast: bf16 on CPUs with AMX); "
+                         "both: bf16 and float32 steps interleaved on the same batches, with their ratio")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = preset_config(args.preset)
+    cfg = preset_config(args.preset, BASELINE_OVERRIDES if args.baseline else None)
+    if args.precision == "both":
+        arms = (True, False)
+    elif args.precision == "auto":
+        arms = (bf16_autocast("cpu", cfg.train.amp_bf16),)
+    else:
+        arms = (args.precision == "bf16",)
     rows = seld_data.plan_rows(seld_data.read_index(args.store, cfg.features), cfg)
     table = pa.concat_tables([pq.read_table(p, columns=list(seld_data.ROW_COLUMNS))
                               for p in seld_data.shard_paths(args.store, cfg.features)])
     everything = seld_data.to_clip_batch({c: table[c].to_numpy(zero_copy_only=False) for c in seld_data.ROW_COLUMNS})
     tset = _TrainSet("stage1", cfg, 0, rows=seld_data.select(seld_data.concat([everything]), rows["stage1"]))
     mean, std = seld_data.norm_from_sums(tset.sums())
-    _seed_everything(cfg.seed, 0)
-    net = build_model(cfg.model, n_mels=cfg.features.n_mels).train()
     loss_fn = build_loss(cfg.loss, cfg.model.output_format)
     augment = Augmenter(cfg.augment)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.stage1.lr, weight_decay=cfg.train.stage1.weight_decay)
+    models = {}
+    for bf16 in arms:  # the same initial weights for every arm
+        _seed_everything(cfg.seed, 0)
+        net = build_model(cfg.model, n_mels=cfg.features.n_mels).train()
+        models[bf16] = (net, torch.optim.Adam(net.parameters(), lr=cfg.train.stage1.lr,
+                                              weight_decay=cfg.train.stage1.weight_decay))
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(0)
-    spent = dict.fromkeys(PHASES, 0.0)
+    spent = {bf16: dict.fromkeys(PHASES, 0.0) for bf16 in arms}
+    steps: dict[bool, list[float]] = {bf16: [] for bf16 in arms}
     n_timed, epoch = 0, 0
     while n_timed < args.batches:
         batches = tset.batches(epoch, tset.n_batches(epoch))
         for i in range(tset.n_batches(epoch)):
-            t = [time.perf_counter()]
+            t0 = time.perf_counter()
             feats, targets = next(batches)
             if args.random:
                 feats = rng.standard_normal(feats.shape).astype(feats.dtype)
-            t.append(time.perf_counter())
+            t1 = time.perf_counter()
             x, y = prepare_batch(feats, mean, std, "cpu"), torch.from_numpy(targets)
-            t.append(time.perf_counter())
+            t2 = time.perf_counter()
             x, y = augment(x, y, gen)
-            t.append(time.perf_counter())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-                out = net(x)
-            loss = loss_fn(out.float(), y)
-            t.append(time.perf_counter())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t.append(time.perf_counter())
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-            t.append(time.perf_counter())
-            opt.step()
-            t.append(time.perf_counter())
+            t3 = time.perf_counter()
+            data = dict(zip(PHASES[:3], (t1 - t0, t2 - t1, t3 - t2), strict=True))
+            order = arms if n_timed % 2 == 0 else arms[::-1]  # alternate which arm goes first
+            for bf16 in order:
+                net, opt = models[bf16]
+                t = [time.perf_counter()]
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    pred = net(x)
+                loss = loss_fn(pred.float(), y)
+                t.append(time.perf_counter())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                t.append(time.perf_counter())
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
+                t.append(time.perf_counter())
+                opt.step()
+                t.append(time.perf_counter())
+                if epoch == 0 and i < 2:
+                    continue
+                phases = {**data, **dict(zip(PHASES[3:], np.diff(t), strict=True))}
+                for k, v in phases.items():
+                    spent[bf16][k] += v
+                steps[bf16].append(sum(phases.values()))
             if epoch == 0 and i < 2:
                 continue
-            for k, a, b in zip(PHASES, t[:-1], t[1:], strict=True):
-                spent[k] += b - a
             n_timed += 1
             if n_timed >= args.batches:
                 break
         epoch += 1
-    per = {k: round(1000 * v / n_timed, 1) for k, v in spent.items()}
-    total = sum(spent.values()) / n_timed
-    print(json.dumps({"preset": args.preset, "threads": args.threads, "input": "random" if args.random else "store", "bf16": args.bf16,
-                      "batch_size": cfg.train.batch_size, "ms_per_batch": round(1000 * total, 1),
-                      "clips_per_s": round(cfg.train.batch_size / total, 1), "ms_by_phase": per}))
+    out = {"preset": args.preset, "model": cfg.model.name, "threads": args.threads, "input": "random" if args.random else "store",
+           "batch_size": cfg.train.batch_size, "timed_steps": n_timed}
+    for bf16 in arms:
+        total = float(np.median(steps[bf16]))
+        out["bf16" if bf16 else "float32"] = {
+            "ms_per_batch_median": round(1000 * total, 1), "clips_per_s": round(cfg.train.batch_size / total, 1),
+            "ms_by_phase_mean": {k: round(1000 * v / n_timed, 1) for k, v in spent[bf16].items()}}
+    if len(arms) == 2:  # per-step pairs: the host's drift cancels
+        out["float32_over_bf16_median"] = round(float(np.median(np.array(steps[False]) / np.array(steps[True]))), 3)
+    print(json.dumps(out))
     return 0
 
 

@@ -114,7 +114,7 @@ def bf16_autocast(device, wanted: bool = True) -> bool:
 
     Only where the hardware computes bf16 natively: CUDA GPUs with bf16 (Ampere and newer), and CPUs
     with AMX tiles (Intel Xeon 4th generation and newer), where oneDNN's bf16 convolutions and matmuls
-    take a `local` training step from ~310 to ~220 ms (bench/step_profile.py --bf16). CPUs without
+    make a `local` training step ~1.5x faster (bench/step_profile.py --precision). CPUs without
     AMX emulate bf16 more slowly than they compute float32, so they stay in float32. A run records the
     result as `precision` in metrics.json; bf16 and float32 runs of one config are different
     computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.

@@ -171,6 +171,7 @@ def _context(rows: pd.DataFrame) -> dict[str, str]:
         "preset": one("preset", "?"),
         "dataset": one("dataset", "generated"),
         "protocol": one("protocol", "dcase"),
+        "precision": one("precision", ""),
     }
 
 
@@ -190,6 +191,8 @@ def _caption(spec: TableSpec, ctx: dict[str, str], stats_: list[_RowStats]) -> s
         "scored at the activity threshold 0.5, Stage 2 + PP with the class-wise thresholds fitted on "
         "the validation split. Cost: mean wall time and device-hours of one run."
     )
+    if ctx["precision"]:
+        caption += f" Training precision: {ctx['precision']} (`train.amp_bf16`: bf16 autocast where native)."
     if ctx["protocol"] == "paper":
         caption += (
             " Footnote: protocol `paper` — model selection and thresholds were tuned on the test "

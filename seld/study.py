@@ -452,13 +452,14 @@ def git_sha() -> str:
 
 
 def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """metrics.json -> flat columns: scalars as they are, ``classwise.<split>[c].f20`` as
-    ``<split>/class/<c>/f20`` (per-class F20 only; the rest stays in the run folder)."""
+    """metrics.json -> flat columns: scalars and strings (e.g. ``precision``) as they are,
+    ``classwise.<split>[c].f20`` as ``<split>/class/<c>/f20`` (per-class F20 only; the rest stays in
+    the run folder)."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, bool):
             flat[key] = int(value)
-        elif isinstance(value, int | float) or value is None:
+        elif isinstance(value, int | float | str) or value is None:
             flat[key] = value
         elif key == "classwise" and isinstance(value, dict):
             for split, rows in value.items():

@@ -93,6 +93,15 @@ def test_protocol_paper_adds_footnote(tmp_path):
     assert "protocol `paper`" in (tmp_path / "table1.md").read_text()
 
 
+def test_caption_states_the_training_precision(tmp_path):
+    write_report(_rows(), tmp_path, [SPEC])
+    assert "precision" not in (tmp_path / "table1.md").read_text()  # older summaries have no column
+    rows = _rows()
+    rows["precision"] = ["bf16"] * (len(rows) - 1) + ["float32"]  # a mixed study says so
+    write_report(rows, tmp_path, [SPEC])
+    assert "Training precision: bf16, float32 (`train.amp_bf16`" in (tmp_path / "table1.md").read_text()
+
+
 def test_report_from_files_is_byte_for_byte_reproducible(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):

@@ -41,8 +41,8 @@ def _attempts(out: Path) -> dict[str, int]:
 
 def test_flatten_metrics_keeps_scalars_and_classwise_f20():
     flat = flatten_metrics({"test/f20": 12.5, "thresholds": [0.5] * 13, "selected_checkpoint": "x",
-                            "classwise": {"test_pp": [{"class": 3, "f20": 40.0, "doae": 2.0}]}})
-    assert flat == {"test/f20": 12.5, "test_pp/class/3/f20": 40.0}
+                            "precision": "bf16", "classwise": {"test_pp": [{"class": 3, "f20": 40.0, "doae": 2.0}]}})
+    assert flat == {"test/f20": 12.5, "selected_checkpoint": "x", "precision": "bf16", "test_pp/class/3/f20": 40.0}
 
 
 def _check_study_wandb(out: Path, study: str, rows: pd.DataFrame) -> None:
