@@ -210,7 +210,7 @@ def main() -> int:
     g_value, g_epochs = float(g_best["val/f20"]), int((cdf["final"] == 0).sum())
     g_name = ", ".join(f"{k}={g_best[k]}" for k in SPACE)
     cfg = preset_config(args.preset, sets)
-    max_t = cfg.train.stage1.epochs if cfg.train.stages == "stage1" else cfg.train.stage1.epochs + cfg.train.stage2.epochs
+    max_t = cfg.train.max_epochs
     print(f"full grid: {len(finals)} points, {g_epochs} trial-epochs, best val F20 {g_value:.2f} "
           f"({g_name}); goal: >= {g_value - GOAL_GAP:.2f} at <= {GOAL_RATIO * g_epochs:.0f} trial-epochs\n")
 

@@ -346,6 +346,12 @@ class TrainConfig:
         _check(self.num_workers >= 1, "train.num_workers", "must be >= 1")
         _check(self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
 
+    @property
+    def max_epochs(self) -> int:
+        """Epochs of the stages this config trains, at most (stage 2 may stop early)."""
+        return {"both": self.stage1.epochs + self.stage2.epochs, "stage1": self.stage1.epochs,
+                "stage2": self.stage2.epochs}[self.stages]
+
 
 @dataclass(frozen=True)
 class ExperimentConfig:

@@ -993,8 +993,7 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
 
     _start_ray(plan)
     cfg = preset_config(sweep.preset, spec["overrides"])
-    max_t = cfg.train.stage1.epochs + cfg.train.stage2.epochs if cfg.train.stages == "both" else (
-        cfg.train.stage1.epochs if cfg.train.stages == "stage1" else cfg.train.stage2.epochs)
+    max_t = cfg.train.max_epochs
     # Optuna ids of earlier trials seed the sampler's RNG offset so a resumed sweep does not
     # replay the same proposals.
     n_before = len(_finished_trials(storage, sweep.name))

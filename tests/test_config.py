@@ -108,3 +108,10 @@ def test_hash_changes_with_any_field_and_flatten_lists_dotted_keys():
     flat = flatten(base)
     assert flat["train.stage1.lr"] == 1e-4
     assert json.dumps(to_dict(base))  # JSON-serialisable
+
+
+def test_max_epochs_counts_the_trained_stages():
+    cfg = preset_config("local")  # 12 stage-1 epochs, at most 8 in stage 2
+    assert cfg.train.max_epochs == 20
+    assert apply_overrides(cfg, {"train.stages": "stage1"}).train.max_epochs == 12
+    assert apply_overrides(cfg, {"train.stages": "stage2"}).train.max_epochs == 8
