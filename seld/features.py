@@ -115,7 +115,14 @@ def _log_mel_cpu(x: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
         spec = np.fft.rfft(frames * window, n=cfg.n_fft, axis=-1)  # complex128 (c, ch, frames, bins)
         power = np.square(spec.real, dtype=np.float32)
         power += np.square(spec.imag, dtype=np.float32)
-        mel = torch.matmul(torch.from_numpy(power), mel_basis).numpy()  # (c, ch, frames, n_mels)
+        # One matmul per clip, not per chunk: a clip's rows then go through the same GEMM shape
+        # whichever clips share its chunk (store extraction batches clips, `seld predict` does one
+        # window at a time), so its features do not depend on its neighbours' count.
+        power_t = torch.from_numpy(power)
+        mel = torch.empty(*power.shape[:-1], cfg.n_mels, dtype=torch.float32)
+        for j in range(len(power_t)):
+            torch.matmul(power_t[j], mel_basis, out=mel[j])
+        mel = mel.numpy()  # (c, ch, frames, n_mels)
         db = 10.0 * np.log10(np.maximum(mel, _AMIN))
         peak = db.reshape(len(db), -1).max(axis=1).reshape(-1, 1, 1, 1)
         out[i:i + chunk] = np.maximum(db, peak - cfg.top_db)

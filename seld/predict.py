@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,19 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 # --- The one forward path (training validation/test and prediction) ----------------------------------
+PRECISION_ENV = "SELD_PRECISION"
+
+
+def precision_override() -> str:
+    """The machine-wide precision switch: ``$SELD_PRECISION``, ``auto`` (unset: the hardware decides,
+    see :func:`bf16_autocast`) or ``float32`` (every run of this process and its Ray workers trains and
+    infers in float32, as a machine without native bf16 does: the test suite runs once this way)."""
+    value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", "float32"):
+        raise UserError(f"${PRECISION_ENV}={os.environ[PRECISION_ENV]!r}: expected 'auto' or 'float32'")
+    return value
+
+
 def bf16_autocast(device, wanted: bool = True) -> bool:
     """Whether training and inference on `device` run under bf16 autocast (`train.amp_bf16`).
 
@@ -116,11 +130,12 @@ def bf16_autocast(device, wanted: bool = True) -> bool:
     with AMX tiles (Intel Xeon 4th generation and newer), where oneDNN's bf16 convolutions and matmuls
     make a `local` training step ~1.5x faster (bench/step_profile.py --precision). CPUs without
     AMX emulate bf16 more slowly than they compute float32, so they stay in float32. A run records the
-    result as `precision` in metrics.json; bf16 and float32 runs of one config are different
+    result as `precision` in metrics.json; ``SELD_PRECISION=float32`` (:func:`precision_override`)
+    forces float32 everywhere; bf16 and float32 runs of one config are different
     computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.
     """
     dev = torch.device(device)
-    if not wanted:
+    if not wanted or precision_override() == "float32":
         return False
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()

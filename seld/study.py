@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from seld.cli import configure_logging
 from seld.config import (
     ConfigError,
     ExperimentConfig,
@@ -776,6 +777,8 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
 def _log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
     import wandb
 
+    from seld.train import finish_wandb_run
+
     os.environ.setdefault("WANDB_MODE", "offline")
     run = wandb.init(project="seld", group=study, job_type="report", name=f"{study}-tables",
                      dir=str(out), mode=os.environ["WANDB_MODE"], tags=[study, "report"],
@@ -788,7 +791,7 @@ def _log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
             elif p.suffix == ".png":
                 run.log({f"plots/{p.stem}": wandb.Image(str(p))})
     finally:
-        run.finish()
+        finish_wandb_run(run)
 
 
 def _train_counts(cfg: ExperimentConfig, opts: Options) -> tuple[int, int]:
@@ -1200,8 +1203,7 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
     is_sweep = isinstance(next(iter(declarations.values())), Sweep)
     add_arguments(parser, list(declarations), default_preset, sweep=is_sweep)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_logging(args.verbose)
     decl = declarations[args.preset]
     if args.out is None and args.cluster is None:
         args.out = Path("results") / decl.name

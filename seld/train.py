@@ -689,4 +689,20 @@ class _WandbLogger:
 
     def close(self) -> None:
         self._stop.set()
-        self.run.finish()
+        finish_wandb_run(self.run)
+
+
+def finish_wandb_run(run) -> None:
+    """Finish a W&B run and return only once its offline transaction log is complete on disk.
+
+    wandb 0.31's ``run.finish()`` returns when wandb-core has handled the exit record, but the core
+    closes (flushes) the run's ``.wandb`` file later, on its own, after the fire-and-forget
+    ``inform_finish``: a reader right after ``finish()`` could find the file empty or without its
+    history (seen: a sweep's report run with no ``trials`` table). ``wandb.teardown()`` waits for
+    the core process to exit, which closes every stream's file; the next ``wandb.init`` in this
+    process starts a new core (~0.3 s).
+    """
+    import wandb
+
+    run.finish()
+    wandb.teardown()

@@ -45,3 +45,30 @@ def test_readme_test_command_is_what_ci_runs():
     assert len(commands) == 2, commands  # exactly two set-up commands
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command in ci
+
+
+def test_logging_follows_stderr_after_a_swapped_stream_is_closed(capsys):
+    """The CLIs' log handler writes to the stderr of the moment: a stream that was sys.stderr when
+    logging was configured, and was closed since, costs no "I/O operation on closed file" error."""
+    import io
+    import logging
+    import sys
+
+    from seld.cli import configure_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        current, swapped = sys.stderr, io.StringIO()
+        sys.stderr = swapped
+        configure_logging(verbose=False)
+        logging.getLogger("seld.test").warning("first record")
+        sys.stderr = current
+        assert "first record" in swapped.getvalue()
+        swapped.close()
+        logging.getLogger("seld.test").warning("second record")
+        err = capsys.readouterr().err
+        assert "second record" in err and "Logging error" not in err and "closed file" not in err
+    finally:
+        root.handlers, root.level = saved, level

@@ -46,6 +46,10 @@ def _check_reproduced(run: Path, data: Path, tmp_path: Path, capsys) -> None:
         capsys.readouterr()
         assert main(["evaluate", str(data / "metadata_dev"), str(pred), "--json"]) == 0
         got = json.loads(capsys.readouterr().out)
+        # Exact on every CPU, on the machine that trained: `seld predict` computes a clip's features
+        # with the store's function and shapes (log_mel's per-clip matmul) and rounds them to the
+        # store's dtype, runs the network on the same batches (the run's batch size, split order)
+        # with the run's precision decision, and decodes and scores with the same functions.
         for key in ("f20", "doae_cd", "rde_cd", "dist_err_cd"):
             assert got[key] == metrics[f"{prefix}/{key}"], (prefix, key)
     # The run's own prediction folder holds the same CSVs as `seld predict` wrote.

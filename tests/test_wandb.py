@@ -70,3 +70,27 @@ def test_wandb_offline_run_matches_metrics_and_holds_no_key(smoke_store, ray_ses
     # The canary key is in no file under the run folder.
     hits = [p for p in run.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
     assert not hits, hits
+
+
+def test_finished_offline_run_is_complete_on_disk_at_return(tmp_path, monkeypatch):
+    """`finish_wandb_run` returns only once the offline `.wandb` log holds every record: read right
+    after it, each run has its history row (the logged table) and its exit record. A plain
+    `run.finish()` returns before wandb-core closes the file (the sweep report's missing table)."""
+    import pandas as pd
+    import wandb
+
+    from seld.train import finish_wandb_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for i in range(8):
+        folder = tmp_path / f"r{i}"
+        folder.mkdir()
+        run = wandb.init(project="seld", group="finish-test", dir=str(folder), mode="offline",
+                         reinit="create_new")
+        run.log({"trials": wandb.Table(dataframe=pd.DataFrame({"a": [1, 2], "b": [0.5, i]}))})
+        finish_wandb_run(run)
+        (log,) = folder.glob("wandb/offline-run-*/*.wandb")
+        records = read_wandb_records(log)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        history = [_items(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+        assert kinds[-1] == "exit" and history[0]["trials/_type"] == "table-file", (i, kinds)
