@@ -55,6 +55,13 @@ SPLITS: dict[str, dict[str, str]] = {
 }
 
 
+def sabine_absorption(size_m, rt60_s: float) -> float:
+    """Mean absorption coefficient of a shoebox room of ``size_m`` (x, y, z in m) with reverberation
+    time ``rt60_s`` (s), from Sabine's formula RT60 = 0.161 V / (S ᾱ); above 1 the RT60 is impossible."""
+    lx, ly, lz = size_m
+    return 0.161 * (lx * ly * lz) / (2.0 * (lx * ly + lx * lz + ly * lz) * rt60_s)
+
+
 class ConfigError(ValueError):
     """A configuration value or override key is invalid; the message names the field."""
 
@@ -81,9 +88,12 @@ class FeatureConfig:
     """Official log-mel recipe (spec §5). Changing any field changes the store's hash."""
 
     sample_rate_hz: int = SAMPLE_RATE_HZ  # audio is resampled to this rate on load
-    clip_s: float = CLIP_S  # clip length; shorter files are zero-padded with a warning
+    # Clip length; shorter files are zero-padded with a warning. Fixed at 5 s: the models, targets
+    # and stitching are built for 50 label frames of 100 ms (checked below).
+    clip_s: float = CLIP_S
     win_length: int = 960  # STFT window, samples (40 ms Hann)
-    hop_length: int = 480  # STFT hop, samples (20 ms)
+    # STFT hop, samples: fixed at 20 ms (480 at 24 kHz), 5 feature frames per label frame (checked).
+    hop_length: int = 480
     n_fft: int = 1024  # DFT size
     n_mels: int = 64  # mel bands (librosa Slaney mel, fmin..fmax)
     fmin_hz: float = 0.0
@@ -95,7 +105,13 @@ class FeatureConfig:
         _check_literal(self)
         _check(self.sample_rate_hz > 0, "features.sample_rate_hz", "must be > 0")
         _check(0 < self.win_length <= self.n_fft, "features.win_length", "must be in (0, n_fft]")
-        _check(self.hop_length > 0, "features.hop_length", "must be > 0")
+        _check(self.clip_s == CLIP_S, "features.clip_s",
+               f"the models and targets are built for {CLIP_S:g}-s clips ({N_LABEL_FRAMES} label frames of "
+               f"{LABEL_HOP_S:g} s), got {self.clip_s}")
+        hop = round(FEATURE_HOP_S * self.sample_rate_hz)
+        _check(self.hop_length == hop, "features.hop_length",
+               f"the label alignment needs {FEATURE_HOP_S * 1000:g}-ms frames ({hop} samples at "
+               f"{self.sample_rate_hz} Hz, {N_FEATURE_FRAMES} per clip), got {self.hop_length}")
         _check(0 <= self.fmin_hz < self.fmax_hz <= self.sample_rate_hz / 2, "features.fmax_hz",
                "need 0 <= fmin_hz < fmax_hz <= sample_rate_hz / 2")
 
@@ -189,8 +205,7 @@ class SynthConfig:
             _check(min(smin[:2]) >= need, room, f"impossible room: length and width must be >= {need:.2f} m "
                    f"to hold a source at {self.distance_m_range[0]} m from the microphone, got {smin}")
             _check(smin[2] >= 2.0, room, f"impossible room: height must be >= 2.0 m, got {smin[2]}")
-            lx, ly, lz = smax
-            alpha = 0.161 * lx * ly * lz / (2 * (lx * ly + lx * lz + ly * lz) * lo)
+            alpha = sabine_absorption(smax, lo)
             _check(alpha < 0.95, rt_name, f"impossible room: RT60 {lo} s needs absorption {alpha:.2f} "
                    f"(>= 0.95) in the largest room {smax}; raise the RT60 or shrink the room")
             for r in ("snr_db_range", "level_db_range"):

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from seld import labels
-from seld.config import SPLITS, FeatureConfig, config_hash, from_dict, to_dict
+from seld.config import LABEL_HOP_S, SPLITS, FeatureConfig, config_hash, from_dict, to_dict
 from seld.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _read_clip(src: ClipSource, cfg: FeatureConfig):
     if not csv.is_file():
         raise DataError(f"{src.wav}: no label file {csv}")
     h.update(csv.read_bytes())
-    n_frames = int(round(cfg.clip_s / 0.1))
+    n_frames = int(round(cfg.clip_s / LABEL_HOP_S))
     return audio, labels.read_reference_csv(csv, n_frames=n_frames), h.hexdigest()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -115,3 +116,14 @@ def test_max_epochs_counts_the_trained_stages():
     assert cfg.train.max_epochs == 20
     assert apply_overrides(cfg, {"train.stages": "stage1"}).train.max_epochs == 12
     assert apply_overrides(cfg, {"train.stages": "stage2"}).train.max_epochs == 8
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("features.hop_length", "240", "features.hop_length: the label alignment needs 20-ms frames (480 samples at 24000 Hz, 251 per clip), got 240"),
+    ("features.clip_s", "10", "features.clip_s: the models and targets are built for 5-s clips (50 label frames of 0.1 s), got 10"),
+])
+def test_fixed_frame_grid_fields_refuse_other_values(key, value, says):
+    """The clip length and the STFT hop are fixed by the label grid: another value is refused with a
+    message that says why, instead of being silently ignored downstream."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        preset_config("smoke", {key: value})

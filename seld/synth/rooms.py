@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from seld.config import SAMPLE_RATE_HZ
+from seld.config import SAMPLE_RATE_HZ, sabine_absorption
 
 SPEED_OF_SOUND_M_S = 343.0
 EARLY_S = 0.08  # image sources arriving within this time of emission; the diffuse tail after it
@@ -63,7 +63,7 @@ class Room:
         """Mean absorption coefficient ᾱ from Sabine's formula RT60 = 0.161 V / (S ᾱ)."""
         if self.rt60_s <= 0:
             return 1.0
-        return 0.161 * self.volume_m3 / (self.surface_m2 * self.rt60_s)
+        return sabine_absorption(self.size_m, self.rt60_s)
 
     @property
     def reverberant_energy(self) -> float:
@@ -73,12 +73,6 @@ class Room:
             return 0.0
         room_constant = self.surface_m2 * a / (1.0 - a)
         return 16.0 * np.pi / room_constant
-
-
-def sabine_absorption(size_m, rt60_s: float) -> float:
-    """ᾱ that a shoebox of `size_m` needs for `rt60_s` (> 1 means the RT60 is impossible there)."""
-    lx, ly, lz = size_m
-    return 0.161 * lx * ly * lz / (2.0 * (lx * ly + lx * lz + ly * lz) * rt60_s)
 
 
 def foa_gains(azimuth_deg, elevation_deg) -> np.ndarray:
