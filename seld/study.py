@@ -469,29 +469,23 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _frame_polyphony(events) -> dict[int, int]:
-    """Reference events per label frame: {frame: count}."""
-    frames, counts = np.unique(np.asarray(events["frame"], dtype=np.int64), return_counts=True)
-    return {int(f): int(c) for f, c in zip(frames, counts, strict=True)}
-
-
 def score_breakdowns(pred_dir: Path, data_root: Path, prefix: str = "test_pp",
-                     distance_bins_m: Sequence[float] = (0.0, 1.5, 3.0, 100.0)) -> dict[str, float]:
+                     distance_bins_m: Sequence[float] = (0.0, 1.5, 3.0, 100.0)) -> dict[str, float | None]:
     """Per-site, per-distance-bin and per-polyphony scores of a run's test predictions, plus the
-    jackknife interval (over files) of the overall scores.
+    jackknife interval (over files) of the overall scores (:func:`seld.evaluate.score_breakdowns`).
 
     Reads ``pred_dir/*.csv`` (DCASE2025 format) and the references under
-    ``data_root/metadata_dev/dev-test-*/``. Distance bins filter reference and predicted events
-    by their own distance (m); polyphony filters every frame by the number of reference events in
-    it (3 means 3 or more). Returns flat columns ``<prefix>/site/<site>/<metric>``,
+    ``data_root/metadata_dev/dev-test-*/`` (a reference without a prediction scores as predicting
+    nothing). Returns flat columns ``<prefix>/site/<site>/<metric>``,
     ``<prefix>/distance/<lo>-<hi>m/<metric>``, ``<prefix>/polyphony/<k>/<metric>``,
-    ``<prefix>/<metric>_ci_lo`` / ``_ci_hi``.
+    ``<prefix>/<metric>_ci_lo`` / ``_ci_hi`` (None where undefined); the run's metrics.json holds the
+    same columns, computed in memory.
     """
     from seld.config import SPLITS
+    from seld.evaluate import score_breakdowns as breakdowns
     from seld.labels import read_prediction_csv, read_reference_csv
-    from seld.metrics import score_events
 
-    refs, preds, sites = [], [], []
+    refs, preds, splits, names = [], [], [], []
     for split, info in SPLITS.items():
         if info["role"] != "test" or info["domain"] != "real":
             continue
@@ -499,38 +493,9 @@ def score_breakdowns(pred_dir: Path, data_root: Path, prefix: str = "test_pp",
             pred_path = Path(pred_dir) / ref_path.name
             refs.append(read_reference_csv(ref_path))
             preds.append(read_prediction_csv(pred_path) if pred_path.exists() else read_reference_csv(ref_path)[:0])
-            sites.append(info["site"])
-    if not refs:
-        return {}
-    out: dict[str, float] = {}
-
-    def put(key: str, score) -> None:
-        for m in ("f20", "doae_cd", "rde_cd"):
-            v = getattr(score, m)
-            out[f"{prefix}/{key}/{m}"] = float(v) if v is not None and np.isfinite(v) else float("nan")
-
-    full = score_events(refs, preds, jackknife=len(refs) > 2)
-    for m in ("f20", "doae_cd", "rde_cd"):
-        iv = (full.intervals or {}).get(m)
-        if iv:
-            out[f"{prefix}/{m}_ci_lo"], out[f"{prefix}/{m}_ci_hi"] = float(iv["low"]), float(iv["high"])
-    for site in sorted(set(sites)):
-        idx = [i for i, s in enumerate(sites) if s == site]
-        put(f"site/{site}", score_events([refs[i] for i in idx], [preds[i] for i in idx]))
-    for lo, hi in zip(distance_bins_m[:-1], distance_bins_m[1:], strict=True):
-        def keep(ev, lo=lo, hi=hi):
-            return ev[(ev["distance"] >= lo * 100) & (ev["distance"] < hi * 100)]
-        name = f"{lo:g}-{hi:g}m" if hi < 100 else f">={lo:g}m"
-        put(f"distance/{name}", score_events([keep(r) for r in refs], [keep(p) for p in preds]))
-    for k in (1, 2, 3):
-        def frames_with(ref, pred, k=k):
-            poly = _frame_polyphony(ref)
-            sel = {f for f, n in poly.items() if (n >= k if k == 3 else n == k)}
-            return (ref[np.isin(ref["frame"], list(sel))] if len(ref) else ref,
-                    pred[np.isin(pred["frame"], list(sel))] if len(pred) else pred)
-        pairs = [frames_with(r, p) for r, p in zip(refs, preds, strict=True)]
-        put(f"polyphony/{k}", score_events([a for a, _ in pairs], [b for _, b in pairs]))
-    return out
+            splits.append(split)
+            names.append(ref_path.name)
+    return breakdowns(refs, preds, splits, names, prefix=prefix, distance_bins_m=distance_bins_m)
 
 
 def _row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Path, out: Path,

@@ -3,7 +3,8 @@
 Reads the Parquet feature store through Ray Data (seld/data.py) and writes the run folder:
 `config.json`, `metrics.csv` (one line per epoch, exactly once even after a restore),
 `checkpoints/` (`stage1_best.pt`, `stage2_best.pt`, `selected.pt`; Ray's per-epoch resume states
-under `ray/`), `norm.npz`, `thresholds.json`, `metrics.json` and `predictions/` (test CSVs).
+under `ray/`), `norm.npz`, `thresholds.json`, `metrics.json` (scored by seld/evaluate.py) and
+`predictions/` (test CSVs).
 Stage 1 trains on synthetic + real train rows, stage 2 on real rows from stage 1's selected
 checkpoint; selection and early stopping use validation F20 at threshold 0.5 (whole rooms held out
 of the real train folders), never the test split.
@@ -31,7 +32,8 @@ import torch
 from seld import data as seld_data
 from seld.config import ExperimentConfig, StageConfig, from_dict, save_json, to_dict
 from seld.errors import DataError, UserError
-from seld.postprocess import as_written
+from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
+from seld.metrics import score_counters
 from seld.predict import (
     CHECKPOINT_DIR,
     SELECTED,
@@ -53,7 +55,6 @@ STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
                "train/data_wait_frac", "val/f20", "val/doae_cd", "val/rde_cd", "val/best_f20",
                "selected", "elapsed_s")
-SCALAR_KEYS = ("f20", "doae_cd", "rde_cd", "dist_err_cd")
 
 
 # --- Ray ------------------------------------------------------------------------------------------------
@@ -110,27 +111,6 @@ def _all_reduce(x: np.ndarray, op: str = "sum") -> np.ndarray:
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                            "max": dist.ReduceOp.MAX}[op])
     return t.cpu().numpy()
-
-
-# --- Scores ------------------------------------------------------------------------------------------------
-def _counters(refs: list[np.ndarray], preds: list[np.ndarray]) -> np.ndarray:
-    """Pooled metric counters (1, 13, K) of some clips (all clips are scored by the official rule)."""
-    from seld.metrics import count_errors
-
-    return count_errors(refs, preds).sum(axis=0, keepdims=True)
-
-
-def _score(counters: np.ndarray):
-    from seld.metrics import score_counters
-
-    return score_counters(counters)
-
-
-def _flat(score, prefix: str) -> dict[str, float]:
-    """Scalar scores as `prefix/name` (None where undefined, e.g. DOAE with no match), as in
-    `seld evaluate --json`."""
-    d = score.to_dict()
-    return {f"{prefix}/{k}": d[k] for k in SCALAR_KEYS}
 
 
 # --- The per-worker loop -------------------------------------------------------------------------------------
@@ -320,7 +300,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     def validate() -> dict:
         outputs = infer(net, val_mine.features, mean, std, cfg.train.batch_size, device, amp)
         preds = decode(outputs, fmt, cfg.train.val_threshold)
-        return _flat(_score(_all_reduce(_counters(val_mine.events, preds))), "val")
+        return flat_scores(score_counters(_all_reduce(pooled_counters(val_mine.events, preds))), "val")
 
     def run_epoch(stage: int, scfg: StageConfig, tset: _TrainSet, opt) -> dict:
         """Train one epoch, validate, update the selection; returns the metrics.csv row."""
@@ -438,31 +418,11 @@ def _write_json(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _score_sets(outputs: np.ndarray, rows: seld_data.ClipBatch, fmt: str, thr) -> tuple[Any, list]:
-    """Score outputs as their CSVs would be scored; also return the written-form events."""
-    from seld.metrics import count_errors
-
-    preds = [as_written(e) for e in decode(outputs, fmt, thr)]
-    return _score(count_errors(rows.events, preds)), preds
-
-
-def _infer_by_split(model, rows: seld_data.ClipBatch, mean, std, cfg, device, amp) -> np.ndarray:
-    """Outputs of rows in clip order, batched per split folder as `seld predict` batches a folder."""
-    outputs = [None] * len(rows)
-    for split in sorted(set(rows.splits)):
-        idx = np.flatnonzero(rows.splits == split)
-        out = infer(model, rows.features[idx], mean, std, cfg.train.batch_size, device, amp)
-        for i, o in zip(idx, out, strict=True):
-            outputs[i] = o
-    return np.stack(outputs)
-
-
 def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
-    """Rank 0: thresholds on validation, test scores (0.5, thresholds, stage 1), predictions."""
-    from seld.labels import write_csv
-    from seld.postprocess import GLOBAL_GRID, fit_thresholds, save_thresholds, scan_global_threshold
+    """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json
+    and the test predictions; returns metrics.json's content (scores + the run's cost)."""
+    from seld.postprocess import save_thresholds
 
-    fmt = cfg.model.output_format
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ran = [s for s in stages if (ckpt_dir / f"stage{s}_best.pt").is_file()]
     if not ran:
@@ -470,51 +430,13 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     sel_stage = ran[-1]
     sel_path = ckpt_dir / f"stage{sel_stage}_best.pt"
     shutil.copyfile(sel_path, ckpt_dir / SELECTED)
-    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/stage{sel_stage}_best.pt"}
-    classwise: dict[str, list] = {}
-
-    def evaluate(path: Path, prefix_test: str, with_val: bool):
-        blob = read_model_file(path)
-        net.load_state_dict(blob["model"])
-        metrics[f"{prefix_test}_epoch"] = int(blob["meta"].get("epoch", -1))
-        out = {}
-        if with_val:
-            out["val"] = _infer_by_split(net, val, mean, std, cfg, device, amp)
-        out["test"] = _infer_by_split(net, tests["test"], mean, std, cfg, device, amp)
-        return out
-
-    if 1 in ran and sel_stage == 2:
-        out1 = evaluate(ckpt_dir / "stage1_best.pt", "stage1", False)
-        s, _ = _score_sets(out1["test"], tests["test"], fmt, cfg.train.val_threshold)
-        metrics.update(_flat(s, "stage1_test"))
-    out = evaluate(sel_path, "selected", True)
-    s_val, _ = _score_sets(out["val"], val, fmt, cfg.train.val_threshold)
-    metrics.update(_flat(s_val, "val"))
-    thr = np.asarray(fit_thresholds(out["val"], val.events, fmt), dtype=np.float64)
-    save_thresholds(run_dir / THRESHOLDS, thr)
-    s_valpp, _ = _score_sets(out["val"], val, fmt, thr)
-    metrics.update(_flat(s_valpp, "val_pp"))
-    # The global-threshold grid on validation; its best value is also scored on test (no retraining).
-    t_glob, scan = scan_global_threshold(out["val"], val.events, fmt, GLOBAL_GRID)
-    metrics["global_threshold"] = t_glob
-    metrics["threshold_scan"] = {"threshold": list(GLOBAL_GRID), "val_f20": [float(f) for f in scan]}
-    metrics.update(_flat(_score_sets(out["val"], val, fmt, t_glob)[0], "val_global"))
-    metrics.update(_flat(_score_sets(out["test"], tests["test"], fmt, t_glob)[0], "test_global"))
-    s_test, preds05 = _score_sets(out["test"], tests["test"], fmt, cfg.train.val_threshold)
-    s_pp, preds_pp = _score_sets(out["test"], tests["test"], fmt, thr)
-    metrics.update(_flat(s_test, "test"))
-    metrics.update(_flat(s_pp, "test_pp"))
-    classwise["test"] = s_test.to_dict().get("classwise", [])
-    classwise["test_pp"] = s_pp.to_dict().get("classwise", [])
-    for folder, preds in (("predictions", preds_pp), ("predictions_t05", preds05)):
-        for clip, ev in zip(tests["test"].clips, preds, strict=True):
-            write_csv(run_dir / folder / f"{Path(clip).stem}.csv", ev)
-    if "synth_test" in tests:
-        o = _infer_by_split(net, tests["synth_test"], mean, std, cfg, device, amp)
-        s, _ = _score_sets(o, tests["synth_test"], fmt, cfg.train.val_threshold)
-        metrics.update(_flat(s, "synth_test"))
-    metrics["thresholds"] = [float(t) for t in np.broadcast_to(thr, (13,))]
-    metrics["classwise"] = classwise
+    stage1 = read_model_file(ckpt_dir / "stage1_best.pt") if 1 in ran and sel_stage == 2 else None
+    scores = evaluate_run(net, read_model_file(sel_path), val, tests, cfg, mean, std, device, amp, stage1=stage1)
+    save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
+    for folder, preds in scores.predictions.items():
+        write_predictions(run_dir / folder, tests["test"].clips, preds)
+    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/stage{sel_stage}_best.pt",
+                               **scores.metrics}
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({

@@ -55,6 +55,13 @@ def _check_reproduced(run: Path, data: Path, tmp_path: Path, capsys) -> None:
     # The run's own prediction folder holds the same CSVs as `seld predict` wrote.
     for path in sorted((tmp_path / "pred_test_pp").glob("*.csv")):
         assert path.read_text() == (run / "predictions" / path.name).read_text()
+    # The breakdowns the run scored in memory (store rows) are those of its predictions/ CSVs against
+    # the dataset's reference CSVs, key for key and exactly.
+    assert main(["evaluate", str(data / "metadata_dev"), str(run / "predictions"), "--json", "--breakdowns"]) == 0
+    got = json.loads(capsys.readouterr().out)["breakdowns"]
+    recorded = {k: v for k, v in metrics.items()
+                if k.startswith(("test_pp/site/", "test_pp/distance/", "test_pp/polyphony/")) or "_ci_" in k}
+    assert got and got == recorded
 
 
 def test_train_predict_evaluate_one_worker(smoke_run, smoke_data, tmp_path, capsys):

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from seld.errors import UserError
 from seld.metrics import score_dirs
 
 NAME = "evaluate"
@@ -13,10 +14,13 @@ HELP = "score prediction CSVs against reference CSVs with the official DCASE2025
 EXAMPLE = """example:
   seld evaluate data/metadata_dev pred --json
   seld evaluate data/metadata_dev/dev-test-tau pred --jackknife
+  seld evaluate data/metadata_dev RUN/predictions --json --breakdowns
 
 REFERENCE_DIR is searched recursively and files are paired by name; every prediction needs a
 reference of the same name. Official quirk: only frames before the last annotated frame of each
-reference are scored (--score-all-frames scores every frame; not the official number)."""
+reference are scored (--score-all-frames scores every frame; not the official number).
+--breakdowns adds the scores by site (the reference's split folder), distance and polyphony and the
+jackknife interval, keyed as a training run's metrics.json keys them (test_pp/site/tau/f20, ...)."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-all-frames", action="store_true",
                         help="score every frame (the official scorer skips the last annotated one "
                              "and later frames)")
+    parser.add_argument("--breakdowns", action="store_true",
+                        help="also score by site, distance bin and polyphony, with the jackknife "
+                             "interval (JSON: a \"breakdowns\" object keyed as metrics.json)")
+    parser.add_argument("--prefix", default="test_pp",
+                        help="key prefix of the breakdowns: test_pp for a run's predictions/, test "
+                             "for predictions_t05/ (default: %(default)s)")
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -60,13 +70,22 @@ def format_table(result: dict) -> str:
                      f"{_fmt(r['doae'], '8.2f')}{_fmt(r['rde'], '8.3f')}"
                      f"{_fmt(r['dist_err'], '8.1f')}{r['tp']:>7}{r['fp_spatial']:>6}{r['fp']:>6}"
                      f"{r['fn']:>6}{r['n_ref']:>7}")
+    if "breakdowns" in result:
+        lines.append("")
+        lines += [f"{k:<40}{_fmt(v, '.3f')}" for k, v in result["breakdowns"].items()]
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.breakdowns and args.score_all_frames:
+        raise UserError("--breakdowns scores the official frames only; drop --score-all-frames")
     score = score_dirs(args.reference_dir, args.prediction_dir,
                        score_all_frames=args.score_all_frames, jackknife=args.jackknife)
     result = score.to_dict()
+    if args.breakdowns:
+        from seld.evaluate import score_breakdowns_of_dirs  # imports torch: only when asked
+
+        result["breakdowns"] = score_breakdowns_of_dirs(args.reference_dir, args.prediction_dir, args.prefix)
     if args.json:
         print(json.dumps(result))
     else:
