@@ -1,0 +1,168 @@
+"""The summary row of a run: reads its run folder (config, metrics.json, metrics.csv, predictions)
+and the test references; writes ``summary.csv`` / ``trials.csv`` rows and ``curves.csv`` frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from seld.config import ExperimentConfig, config_hash
+from seld.study.prepare import DataPlan
+
+SUMMARY_COLUMNS = (
+    "study", "variant", "seed", "status", "error", "attempts", "preset", "dataset", "protocol",
+    "git_sha", "config_hash", "data_hash", "run_dir", "n_devices", "wall_s", "device_hours",
+)
+
+
+def git_sha() -> str:
+    """The repository's commit (``-dirty`` when tracked files changed), or "unknown" outside git."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json -> flat columns: scalars and strings (e.g. ``precision``) as they are,
+    ``classwise.<split>[c].f20`` as ``<split>/class/<c>/f20`` (per-class F20 only; the rest stays in
+    the run folder)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            flat[key] = int(value)
+        elif isinstance(value, int | float | str) or value is None:
+            flat[key] = value
+        elif key == "classwise" and isinstance(value, dict):
+            for split, rows in value.items():
+                for row in rows:
+                    flat[f"{split}/class/{row['class']}/f20"] = row.get("f20")
+    return flat
+
+
+def _frame_polyphony(events) -> dict[int, int]:
+    """Reference events per label frame: {frame: count}."""
+    frames, counts = np.unique(np.asarray(events["frame"], dtype=np.int64), return_counts=True)
+    return {int(f): int(c) for f, c in zip(frames, counts, strict=True)}
+
+
+def score_breakdowns(pred_dir: Path, data_root: Path, prefix: str = "test_pp",
+                     distance_bins_m: Sequence[float] = (0.0, 1.5, 3.0, 100.0)) -> dict[str, float]:
+    """Per-site, per-distance-bin and per-polyphony scores of a run's test predictions, plus the
+    jackknife interval (over files) of the overall scores.
+
+    Reads ``pred_dir/*.csv`` (DCASE2025 format) and the references under
+    ``data_root/metadata_dev/dev-test-*/``. Distance bins filter reference and predicted events
+    by their own distance (m); polyphony filters every frame by the number of reference events in
+    it (3 means 3 or more). Returns flat columns ``<prefix>/site/<site>/<metric>``,
+    ``<prefix>/distance/<lo>-<hi>m/<metric>``, ``<prefix>/polyphony/<k>/<metric>``,
+    ``<prefix>/<metric>_ci_lo`` / ``_ci_hi``.
+    """
+    from seld.config import SPLITS
+    from seld.labels import read_prediction_csv, read_reference_csv
+    from seld.metrics import score_events
+
+    refs, preds, sites = [], [], []
+    for split, info in SPLITS.items():
+        if info["role"] != "test" or info["domain"] != "real":
+            continue
+        for ref_path in sorted((Path(data_root) / "metadata_dev" / split).glob("*.csv")):
+            pred_path = Path(pred_dir) / ref_path.name
+            refs.append(read_reference_csv(ref_path))
+            preds.append(read_prediction_csv(pred_path) if pred_path.exists() else read_reference_csv(ref_path)[:0])
+            sites.append(info["site"])
+    if not refs:
+        return {}
+    out: dict[str, float] = {}
+
+    def put(key: str, score) -> None:
+        for m in ("f20", "doae_cd", "rde_cd"):
+            v = getattr(score, m)
+            out[f"{prefix}/{key}/{m}"] = float(v) if v is not None and np.isfinite(v) else float("nan")
+
+    full = score_events(refs, preds, jackknife=len(refs) > 2)
+    for m in ("f20", "doae_cd", "rde_cd"):
+        iv = (full.intervals or {}).get(m)
+        if iv:
+            out[f"{prefix}/{m}_ci_lo"], out[f"{prefix}/{m}_ci_hi"] = float(iv["low"]), float(iv["high"])
+    for site in sorted(set(sites)):
+        idx = [i for i, s in enumerate(sites) if s == site]
+        put(f"site/{site}", score_events([refs[i] for i in idx], [preds[i] for i in idx]))
+    for lo, hi in zip(distance_bins_m[:-1], distance_bins_m[1:], strict=True):
+        def keep(ev, lo=lo, hi=hi):
+            return ev[(ev["distance"] >= lo * 100) & (ev["distance"] < hi * 100)]
+        name = f"{lo:g}-{hi:g}m" if hi < 100 else f">={lo:g}m"
+        put(f"distance/{name}", score_events([keep(r) for r in refs], [keep(p) for p in preds]))
+    for k in (1, 2, 3):
+        def frames_with(ref, pred, k=k):
+            poly = _frame_polyphony(ref)
+            sel = {f for f, n in poly.items() if (n >= k if k == 3 else n == k)}
+            return (ref[np.isin(ref["frame"], list(sel))] if len(ref) else ref,
+                    pred[np.isin(pred["frame"], list(sel))] if len(pred) else pred)
+        pairs = [frames_with(r, p) for r, p in zip(refs, preds, strict=True)]
+        put(f"polyphony/{k}", score_events([a for a, _ in pairs], [b for _, b in pairs]))
+    return out
+
+
+def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Path, out: Path,
+         data: DataPlan | None, sha: str, status: str, error: str, extra: dict[str, Any]) -> dict[str, Any]:
+    attempts_file = run_dir / "attempts.jsonl"
+    attempts = len(attempts_file.read_text().splitlines()) if attempts_file.exists() else 0
+    row: dict[str, Any] = {
+        "study": study, "variant": variant, "seed": seed, "status": status, "error": error,
+        "attempts": attempts, "preset": cfg.preset, "dataset": data.dataset if data else "",
+        "protocol": cfg.data.protocol, "git_sha": sha, "config_hash": config_hash(cfg),
+        "data_hash": data.data_hash if data else "", "run_dir": os.path.relpath(run_dir, out),
+        "n_devices": cfg.train.num_workers,
+    }
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        row.update(flatten_metrics(metrics))
+        row["wall_s"] = metrics.get("cost/wall_s")
+        if row["wall_s"] is None and attempts:
+            # Driver-side wall time of the run that finished: its last start to its metrics.json.
+            start = json.loads(attempts_file.read_text().splitlines()[-1])["start_unix_s"]
+            row["wall_s"] = round(metrics_path.stat().st_mtime - start, 2)
+        if row["wall_s"] is not None:
+            row["device_hours"] = round(row["wall_s"] * cfg.train.num_workers / 3600.0, 5)
+        if data is not None and (run_dir / "predictions").is_dir():
+            row.update(score_breakdowns(run_dir / "predictions", data.data_root))
+    row.update(extra)
+    return row
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, lead: Sequence[str]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(rows)
+    cols = [c for c in lead if c in df.columns] + sorted(c for c in df.columns if c not in lead)
+    df = df[cols]
+    tmp = path.with_suffix(".tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+    tmp.replace(path)
+    return df
+
+
+def read_curves(runs: list[tuple[str, int, Path]]) -> pd.DataFrame | None:
+    parts = []
+    for variant, seed, run_dir in runs:
+        p = run_dir / "metrics.csv"
+        if p.exists() and p.stat().st_size:
+            df = pd.read_csv(p)
+            df.insert(0, "step", range(1, len(df) + 1))
+            df.insert(0, "seed", seed)
+            df.insert(0, "variant", variant)
+            parts.append(df)
+    return pd.concat(parts, ignore_index=True) if parts else None
