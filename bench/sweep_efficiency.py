@@ -50,14 +50,14 @@ from seld.study import (
     Study,
     Sweep,
     Variant,
-    _match_run,
-    _optuna_storage,
-    _point_key,
-    _tune_space,
+    match_run,
+    optuna_storage,
+    point_key,
     run_study,
     run_sweep,
     sweep_scheduler,
     sweep_searcher,
+    tune_space,
 )
 
 SPACE = {
@@ -89,7 +89,7 @@ def export_curves(grid_dir: Path) -> pd.DataFrame:
     out = []
     for combo in itertools.product(*(SPACE[k].choices for k in SPACE)):
         params = dict(zip(SPACE, combo, strict=True))
-        run = _match_run(runs, params)
+        run = match_run(runs, params)
         if run is None:
             raise SystemExit(f"{grid_dir}: no finished grid run for {params}; run the grid arm first")
         f20 = pd.read_csv(run / "metrics.csv")["val/f20"].tolist()
@@ -100,7 +100,7 @@ def export_curves(grid_dir: Path) -> pd.DataFrame:
 
 
 def load_curves(path: Path) -> dict[tuple, list[dict]]:
-    """Per grid point (`_point_key` of its parameters): the reports of its run, in order."""
+    """Per grid point (`point_key` of its parameters): the reports of its run, in order."""
     df = pd.read_csv(path)
     missing = [c for c in CURVE_COLUMNS if c not in df.columns]
     if missing:
@@ -108,7 +108,7 @@ def load_curves(path: Path) -> dict[tuple, list[dict]]:
     curves = {}
     for combo, rows in df.sort_values("iteration").groupby(list(SPACE), sort=False):
         params = {k: SPACE[k].choices[list(SPACE[k].choices).index(v)] for k, v in zip(SPACE, combo, strict=True)}
-        curves[_point_key(params)] = [{"val/f20": float(v)} for v in rows["val/f20"]]
+        curves[point_key(params)] = [{"val/f20": float(v)} for v in rows["val/f20"]]
     if len(curves) != math.prod(len(p.choices) for p in SPACE.values()):
         raise SystemExit(f"{path}: {len(curves)} grid points, expected every point of {SPACE}")
     return curves
@@ -117,7 +117,7 @@ def load_curves(path: Path) -> dict[tuple, list[dict]]:
 def _replay_trainable(config: dict, curves: dict) -> None:
     from ray import tune
 
-    for row in curves[_point_key({k: config[k] for k in SPACE})]:
+    for row in curves[point_key({k: config[k] for k in SPACE})]:
         tune.report(row)
 
 
@@ -127,10 +127,10 @@ def replay(sweep: Sweep, curves: dict, max_t: int, workdir: Path) -> list[dict]:
     from ray import tune
 
     workdir.mkdir(parents=True, exist_ok=True)
-    storage = _optuna_storage(workdir / "optuna.journal")
+    storage = optuna_storage(workdir / "optuna.journal")
     tuner = tune.Tuner(
         tune.with_parameters(_replay_trainable, curves=curves),
-        param_space=_tune_space(sweep.space),
+        param_space=tune_space(sweep.space),
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.n_trials,
                                     search_alg=sweep_searcher(sweep, storage),
                                     scheduler=sweep_scheduler(sweep, max_t), max_concurrent_trials=1,
@@ -140,7 +140,7 @@ def replay(sweep: Sweep, curves: dict, max_t: int, workdir: Path) -> list[dict]:
     results = tuner.fit()
     # Epochs each trial trained: its last Tune iteration (the final report is one past the last
     # epoch). Points are distinct (the searcher never repeats one), so they identify the trials.
-    iterations = {_point_key({k: r.config[k] for k in SPACE}): int(r.metrics["training_iteration"])
+    iterations = {point_key({k: r.config[k] for k in SPACE}): int(r.metrics["training_iteration"])
                   for r in results}
     study = optuna.load_study(study_name=sweep.name, storage=storage)
     out = []
@@ -149,7 +149,7 @@ def replay(sweep: Sweep, curves: dict, max_t: int, workdir: Path) -> list[dict]:
             continue
         params = {k: t.params[k] for k in SPACE}
         out.append({"params": params, "value": float(t.value),
-                    "epochs": min(iterations[_point_key(params)], max_t)})
+                    "epochs": min(iterations[point_key(params)], max_t)})
     return out
 
 

@@ -1,7 +1,7 @@
 """The ablation study: the paper's Table 1 (and an extended ablation) on the same data and pipeline.
 
 Declarative only: base config (a preset), variants as dotted-key overrides, seeds, and the tables
-written from the runs' rows. Training, Tune and the report live in seld/study.py and seld/report.py.
+written from the runs' rows. Training, Tune and the report live in seld/study/ and seld/report.py.
 """
 
 from __future__ import annotations

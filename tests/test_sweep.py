@@ -82,9 +82,9 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monke
     # A kill mid-trial leaves that trial RUNNING in the Optuna journal (its Tune trial is gone).
     import optuna
 
-    from seld.study import _optuna_storage
+    from seld.study import optuna_storage
 
-    optuna.load_study(study_name="sweep", storage=_optuna_storage(out / "optuna.journal")).ask()
+    optuna.load_study(study_name="sweep", storage=optuna_storage(out / "optuna.journal")).ask()
     # Resume to 2 trials: one new training start, the finished trial is not rerun, the interrupted
     # one is recorded as failed instead of running forever.
     run_sweep(SWEEP, Options(out=out, preset="smoke", cache_dir=cache, trials=2, resume=True, max_retries=0))
@@ -99,7 +99,7 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monke
 def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
     """A finite space makes TPE propose the same point twice: each Optuna trial (in number order)
     takes the next unused run folder with those values, in the order the folders were started."""
-    from seld.study import _first_start, _match_run
+    from seld.study import first_start, match_run
 
     runs = {}
     for name, start in (("b", 20.0), ("a", 10.0), ("c", 30.0)):
@@ -109,13 +109,13 @@ def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
         (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": layers}}))
         (d / "attempts.jsonl").write_text(json.dumps({"start_unix_s": start}) + "\n")
         runs[name] = d
-    ordered = {d.name: d for d in sorted(runs.values(), key=_first_start)}
+    ordered = {d.name: d for d in sorted(runs.values(), key=first_start)}
     assert list(ordered) == ["a", "b", "c"]
     used: set[str] = set()
     got = []
     for params in ({"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 1},
                    {"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 0}, {}):
-        d = _match_run(ordered, params, used)
+        d = match_run(ordered, params, used)
         got.append(d.name if d else None)
         if d:
             used.add(d.name)
@@ -150,22 +150,22 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
 
     from seld.study import (
         REPEAT_ATTR,
-        _optuna_storage,
-        _tune_space,
+        optuna_storage,
         sweep_scheduler,
         sweep_searcher,
+        tune_space,
     )
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr("seld.study.MAX_REPEATS", max_repeats)
+    monkeypatch.setattr("seld.study.sweep.MAX_REPEATS", max_repeats)
     space = {"a": Param("choice", choices=(1, 2)), "b": Param("choice", choices=(0.5, 1.0, 2.0))}
     sweep = Sweep("finite", "smoke", space, n_trials=12, seed=3, grace_period=1, sampler=sampler)
     assert sweep.space_size() == 6
-    storage = _optuna_storage(tmp_path / "optuna.journal")
+    storage = optuna_storage(tmp_path / "optuna.journal")
     searcher = sweep_searcher(sweep, storage)
     assert type(searcher).__name__ == "DistinctOptunaSearch"
     results = tune.Tuner(
-        _toy_trainable, param_space=_tune_space(space),
+        _toy_trainable, param_space=tune_space(space),
         tune_config=tune.TuneConfig(metric="val/f20", mode="max", num_samples=sweep.n_trials, search_alg=searcher,
                                     scheduler=sweep_scheduler(sweep, 3), max_concurrent_trials=1),
         run_config=tune.RunConfig(name="finite", storage_path=str(tmp_path / "ray"), verbose=0),

@@ -1,0 +1,160 @@
+"""The ablation grid: every variant of a study trained with every seed, one Tune trial each.
+
+Reads a :class:`Study` and the command-line options; writes ``results/<study>/summary.csv`` (one
+tidy row per run), ``curves.csv``, the run folders under ``runs/`` and, through :mod:`seld.report`,
+the tables and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from seld.config import ExperimentConfig, config_hash, preset_config
+from seld.report import TableSpec, paste_into_readme, report_from_files
+from seld.study.cli import Options, prepare_out, results_dir
+from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
+from seld.study.prepare import DataPlan, prepare_data, train_counts
+from seld.study.summary import SUMMARY_COLUMNS, git_sha, read_curves, summary_row, write_rows
+from seld.study.tune import (
+    ablation_trainable,
+    error_text,
+    fit_tuner,
+    log_tables_to_wandb,
+    trial_env,
+)
+
+log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an ablation: a name and dotted-key overrides of the study's base config."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Study:
+    """An ablation study: every variant trained with every seed (one Tune trial each)."""
+
+    name: str
+    preset: str
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    tables: tuple[TableSpec, ...]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+# One run of the grid: its variant, seed, dotted overrides, config and run folder.
+Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
+
+
+def run_study(study: Study, opts: Options) -> Path | str:
+    """Run an ablation study (or only its report). Returns summary.csv, or the plan text on --dry-run."""
+    out = results_dir(opts.out, study.name)
+    if opts.report_only:
+        report_from_files(out, study.tables)
+        _paste_readme(study, out, opts)
+        return out / "summary.csv"
+    seeds = tuple(opts.seeds) if opts.seeds else study.seeds
+    base = preset_config(study.preset, {**study.overrides, **opts.sets})
+    plan = plan_cluster(opts.cluster, base)
+    out = results_dir(opts.out, study.name, plan=plan)
+    runs = _runs(study, seeds, plan, opts, out)
+    if opts.dry_run:
+        n_real, n_synth = train_counts(base, opts)
+        hours = max(estimate_run_hours(cfg, n_real, n_synth, plan) for _, _, _, cfg, _ in runs)
+        return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
+                                                    f"{len(study.variants)} variants x {len(seeds)} seeds)")
+    prepare_out(out, opts, "summary.csv")
+    work = out / "_work"
+    data = prepare_data(base, opts, work)
+    errors = _train_pending(study, runs, data, plan, out, opts)
+    rows = _write_summary(study, runs, errors, data, out)
+    paths = report_from_files(out, study.tables)
+    _paste_readme(study, out, opts)
+    if opts.wandb:
+        log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths])
+    n_failed = sum(r["status"] != "ok" for r in rows)
+    log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
+             out / "summary.csv")
+    return out / "summary.csv"
+
+
+def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options, out: Path) -> list[Run]:
+    """Every (variant, seed) run of the grid, with its overrides, config and run folder."""
+    runs = []
+    for v in study.variants:
+        for seed in seeds:
+            overrides = {**study.overrides, **v.overrides, **plan.overrides(), **opts.sets, "seed": seed}
+            if opts.time_budget_s:
+                overrides["train.time_budget_s"] = opts.time_budget_s
+            cfg = preset_config(study.preset, overrides)
+            run_dir = out / "runs" / f"{v.name}-s{seed}-{config_hash(cfg)[:8]}"
+            runs.append((v, seed, overrides, cfg, run_dir))
+    return runs
+
+
+def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterPlan, out: Path,
+                   opts: Options) -> dict[str, str]:
+    """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed."""
+    pending = [r for r in runs if not (r[4] / "metrics.json").exists()]
+    log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
+             len(runs), len(runs) - len(pending), len(pending), plan.concurrency)
+    errors: dict[str, str] = {}
+    if pending:
+        env = trial_env(opts, study.name)
+        specs = {
+            f"{v.name}-s{seed}": {
+                "preset": study.preset, "overrides": overrides, "store": str(data.store),
+                "run_dir": str(run_dir.resolve()), "tags": [study.name, v.name, f"seed{seed}"],
+                "wandb": {"project": "seld", "group": study.name} if opts.wandb else None, "env": env,
+            }
+            for v, seed, overrides, _, run_dir in pending
+        }
+        errors = _tune_grid(specs, plan, out, study.name, opts)
+    return errors
+
+
+def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: DataPlan,
+                   out: Path) -> list[dict[str, Any]]:
+    """summary.csv (one row per run, failed ones with their error) and curves.csv; returns the rows."""
+    sha = git_sha()
+    rows = []
+    for v, seed, _, cfg, run_dir in runs:
+        run_id = f"{v.name}-s{seed}"
+        done = (run_dir / "metrics.json").exists()
+        status = "ok" if done else "failed"
+        error = "" if done else errors.get(run_id, "no metrics.json (interrupted?)")
+        rows.append(summary_row(study.name, v.name, seed, cfg, run_dir, out, data, sha, status, error, {}))
+    write_rows(rows, out / "summary.csv", SUMMARY_COLUMNS)
+    curves = read_curves([(v.name, seed, run_dir) for v, seed, _, _, run_dir in runs])
+    if curves is not None:
+        curves.to_csv(out / "curves.csv", index=False, float_format="%.6g", lineterminator="\n")
+    return rows
+
+
+def _paste_readme(study: Study, out: Path, opts: Options) -> None:
+    if opts.readme is None or not study.tables:
+        return
+    table = study.tables[0]
+    if paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}"):
+        log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
+
+
+def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options) -> dict[str, str]:
+    """One Tune trial per run spec; returns run_id -> error text of the trials that failed."""
+    from ray import tune
+
+    start_ray(plan)
+    results = fit_tuner(ablation_trainable(specs), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
+                        name, opts)
+    errors = {}
+    for res in results:
+        run_id = (res.config or {}).get("run_id")
+        if res.error is not None and run_id:
+            errors[run_id] = error_text(res.error)
+    return errors

@@ -1,0 +1,139 @@
+"""The command line shared by the study scripts (``studies/*.py``): reads their arguments and
+declarations, runs the ablation or the sweep, prints the plan or where the results are; and the one
+rule for where a study's results go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from seld.cli import configure_logging
+from seld.config import ConfigError, parse_set_args
+from seld.errors import UserError
+from seld.study.cluster import ClusterPlan, plan_storage_named
+
+if TYPE_CHECKING:  # the runners import this module; main imports them when it runs
+    from seld.study.ablation import Study
+    from seld.study.sweep import Sweep
+
+# --out of a study on a cluster whose file or $SELD_STORAGE names shared storage, until the plan
+# turns it into <storage>/results/<study> (see results_dir).
+DEFAULT_OUT_SENTINEL = Path("results/__default__")
+
+
+@dataclass
+class Options:
+    """Command-line options shared by the study scripts (see :func:`add_arguments`)."""
+
+    out: Path
+    preset: str
+    data_root: Path | None = None
+    synth_root: Path | None = None
+    cluster: Path | None = None
+    dry_run: bool = False
+    wandb: bool = False
+    resume: bool = False
+    report_only: bool = False
+    seeds: tuple[int, ...] | None = None
+    sets: dict[str, str] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    max_retries: int = 1
+    trials: int | None = None
+    concurrency: int | None = None
+    time_budget_s: float | None = None
+    readme: Path | None = None  # paste the first table's markdown into this README's marked block
+
+
+def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
+                plan: ClusterPlan | None = None) -> Path:
+    """Where study ``name`` writes: ``--out`` when given; else ``<storage>/results/<name>`` on a
+    cluster whose file or $SELD_STORAGE names shared storage, else ``results/<name>``.
+
+    Args:
+        out: ``--out`` (None when not given, on the command line), or ``Options.out``.
+        cluster: ``--cluster``; with ``out`` None, a cluster that names storage gives
+            DEFAULT_OUT_SENTINEL, which ``plan`` (the study's cluster plan) resolves.
+    """
+    if out is None:
+        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
+    if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
+        return Path(plan.storage) / "results" / name
+    return Path(out)
+
+
+def prepare_out(out: Path, opts: Options, marker: str) -> None:
+    """Create the results folder; refuse one that already holds a study (``marker``) without --resume."""
+    if (out / marker).exists() and not opts.resume:
+        raise UserError(f"{out}: already holds a study ({marker}); pass --resume to continue it, "
+                        "--report-only to redo its tables, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], default_preset: str,
+                  sweep: bool = False) -> None:
+    parser.add_argument("--preset", choices=list(presets), default=default_preset,
+                        help=f"study size (default {default_preset})")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<study>)")
+    parser.add_argument("--data-root", type=Path, help="real data in the DCASE2025 layout (default: the generated dataset)")
+    parser.add_argument("--synth-root", type=Path, help="extra synthetic stereo data (dev-train-synth) to add in stage 1")
+    parser.add_argument("--cluster", type=Path, help="Ray cluster launcher YAML or SLURM sbatch file to size trials from")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, device-hours) and exit")
+    parser.add_argument("--wandb", action="store_true", help="log every trial to W&B (offline unless WANDB_MODE is set)")
+    parser.add_argument("--resume", action="store_true", help="continue a killed study without rerunning finished runs")
+    parser.add_argument("--report-only", action="store_true", help="regenerate tables and plots from the recorded rows")
+    parser.add_argument("--set", action="append", dest="sets", metavar="KEY=VALUE",
+                        help="config override for every run, e.g. --set train.stage1.epochs=2")
+    parser.add_argument("--cache-dir", type=Path, help="where generated data and stores are cached (default OUT/_work)")
+    parser.add_argument("--max-retries", type=int, default=1, help="retries of a failing run before it is recorded as failed")
+    parser.add_argument("--time-budget-s", type=float, help="hard bound per run, seconds (train.time_budget_s)")
+    parser.add_argument("--readme", type=Path,
+                        help="paste the main table into this README's '<!-- STUDY:TABLE:start -->' block")
+    parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if sweep:
+        parser.add_argument("--trials", type=int, help="number of trials (default: the sweep's)")
+    else:
+        parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")),
+                            help="comma-separated seeds (default: the preset's)")
+
+
+def options_from_args(args: argparse.Namespace, name: str) -> Options:
+    return Options(
+        out=results_dir(args.out, name, cluster=args.cluster),
+        preset=args.preset, data_root=args.data_root, synth_root=args.synth_root, cluster=args.cluster,
+        dry_run=args.dry_run, wandb=args.wandb, resume=args.resume, report_only=args.report_only,
+        seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
+        max_retries=args.max_retries, trials=getattr(args, "trials", None),
+        concurrency=args.concurrency, time_budget_s=args.time_budget_s, readme=args.readme,
+    )
+
+
+def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, description: str,
+         example: str, default_preset: str = "local") -> int:
+    """Entry point of a study script: parse, run, print the plan or where the results are."""
+    from seld.study.ablation import run_study
+    from seld.study.sweep import Sweep, run_sweep
+
+    parser = argparse.ArgumentParser(description=description, epilog=example,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    is_sweep = isinstance(next(iter(declarations.values())), Sweep)
+    add_arguments(parser, list(declarations), default_preset, sweep=is_sweep)
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    decl = declarations[args.preset]
+    opts = options_from_args(args, decl.name)
+    try:
+        result = run_sweep(decl, opts) if isinstance(decl, Sweep) else run_study(decl, opts)
+    except (UserError, ConfigError) as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
+    if opts.dry_run:
+        print(result)
+    else:
+        print(f"results in {Path(result).parent}")
+    return 0

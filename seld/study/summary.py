@@ -1,0 +1,102 @@
+"""The summary row of a run: reads its run folder (config, metrics.json with the test breakdowns
+that seld/evaluate.py put there, metrics.csv, attempts.jsonl), never the raw data; writes
+``summary.csv`` / ``trials.csv`` rows and ``curves.csv`` frames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from seld.config import ExperimentConfig, config_hash
+from seld.study.prepare import DataPlan
+
+SUMMARY_COLUMNS = (
+    "study", "variant", "seed", "status", "error", "attempts", "preset", "dataset", "protocol",
+    "git_sha", "config_hash", "data_hash", "run_dir", "n_devices", "wall_s", "device_hours",
+)
+
+
+def git_sha() -> str:
+    """The repository's commit (``-dirty`` when tracked files changed), or "unknown" outside git."""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json -> flat columns: scalars and strings (e.g. ``precision``) as they are,
+    ``classwise.<split>[c].f20`` as ``<split>/class/<c>/f20`` (per-class F20 only; the rest stays in
+    the run folder)."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool):
+            flat[key] = int(value)
+        elif isinstance(value, int | float | str) or value is None:
+            flat[key] = value
+        elif key == "classwise" and isinstance(value, dict):
+            for split, rows in value.items():
+                for row in rows:
+                    flat[f"{split}/class/{row['class']}/f20"] = row.get("f20")
+    return flat
+
+
+def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Path, out: Path,
+         data: DataPlan | None, sha: str, status: str, error: str, extra: dict[str, Any]) -> dict[str, Any]:
+    attempts_file = run_dir / "attempts.jsonl"
+    attempts = len(attempts_file.read_text().splitlines()) if attempts_file.exists() else 0
+    row: dict[str, Any] = {
+        "study": study, "variant": variant, "seed": seed, "status": status, "error": error,
+        "attempts": attempts, "preset": cfg.preset, "dataset": data.dataset if data else "",
+        "protocol": cfg.data.protocol, "git_sha": sha, "config_hash": config_hash(cfg),
+        "data_hash": data.data_hash if data else "", "run_dir": os.path.relpath(run_dir, out),
+        "n_devices": cfg.train.num_workers,
+    }
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.exists():
+        metrics = json.loads(metrics_path.read_text())
+        row.update(flatten_metrics(metrics))
+        row["wall_s"] = metrics.get("cost/wall_s")
+        if row["wall_s"] is None and attempts:
+            # Driver-side wall time of the run that finished: its last start to its metrics.json.
+            start = json.loads(attempts_file.read_text().splitlines()[-1])["start_unix_s"]
+            row["wall_s"] = round(metrics_path.stat().st_mtime - start, 2)
+        if row["wall_s"] is not None:
+            row["device_hours"] = round(row["wall_s"] * cfg.train.num_workers / 3600.0, 5)
+    row.update(extra)
+    return row
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path, lead: Sequence[str]) -> pd.DataFrame:
+    df = pd.DataFrame.from_records(rows)
+    cols = [c for c in lead if c in df.columns] + sorted(c for c in df.columns if c not in lead)
+    df = df[cols]
+    tmp = path.with_suffix(".tmp")
+    df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+    tmp.replace(path)
+    return df
+
+
+def read_curves(runs: list[tuple[str, int, Path]]) -> pd.DataFrame | None:
+    parts = []
+    for variant, seed, run_dir in runs:
+        p = run_dir / "metrics.csv"
+        if p.exists() and p.stat().st_size:
+            df = pd.read_csv(p)
+            df.insert(0, "step", range(1, len(df) + 1))
+            df.insert(0, "seed", seed)
+            df.insert(0, "variant", variant)
+            parts.append(df)
+    return pd.concat(parts, ignore_index=True) if parts else None

@@ -1,0 +1,146 @@
+"""Ray Tune for a study: the body of one trial (reads the feature store, writes its run folder),
+the one Tuner both the ablation grid and the sweep run, and the W&B run of a study's tables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from seld.config import config_hash, preset_config
+from seld.study.cli import Options
+from seld.study.cluster import ClusterPlan
+
+
+def trial_env(opts: Options, study: str) -> dict[str, str]:
+    """Environment each trial sets in its own process (W&B offline unless the user chose a mode)."""
+    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    if opts.wandb:
+        env.update({"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+                    "WANDB_RUN_GROUP": study})
+    return env
+
+
+def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> dict:
+    """Body of one Tune trial (runs in the trial's process): train the run, return its metrics.
+
+    ``spec``: preset, overrides, store, run_dir, wandb options, tags. ``params``: the sweep's
+    suggested values (dotted keys), applied on top. The Train run reports every epoch to Tune
+    through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
+    """
+    from seld.train import run_training
+
+    os.environ.update(spec.get("env", {}))
+    cfg = preset_config(spec["preset"], {**spec["overrides"], **(params or {})})
+    run_dir = Path(spec["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = (run_dir / "config.json").exists()
+    with open(run_dir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"start_unix_s": round(time.time(), 3), "resume": resume,
+                            "config_hash": config_hash(cfg)}) + "\n")
+    if spec.get("wandb"):
+        os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
+    return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
+                        run_callbacks=[_tune_report_callback()])
+
+
+def _tune_report_callback():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return TuneReportCallback()
+
+
+def _ablation_trainable(config: dict, specs: dict[str, dict]) -> None:
+    train_trial(specs[config["run_id"]])
+
+
+def _sweep_trainable(config: dict, spec: dict) -> None:
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    spec = {**spec, "run_dir": str(Path(spec["run_dir"]) / trial_id),
+            "tags": [*spec["tags"], trial_id]}
+    params = {k: v for k, v in config.items() if "." in k}
+    train_trial(spec, params)
+
+
+def ablation_trainable(specs: dict[str, dict]):
+    """The ablation's Tune trainable: one trial per run id (``config["run_id"]``) of ``specs``.
+
+    Ray must be up (:func:`seld.study.cluster.start_ray`): the specs go to its object store.
+    """
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), {"cpu": 0.01})
+
+
+def sweep_trainable(spec: dict):
+    """The sweep's Tune trainable: ``spec`` with the trial's suggested values (Ray must be up)."""
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), {"cpu": 0.01})
+
+
+def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Path, name: str,
+              opts: Options, **tune_config: Any):
+    """Run a study's trials through one Tune run and return its results (a ``ResultGrid``).
+
+    Tune's state goes to ``<storage>/ray`` (the plan's shared storage) or ``OUT/_work/ray``, in a
+    run named ``<name>-<YYYYmmdd-HHMMSS>``; a failing trial is retried ``opts.max_retries`` times;
+    at most ``opts.concurrency`` (default: the plan's) trials run at once. ``tune_config``: further
+    ``tune.TuneConfig`` fields (metric, searcher, scheduler, ...).
+    """
+    import ray
+    from ray import tune
+
+    storage = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=opts.concurrency or plan.concurrency, **tune_config),
+        run_config=ray.tune.RunConfig(
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(storage),
+            failure_config=ray.tune.FailureConfig(max_failures=opts.max_retries),
+            verbose=1,
+        ),
+    )
+    return tuner.fit()
+
+
+def error_text(err: BaseException | None) -> str:
+    """One line naming the root cause of a trial's failure (the innermost ``XxxError: msg`` line)."""
+    if err is None:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(traceback.format_exception_only(type(err), err)))
+    causes = re.findall(r"^\s*([\w.]*(?:Error|Exception): .+)$", text, flags=re.M)
+    line = causes[-1] if causes else text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return re.sub(r"\s+", " ", line).strip()[:500]
+
+
+def log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
+    import wandb
+
+    from seld.train import finish_wandb_run
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(project="seld", group=study, job_type="report", name=f"{study}-tables",
+                     dir=str(out), mode=os.environ["WANDB_MODE"], tags=[study, "report"],
+                     reinit="create_new")
+    try:
+        for p in paths:
+            if p.suffix == ".csv":
+                df = pd.read_csv(p)
+                run.log({p.stem: wandb.Table(dataframe=df)})
+            elif p.suffix == ".png":
+                run.log({f"plots/{p.stem}": wandb.Image(str(p))})
+    finally:
+        finish_wandb_run(run)
