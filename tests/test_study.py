@@ -136,3 +136,23 @@ def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_s
     assert rows.loc["broken", "error"].startswith("seld.errors.DataError:") and "missing.pt" in rows.loc["broken", "error"]
     md = (out / "failing.md").read_text()
     assert "## Failed runs" in md and "missing.pt" in md
+
+
+def test_report_only_on_a_cluster_reads_the_storage_results(tmp_path):
+    """`ablation.py --report-only --cluster FILE` (no --out) on a cluster with shared storage redoes
+    the tables in <storage>/results/<study>, where the study wrote them, not in a placeholder."""
+    storage = tmp_path / "shared"
+    out = storage / "results" / "ablation"
+    out.mkdir(parents=True)
+    for name in ("summary.csv", "curves.csv"):
+        (out / name).write_bytes((ROOT / "results/ablation" / name).read_bytes())
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--report-only", "--cluster", str(ROOT / "cluster/local.yaml")]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "SELD_STORAGE": str(storage)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (out / "table1.md").read_bytes() == (ROOT / "results/ablation/table1.md").read_bytes()
+    assert not (tmp_path / "results").exists()

@@ -54,15 +54,14 @@ Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
 
 def run_study(study: Study, opts: Options) -> Path | str:
     """Run an ablation study (or only its report). Returns summary.csv, or the plan text on --dry-run."""
-    out = results_dir(opts.out, study.name)
+    base = preset_config(study.preset, {**study.overrides, **opts.sets})
+    plan = plan_cluster(opts.cluster, base)
+    out = results_dir(opts.out, study.name, plan=plan)
     if opts.report_only:
         report_from_files(out, study.tables)
         _paste_readme(study, out, opts)
         return out / "summary.csv"
     seeds = tuple(opts.seeds) if opts.seeds else study.seeds
-    base = preset_config(study.preset, {**study.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base)
-    out = results_dir(opts.out, study.name, plan=plan)
     runs = _runs(study, seeds, plan, opts, out)
     if opts.dry_run:
         n_real, n_synth = train_counts(base, opts)
