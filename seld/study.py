@@ -39,6 +39,7 @@ from seld.config import (
 )
 from seld.errors import UserError
 from seld.report import TableSpec, paste_into_readme, report_from_files
+from seld.runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -565,9 +566,8 @@ def _write_rows(rows: list[dict[str, Any]], path: Path, lead: Sequence[str]) -> 
     df = pd.DataFrame.from_records(rows)
     cols = [c for c in lead if c in df.columns] + sorted(c for c in df.columns if c not in lead)
     df = df[cols]
-    tmp = path.with_suffix(".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     return df
 
 

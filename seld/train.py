@@ -29,25 +29,25 @@ import numpy as np
 import torch
 
 from seld import data as seld_data
-from seld.config import ExperimentConfig, StageConfig, from_dict, save_json, to_dict
+from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
 from seld.errors import DataError, UserError
 from seld.postprocess import as_written
-from seld.predict import (
+from seld.predict import bf16_autocast, decode, infer, load_weights, prepare_batch
+from seld.runfolder import (
     CHECKPOINT_DIR,
+    RAY_SUBDIR,
     SELECTED,
     THRESHOLDS,
-    bf16_autocast,
-    decode,
-    infer,
-    load_weights,
-    prepare_batch,
     read_model_file,
+    save_json,
     save_model_file,
+    save_thresholds,
+    write_json_atomic,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
 
-RAY_SUBDIR = "ray"  # Ray Train storage (resume states) inside the run folder
 RAY_RUN_NAME = "train"
 STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
@@ -224,9 +224,7 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     w.writeheader()
     for row in history:
         w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
@@ -426,16 +424,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(t_data, 2)
         final["cost/train_loop_s"] = round(time.time() - t_start, 2)
-        _write_json(run_dir / "metrics.json", final)
+        write_json_atomic(run_dir / "metrics.json", final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
     # "done" key as "end this trial now" and would kill it before the run's files are written.
     ray.train.report({"run_finished": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
 
 
 def _score_sets(outputs: np.ndarray, rows: seld_data.ClipBatch, fmt: str, thr) -> tuple[Any, list]:
@@ -460,7 +452,7 @@ def _infer_by_split(model, rows: seld_data.ClipBatch, mean, std, cfg, device, am
 def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
     """Rank 0: thresholds on validation, test scores (0.5, thresholds, stage 1), predictions."""
     from seld.labels import write_csv
-    from seld.postprocess import GLOBAL_GRID, fit_thresholds, save_thresholds, scan_global_threshold
+    from seld.postprocess import GLOBAL_GRID, fit_thresholds, scan_global_threshold
 
     fmt = cfg.model.output_format
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -626,7 +618,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
         # driver and the worker's loop (trainer controller, worker group, dataset planning).
         metrics["cost/ray_start_s"] = round(t_ray, 2)
         metrics["cost/trainer_start_s"] = round(metrics["cost/wall_s"] - t_ray - metrics["cost/train_loop_s"], 2)
-        _write_json(run_dir / "metrics.json", metrics)
+        write_json_atomic(run_dir / "metrics.json", metrics)
         if logger:
             logger.finish(metrics)
         return metrics
