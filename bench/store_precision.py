@@ -20,8 +20,9 @@ import numpy as np
 from seld import labels
 from seld.config import apply_overrides
 from seld.metrics import count_errors, score_counters
-from seld.postprocess import as_written, load_thresholds
-from seld.predict import SELECTED, bf16_autocast, decode, features_of_wav, infer, load_model
+from seld.postprocess import as_written
+from seld.predict import bf16_autocast, decode, features_of_wav, infer, load_model
+from seld.runfolder import CHECKPOINT_DIR, METRICS_JSON, SELECTED, THRESHOLDS, load_thresholds
 
 
 def main() -> int:
@@ -35,14 +36,14 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     feats32 = None
     for run in runs:
-        lm = load_model(run / "checkpoints" / SELECTED)
+        lm = load_model(run / CHECKPOINT_DIR / SELECTED)
         if feats32 is None:
             cfg32 = apply_overrides(lm.cfg, {"features.store_dtype": "float32"})
             feats32 = np.stack([features_of_wav(w, cfg32)[0][0].astype(np.float32) for w in wavs])
             f16 = feats32.astype(np.float16)
             err = float(np.abs(f16.astype(np.float32) - feats32).max())
             print(f"<!-- {len(wavs)} test clips; max |float16 - float32| feature error {err:.4f} dB -->")
-        thr = load_thresholds(run / "thresholds.json")
+        thr = load_thresholds(run / THRESHOLDS)
         outs = {}
         for name, f in (("float32", feats32), ("float16 (store)", feats32.astype(np.float16))):
             outs[name] = infer(lm.model, f, lm.mean, lm.std, 64, "cpu", bf16_autocast("cpu", lm.cfg.train.amp_bf16))
@@ -54,7 +55,7 @@ def main() -> int:
             diff = float(np.abs(out - outs["float32"]).max())
             print(f"| {run.name} | {name} | {row[0].f20:.2f} | {row[0].doae_cd:.2f} | {row[0].rde_cd:.3f} | "
                   f"{row[1].f20:.2f} | {diff:.2e} |")
-        recorded = json.loads((run / "metrics.json").read_text())
+        recorded = json.loads((run / METRICS_JSON).read_text())
         print(f"<!-- {run.name}: recorded test/f20 {recorded['test/f20']:.2f}, test_pp/f20 {recorded['test_pp/f20']:.2f} -->")
     return 0
 

@@ -22,6 +22,7 @@ import numpy as np
 from seld import labels
 from seld.config import N_CLASSES, N_LABEL_FRAMES
 from seld.metrics import score_events
+from seld.runfolder import METRICS_JSON
 
 
 def trivial_score(data: Path) -> dict:
@@ -57,7 +58,7 @@ def main() -> int:
             t0 = time.time()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             wall = time.time() - t0
-            m = json.loads((run / "metrics.json").read_text())
+            m = json.loads((run / METRICS_JSON).read_text())
             rows.append({"variant": variant, "seed": seed, "wall_s": wall, **m})
             print(f"{variant} seed {seed}: {wall:.0f} s, test F20 {m['test/f20']:.1f}", file=sys.stderr)
     triv = trivial_score(args.data)

@@ -644,19 +644,3 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     """Stable short hash of a config (sorted-key JSON)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def save_json(cfg: Any, path) -> None:
-    from pathlib import Path
-
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
-
-
-def load_experiment(path) -> ExperimentConfig:
-    from pathlib import Path
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config JSON ({e})") from None
-    return from_dict(ExperimentConfig, data)

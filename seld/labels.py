@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import pandas as pd
 
 from seld.config import N_CLASSES, N_LABEL_FRAMES
 from seld.errors import DataError
+from seld.runfolder import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -278,18 +278,6 @@ def _invalid_rows(events: np.ndarray, kind: str, n_frames: int | None) -> np.nda
     return bad
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _int_column(values: np.ndarray) -> np.ndarray:
     return np.rint(np.asarray(values, dtype=np.float64)).astype(np.int64)
 
@@ -298,7 +286,7 @@ def _write_rows(path: Path, header: str, cols: list[np.ndarray]) -> None:
     table = np.column_stack([np.asarray(c, dtype=np.int64) for c in cols]).tolist() if len(
         cols[0]) else []
     lines = [header] + [",".join(map(str, row)) for row in table]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def write_csv(path: str | Path, events: np.ndarray) -> None:

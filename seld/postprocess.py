@@ -1,24 +1,19 @@
 """Post-processing: model outputs -> DCASE events, and dynamic per-class thresholds (paper §2.6).
 
 Reads (multi-)ACCDOA outputs at 100 ms, (N, 50, 13, 3) or (N, 50, n_tracks, 13, 3) with
-(x, y, distance_m); writes event arrays (labels.EVENT_DTYPE: azimuth deg, distance cm) and
-`thresholds.json` (one activity threshold per class, fitted on validation predictions).
+(x, y, distance_m); gives event arrays (labels.EVENT_DTYPE: azimuth deg, distance cm) and one
+activity threshold per class, fitted on validation predictions (seld/runfolder.py saves them).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
-from seld.config import CLASS_NAMES, N_CLASSES
-from seld.errors import DataError
+from seld.config import N_CLASSES
 from seld.labels import EVENT_DTYPE, decode_accdoa, decode_multi_accdoa
 from seld.metrics import count_errors, score_counters
 
@@ -223,30 +218,3 @@ def scan_global_threshold(outputs, refs: Sequence[np.ndarray], output_format: st
         for t in grid])
     best = np.flatnonzero(f20 >= f20.max() - 1e-9)
     return float(grid[best[np.argmin(np.abs(grid[best] - DEFAULT_THRESHOLD))]]), f20
-
-
-def save_thresholds(path: str | Path, thresholds: Sequence[float]) -> None:
-    """Write `thresholds.json`: {"thresholds": [13 floats], "classes": [13 names]} (atomic)."""
-    thr = np.asarray(thresholds, dtype=np.float64)
-    if thr.shape != (N_CLASSES,):
-        raise ValueError(f"need {N_CLASSES} thresholds, got shape {thr.shape}")
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"thresholds": thr.tolist(), "classes": list(CLASS_NAMES)}, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def load_thresholds(path: str | Path) -> np.ndarray:
-    """Read `thresholds.json` -> float64 (13,); DataError naming the file when it is malformed."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: thresholds file not found") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not a readable JSON thresholds file ({e})") from None
-    values = data.get("thresholds") if isinstance(data, dict) else None
-    if (not isinstance(values, list) or len(values) != N_CLASSES
-            or not all(isinstance(v, int | float) and math.isfinite(v) and 0 <= v <= 1 for v in values)):
-        raise DataError(f"{path}: expected {{\"thresholds\": [{N_CLASSES} numbers in [0, 1]]}}")
-    return np.asarray(values, dtype=np.float64)

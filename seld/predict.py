@@ -29,14 +29,9 @@ from seld.config import (
     from_dict,
 )
 from seld.errors import DataError, UserError
+from seld.runfolder import CHECKPOINT_DIR, SELECTED, THRESHOLDS, load_thresholds, read_model_file
 
 log = logging.getLogger(__name__)
-
-# Names inside a run folder (shared with seld/train.py).
-CHECKPOINT_DIR = "checkpoints"
-SELECTED = "selected.pt"
-THRESHOLDS = "thresholds.json"
-
 
 # --- Checkpoints -------------------------------------------------------------------------------------
 @dataclass
@@ -51,36 +46,6 @@ class LoadedModel:
     mean: np.ndarray | None
     std: np.ndarray | None
     meta: dict = field(default_factory=dict)
-
-
-def save_model_file(path: Path, model_state: dict, cfg_json: str, mean, std, meta: dict) -> None:
-    """Write a model checkpoint (weights, config JSON, normalisation, meta) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save({"model": model_state, "config": cfg_json,
-                    "norm_mean": None if mean is None else torch.as_tensor(mean),
-                    "norm_std": None if std is None else torch.as_tensor(std), "meta": meta}, tmp)
-        tmp.replace(path)
-    except (OSError, RuntimeError) as e:  # torch reports a failed write (e.g. a full disk) as RuntimeError
-        tmp.unlink(missing_ok=True)
-        kept = "the previous file is kept" if path.exists() else "nothing was written"
-        raise DataError(f"{path}: cannot write the checkpoint (disk full or not writable?; {kept}): "
-                        f"{str(e).strip().splitlines()[0]}") from None
-
-
-def read_model_file(path: str | Path) -> dict:
-    """The dict saved by :func:`save_model_file`; DataError naming the file when unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(blob, dict) or "model" not in blob or "config" not in blob:
-        raise DataError(f"{path}: not a seld checkpoint (expected keys model, config)")
-    return blob
 
 
 def load_weights(model: torch.nn.Module, state: dict, path: str | Path) -> None:
@@ -259,8 +224,6 @@ def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path]
         PredictReport; files that fail (corrupt, mono, ...) are listed with their error, the others
         are still written.
     """
-    from seld.postprocess import load_thresholds
-
     run_dir = Path(run_dir)
     out_dir = Path(out_dir)
     if not run_dir.is_dir():

@@ -22,6 +22,7 @@ from scipy import stats
 
 from seld.config import CLASS_NAMES
 from seld.errors import DataError
+from seld.runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,8 @@ def _figure():
 
 def _save(fig, path: Path) -> None:
     # No software/date metadata so that the same rows give the same bytes.
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     fig.clf()
     import matplotlib.pyplot as plt
 
@@ -447,9 +449,12 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
             "tex": out_dir / f"{spec.name}.tex",
             "png": out_dir / f"{spec.name}.png",
         }
-        paths["md"].write_text("\n".join(md), encoding="utf-8")
-        _csv_table(rows, stats_).to_csv(paths["csv"], index=False, float_format="%.6g", lineterminator="\n")
-        paths["tex"].write_text("".join(tex), encoding="utf-8")
+        with atomic_write(paths["md"]) as tmp:
+            tmp.write_text("\n".join(md), encoding="utf-8")
+        with atomic_write(paths["csv"]) as tmp:
+            _csv_table(rows, stats_).to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+        with atomic_write(paths["tex"]) as tmp:
+            tmp.write_text("".join(tex), encoding="utf-8")
         _bars_png(paths["png"], spec, stats_)
         written += list(paths.values())
         cw = out_dir / f"{spec.name}_classwise.png"
@@ -490,5 +495,6 @@ def paste_into_readme(readme: Path, table_md: Path, marker: str) -> bool:
     body = table_md.read_text().strip()
     new = f"{head}{start}\n{body}\n{end}{tail}"
     if new != text:
-        readme.write_text(new)
+        with atomic_write(readme) as tmp:
+            tmp.write_text(new)
     return new != text

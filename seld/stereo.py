@@ -9,7 +9,6 @@ per clip a viewing angle θ rotates the scene, L = W + Y_rot, R = W - Y_rot, azi
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from seld import labels
 from seld.config import N_LABEL_FRAMES, SAMPLE_RATE_HZ, SAMPLES_PER_LABEL_FRAME, SPLITS
 from seld.errors import DataError, UserError
+from seld.runfolder import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,8 @@ def _read_foa(rec: FoaRecording) -> tuple[sf.SoundFile, int]:
 
 
 def _write_wav(path: Path, stereo: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.wav")
-    sf.write(str(tmp), stereo.T, SAMPLE_RATE_HZ, subtype="PCM_16")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        sf.write(str(tmp), stereo.T, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")
 
 
 def convert_foa(foa_root: str | Path, out_root: str | Path, split: str, n_clips: int, seed: int = 0,

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from seld import labels
 from seld.config import LABEL_HOP_S, SPLITS, FeatureConfig, config_hash, from_dict, to_dict
 from seld.errors import DataError, UserError
+from seld.runfolder import atomic_write, temp_glob, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,9 @@ def extract_shard(job: ShardJob, cfg: FeatureConfig, out_dir: str) -> dict:
                "skipped": skipped, "fingerprint": job.fingerprint}
     table = table.replace_schema_metadata({_META_KEY: json.dumps(summary).encode()})
     final = Path(out_dir) / f"{job.name}.parquet"
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, row_group_size=64, use_dictionary=["clip", "split", "domain", "role", "site"],
-                   compression={"features": "none", **{c: "snappy" for c in schema.names if c != "features"}})
-    os.replace(tmp, final)
+    with atomic_write(final) as tmp:
+        pq.write_table(table, tmp, row_group_size=64, use_dictionary=["clip", "split", "domain", "role", "site"],
+                       compression={"features": "none", **{c: "snappy" for c in schema.names if c != "features"}})
     summary["bytes"] = final.stat().st_size
     return summary
 
@@ -299,7 +299,7 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
     jobs = plan_shards(sources, cfg, shard_rows)
     folder = store_folder(out, cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".shard-*.tmp-*"):
+    for stale in folder.glob(temp_glob()):
         stale.unlink(missing_ok=True)  # left by an interrupted run
     planned = {f"{j.name}.parquet" for j in jobs}
     for old in folder.glob("shard-*.parquet"):
@@ -365,9 +365,7 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
         "shards": [{k: s[k] for k in ("name", "split", "rows", "bytes", "sources_sha256")} for s in ordered],
         "skipped": skipped,
     }
-    tmp = folder / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / "manifest.json")
+    write_json_atomic(folder / "manifest.json", manifest)
     dt = time.perf_counter() - t0
     n_new = sum(len(j.sources) for j in todo)
     log.info("store %s: %d rows (%s), %d computed in %.1f s (%.0f clips/s), %.0f bytes/clip", folder, total_rows,

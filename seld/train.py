@@ -30,26 +30,28 @@ import numpy as np
 import torch
 
 from seld import data as seld_data
-from seld.config import ExperimentConfig, StageConfig, from_dict, save_json, to_dict
+from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
 from seld.errors import DataError, UserError
 from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
 from seld.metrics import score_counters
-from seld.predict import (
+from seld.predict import bf16_autocast, decode, infer, load_weights, prepare_batch
+from seld.runfolder import (
     CHECKPOINT_DIR,
+    NORM,
+    RAY_SUBDIR,
     SELECTED,
     THRESHOLDS,
-    bf16_autocast,
-    decode,
-    infer,
-    load_weights,
-    prepare_batch,
+    atomic_write,
     read_model_file,
+    save_json,
     save_model_file,
+    save_thresholds,
+    write_json_atomic,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
 
-RAY_SUBDIR = "ray"  # Ray Train storage (resume states) inside the run folder
 RAY_RUN_NAME = "train"
 STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
@@ -204,9 +206,7 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     w.writeheader()
     for row in history:
         w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    write_text_atomic(path, buf.getvalue())
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
@@ -273,7 +273,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     else:
         mean = std = None
     if rank == 0 and mean is not None:
-        np.savez(run_dir / "norm.npz", mean=mean, std=std)
+        with atomic_write(run_dir / NORM) as tmp, open(tmp, "wb") as f:  # np.savez(path) would add .npz
+            np.savez(f, mean=mean, std=std)
 
     _seed_everything(cfg.seed, 0)
     net = build_model(cfg.model, n_mels=cfg.features.n_mels)
@@ -406,22 +407,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(t_data, 2)
         final["cost/train_loop_s"] = round(time.time() - t_start, 2)
-        _write_json(run_dir / "metrics.json", final)
+        write_json_atomic(run_dir / "metrics.json", final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
     # "done" key as "end this trial now" and would kill it before the run's files are written.
     ray.train.report({"run_finished": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
     """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json
     and the test predictions; returns metrics.json's content (scores + the run's cost)."""
-    from seld.postprocess import save_thresholds
 
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ran = [s for s in stages if (ckpt_dir / f"stage{s}_best.pt").is_file()]
@@ -548,7 +542,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
         # driver and the worker's loop (trainer controller, worker group, dataset planning).
         metrics["cost/ray_start_s"] = round(t_ray, 2)
         metrics["cost/trainer_start_s"] = round(metrics["cost/wall_s"] - t_ray - metrics["cost/train_loop_s"], 2)
-        _write_json(run_dir / "metrics.json", metrics)
+        write_json_atomic(run_dir / "metrics.json", metrics)
         if logger:
             logger.finish(metrics)
         return metrics

@@ -17,7 +17,8 @@ import pytest
 
 from seld.cli import main
 from seld.errors import DataError
-from seld.predict import CHECKPOINT_DIR, SELECTED, load_model, save_model_file
+from seld.predict import load_model
+from seld.runfolder import CHECKPOINT_DIR, SELECTED, save_model_file
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -61,7 +62,8 @@ def test_bad_set_fails_before_anything_is_written(smoke_store, tmp_path, capsys,
 def test_resume_with_a_different_set_is_refused_not_ignored(smoke_store, tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    from seld.config import preset_config, save_json
+    from seld.config import preset_config
+    from seld.runfolder import save_json
 
     save_json(preset_config("smoke"), run / "config.json")
     (run / "metrics.csv").write_text("epoch\n0\n")

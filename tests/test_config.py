@@ -16,12 +16,11 @@ from seld.config import (
     config_hash,
     flatten,
     from_dict,
-    load_experiment,
     parse_set_args,
     preset_config,
-    save_json,
     to_dict,
 )
+from seld.runfolder import load_experiment, save_json
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import pytest
 
 from seld.config import N_CLASSES
-from seld.errors import DataError
 from seld.labels import make_events
 from seld.metrics import count_errors, score_counters
 from seld.postprocess import (
@@ -17,8 +15,6 @@ from seld.postprocess import (
     as_written,
     decode_outputs,
     fit_thresholds,
-    load_thresholds,
-    save_thresholds,
     scan_global_threshold,
 )
 
@@ -118,19 +114,3 @@ def test_fit_2000_clips_under_10_s():
     elapsed = time.perf_counter() - t0
     assert elapsed < 10.0, elapsed
     assert np.all(np.abs(fitted - true_thr) < 0.02 + 1e-9)
-
-
-def test_thresholds_json_round_trip_and_errors(tmp_path):
-    thr = np.linspace(0.1, 0.9, N_CLASSES)
-    path = tmp_path / "thresholds.json"
-    save_thresholds(path, thr)
-    np.testing.assert_allclose(load_thresholds(path), thr)
-    assert json.loads(path.read_text())["classes"][0] == "Female speech"
-    path.write_text('{"thresholds": [0.5, 0.5]}')
-    with pytest.raises(DataError, match="thresholds.json"):
-        load_thresholds(path)
-    path.write_text("not json")
-    with pytest.raises(DataError, match="thresholds.json"):
-        load_thresholds(path)
-    with pytest.raises(DataError, match="not found"):
-        load_thresholds(tmp_path / "missing.json")

@@ -14,16 +14,8 @@ from seld.cli import main
 from seld.config import preset_config, to_dict
 from seld.errors import DataError
 from seld.model import build_model
-from seld.postprocess import save_thresholds
-from seld.predict import (
-    CHECKPOINT_DIR,
-    SELECTED,
-    load_model,
-    predict_dir,
-    save_model_file,
-    stitch,
-    window_audio,
-)
+from seld.predict import load_model, predict_dir, stitch, window_audio
+from seld.runfolder import CHECKPOINT_DIR, SELECTED, save_model_file, save_thresholds
 
 
 def test_windows_and_stitching_follow_the_alignment_rule():

@@ -54,18 +54,19 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seld.config import flatten, load_experiment
+    from seld.config import flatten
     from seld.errors import UserError
+    from seld.runfolder import CONFIG_JSON, load_experiment
     from seld.train import run_training
 
-    if args.resume and (args.out / "config.json").is_file():
-        cfg = load_experiment(args.out / "config.json")
+    if args.resume and (args.out / CONFIG_JSON).is_file():
+        cfg = load_experiment(args.out / CONFIG_JSON)
         log.info("resuming %s with its saved config", args.out)
         # --set values are checked, not silently dropped: a resumed run keeps its saved config.
         asked, saved = flatten(build_config(args)), flatten(cfg)
         differ = [f"{k}={asked[k]!r} (saved {saved[k]!r})" for k in parse_set_args(args.set) if asked[k] != saved[k]]
         if differ:
-            raise UserError(f"{args.out / 'config.json'}: --resume continues the saved config; --set "
+            raise UserError(f"{args.out / CONFIG_JSON}: --resume continues the saved config; --set "
                             f"{', '.join(differ)} would change it (use another --out for a new run)")
     else:
         cfg = build_config(args)

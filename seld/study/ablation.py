@@ -14,6 +14,7 @@ from typing import Any
 
 from seld.config import ExperimentConfig, config_hash, preset_config
 from seld.report import TableSpec, paste_into_readme, report_from_files
+from seld.runfolder import atomic_write
 from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import DataPlan, prepare_data, train_counts
@@ -132,7 +133,8 @@ def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: 
     write_rows(rows, out / "summary.csv", SUMMARY_COLUMNS)
     curves = read_curves([(v.name, seed, run_dir) for v, seed, _, _, run_dir in runs])
     if curves is not None:
-        curves.to_csv(out / "curves.csv", index=False, float_format="%.6g", lineterminator="\n")
+        with atomic_write(out / "curves.csv") as tmp:
+            curves.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     return rows
 
 

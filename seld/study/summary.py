@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from seld.config import ExperimentConfig, config_hash
+from seld.runfolder import atomic_write
 from seld.study.prepare import DataPlan
 
 SUMMARY_COLUMNS = (
@@ -83,9 +84,8 @@ def write_rows(rows: list[dict[str, Any]], path: Path, lead: Sequence[str]) -> p
     df = pd.DataFrame.from_records(rows)
     cols = [c for c in lead if c in df.columns] + sorted(c for c in df.columns if c not in lead)
     df = df[cols]
-    tmp = path.with_suffix(".tmp")
-    df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
     return df
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 
 from seld.config import ConfigError, preset_config
 from seld.errors import UserError
+from seld.runfolder import atomic_write, write_json_atomic
 from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import prepare_data, train_counts
@@ -383,7 +384,7 @@ def _write_best_config(sweep: Sweep, best, run_dirs: dict[str, Path], out: Path)
         "set_args": [f"--set {k}={v}" for k, v in sorted(best.params.items())],
         "config": json.loads((best_dir / "config.json").read_text()) if best_dir else None,
     }
-    (out / "best_config.json").write_text(json.dumps(best_json, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out / "best_config.json", best_json)
 
 
 def first_start(run_dir: Path) -> tuple[float, str]:
@@ -442,5 +443,6 @@ def _sweep_plots(study, out: Path) -> None:
             log.warning("sweep plot %s skipped: %s", name, e)
             continue
         fig = ax.figure if hasattr(ax, "figure") else ax.flatten()[0].figure
-        fig.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+        with atomic_write(out / f"{name}.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
         plt.close(fig)

@@ -35,6 +35,7 @@ import soundfile as sf
 
 from seld.config import CLIP_S, LABEL_HOP_S, SAMPLE_RATE_HZ, SPLITS, SynthConfig, to_dict
 from seld.errors import UserError
+from seld.runfolder import atomic_write, write_json_atomic
 from seld.synth import rooms, scenes
 
 log = logging.getLogger(__name__)
@@ -191,14 +192,8 @@ def _write_recording(args: tuple[SynthConfig, str, RecordingTask, str]) -> str:
         return task.stem  # finished by an earlier, interrupted run (the wav is renamed last)
     audio, rows = render_task(cfg, domain, task)
     write_foa_csv(csv, make_events(rows, FOA_EVENT_DTYPE))
-    wav.parent.mkdir(parents=True, exist_ok=True)
-    tmp = wav.with_name(f".{wav.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_write(wav) as tmp:
         sf.write(tmp, audio.T, SAMPLE_RATE_HZ, subtype="PCM_16", format="WAV")
-        os.replace(tmp, wav)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return task.stem
 
 
@@ -209,12 +204,6 @@ def _read_manifest(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read the dataset record ({e}); delete the folder and generate again") from None
-
-
-def _write_manifest(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n_procs: int | None = None) -> Path:
@@ -249,7 +238,7 @@ def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n
     out.mkdir(parents=True, exist_ok=True)
     manifest = manifest or {"hash": digest, "generator_version": GENERATOR_VERSION, "config": to_dict(cfg),
                             "complete": False, "converted": []}
-    _write_manifest(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
 
     plans = plan_splits(cfg)
     foa_root = out / FOA_DIR
@@ -270,7 +259,7 @@ def generate_dataset(cfg: SynthConfig, out: Path | str, progress: bool = True, n
     manifest["complete"] = True
     manifest["splits"] = {p.split: {"domain": p.domain, "rooms": list(p.room_ids), "n_recordings": p.n_recordings,
                                     "n_clips": p.n_clips} for p in plans}
-    _write_manifest(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     log.info("generated dataset in %s (hash %s)", out, digest)
     return out
 
@@ -291,7 +280,7 @@ def _convert_all(cfg: SynthConfig, out: Path, plans: list[SplitPlan], manifest: 
     todo.sort(key=lambda job: -job[3])
     for split in _map(_convert_split, todo, pool, progress, "FOA->stereo splits", "split"):
         manifest["converted"] = sorted({*manifest["converted"], split})
-        _write_manifest(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
 
 
 def _convert_split(args: tuple[str, str, str, int, int]) -> str:
