@@ -65,13 +65,15 @@ def default_num_cpus(num_workers: int) -> int:
     return max(4, 2 * num_workers + 2)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_workers: int = 1,
-             include_dashboard: bool = True) -> float:
-    """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS.
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
+             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True) -> float:
+    """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
+    place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
 
     A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
     and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
-    :func:`default_num_cpus`). Returns the seconds it took (0.0 when Ray was already up).
+    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). Returns the seconds it
+    took (0.0 when Ray was already up).
     """
     # Before Ray is imported: bind and advertise loopback only, write no auth token.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -85,11 +87,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_wor
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
-    ray.init(num_cpus=n, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=True)
+    ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
     return time.perf_counter() - t0
 

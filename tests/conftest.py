@@ -54,10 +54,10 @@ def ray_session(tmp_path_factory):
     """One local Ray for the whole session (4 logical CPUs on 2 cores so Ray Data never starves)."""
     import ray
 
+    from seld.train import init_ray
+
     tmp = tmp_path_factory.mktemp("ray")
     os.environ.setdefault("RAY_TMPDIR", str(tmp))
-    if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -247,18 +247,12 @@ def plan_storage_named(cluster: Path | None) -> bool:
 
 
 def start_ray(plan: ClusterPlan) -> None:
-    """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running)."""
-    import ray
+    """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running),
+    through :func:`seld.train.init_ray`."""
+    from seld.train import init_ray
 
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if plan.source != "embedded":
-        address = os.environ.get("RAY_ADDRESS", "auto")
-        log.info("connecting to the Ray cluster at %s (%s)", address, plan.source)
-        ray.init(address=address, log_to_driver=False)
+        log.info("Ray cluster of %s", plan.source)
+        init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
         return
-    ray.init(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), include_dashboard=True,
-             dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
+    init_ray(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), log_to_driver=False)
