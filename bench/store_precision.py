@@ -19,8 +19,8 @@ import numpy as np
 
 from seld import labels
 from seld.config import apply_overrides
+from seld.labels import as_written
 from seld.metrics import count_errors, score_counters
-from seld.postprocess import as_written
 from seld.predict import bf16_autocast, decode, features_of_wav, infer, load_model
 from seld.runfolder import CHECKPOINT_DIR, METRICS_JSON, SELECTED, THRESHOLDS, load_thresholds
 

@@ -15,9 +15,9 @@ import torch
 
 from seld.config import SPLITS, ExperimentConfig
 from seld.data import ClipBatch
-from seld.labels import read_csv_table, write_csv
+from seld.labels import as_written, read_csv_table, write_csv
 from seld.metrics import SeldScore, count_errors, pair_files, score_counters, score_events
-from seld.postprocess import GLOBAL_GRID, as_written, fit_thresholds, scan_global_threshold
+from seld.postprocess import GLOBAL_GRID, fit_thresholds, scan_global_threshold
 from seld.predict import decode, infer
 
 SCALAR_KEYS = ("f20", "doae_cd", "rde_cd", "dist_err_cd")  # the `prefix/name` scores of a set
@@ -56,7 +56,7 @@ def score_outputs(outputs: np.ndarray, refs: Sequence[np.ndarray], output_format
         thresholds: activity threshold, a float or one per class (13,).
     Returns:
         (the SeldScore with per-clip counters (n, 13, K), the n predicted event arrays as written:
-        integer azimuth deg and distance cm, see :func:`seld.postprocess.as_written`).
+        integer azimuth deg and distance cm, see :func:`seld.labels.as_written`).
     """
     preds = [as_written(e) for e in decode(outputs, output_format, thresholds)]
     return score_counters(count_errors(refs, preds)), preds

@@ -279,7 +279,18 @@ def _invalid_rows(events: np.ndarray, kind: str, n_frames: int | None) -> np.nda
 
 
 def _int_column(values: np.ndarray) -> np.ndarray:
+    """A column as the CSV writers store it: rounded half to even to an integer (the one rounding
+    rule "as written"; :func:`as_written` applies it in memory)."""
     return np.rint(np.asarray(values, dtype=np.float64)).astype(np.int64)
+
+
+def as_written(events: np.ndarray) -> np.ndarray:
+    """Events exactly as :func:`write_csv` stores them (integer azimuth deg and distance cm), so a
+    score computed in memory equals the score of the written files."""
+    ev = np.array(events, dtype=EVENT_DTYPE, copy=True)
+    ev["azimuth"] = _int_column(ev["azimuth"])
+    ev["distance"] = _int_column(ev["distance"])
+    return ev
 
 
 def _write_rows(path: Path, header: str, cols: list[np.ndarray]) -> None:

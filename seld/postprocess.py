@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from seld.config import N_CLASSES
-from seld.labels import EVENT_DTYPE, decode_accdoa, decode_multi_accdoa
+from seld.labels import as_written, decode_accdoa, decode_multi_accdoa
 from seld.metrics import count_errors, score_counters
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,6 @@ def decode_outputs(outputs, output_format: str, thresholds=DEFAULT_THRESHOLD,
     events["frame"] %= n_frames
     bounds = np.searchsorted(clip, np.arange(n_clips + 1))
     return [events[bounds[i]:bounds[i + 1]] for i in range(n_clips)]
-
-
-def as_written(events: np.ndarray) -> np.ndarray:
-    """Events exactly as a DCASE CSV stores them (integer azimuth and distance), so a score computed
-    in memory equals the score of the written files."""
-    ev = np.array(events, dtype=EVENT_DTYPE, copy=True)
-    ev["azimuth"] = np.rint(ev["azimuth"])
-    ev["distance"] = np.rint(ev["distance"])
-    return ev
 
 
 def classwise_f(outputs, refs: Sequence[np.ndarray], output_format: str, thresholds,

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from seld.config import N_CLASSES
-from seld.labels import make_events
+from seld.labels import as_written, make_events
 from seld.metrics import count_errors, score_counters
 from seld.postprocess import (
     GLOBAL_GRID,
-    as_written,
     decode_outputs,
     fit_thresholds,
     scan_global_threshold,
