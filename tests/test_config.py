@@ -115,3 +115,11 @@ def test_max_epochs_counts_the_trained_stages():
     assert cfg.train.max_epochs == 20
     assert apply_overrides(cfg, {"train.stages": "stage1"}).train.max_epochs == 12
     assert apply_overrides(cfg, {"train.stages": "stage2"}).train.max_epochs == 8
+
+
+def test_stage_numbers_and_stage_config():
+    train = preset_config("local").train
+    assert train.stage_numbers == (1, 2)
+    assert [apply_overrides(ExperimentConfig(), {"train.stages": s}).train.stage_numbers
+            for s in ("stage1", "stage2")] == [(1,), (2,)]
+    assert train.stage_config(1) is train.stage1 and train.stage_config(2) is train.stage2
