@@ -4,9 +4,10 @@
                                        [--precision auto|bf16|float32|both] [--baseline]
 
 Builds what `train_loop_per_worker` builds (the stage-1 rows of the store, their targets, the
-normalisation, the model, loss, augmenter, Adam at the stage-1 lr) without Ray, and times each phase
-of every step: batch (row selection), prep (float16 -> normalised float32), augment, forward (+
-loss), backward, clip (gradient clipping), step (optimizer). The first two steps are warm-up and not
+normalisation, the model, loss, augmenter, Adam at the stage-1 lr) without Ray, and runs the
+worker's own step (`seld.train.train_step`), timing each phase of every step: batch (row
+selection), prep (float16 -> normalised float32), augment, forward (+ loss), backward, clip
+(gradient clipping), step (optimizer). The first two steps are warm-up and not
 counted. `--random` replaces the features by Gaussian noise (what a model-only benchmark feeds).
 `--precision both` runs a bf16-autocast model and a float32 one (same initial weights) step by step
 on the same batches, alternating which goes first, and reports the median per-step ratio: the
@@ -29,9 +30,8 @@ from seld import data as seld_data
 from seld.augment import Augmenter
 from seld.config import BASELINE_OVERRIDES, preset_config
 from seld.losses import build_loss
-from seld.model import build_model
 from seld.predict import bf16_autocast, prepare_batch
-from seld.train import _seed_everything, _TrainSet
+from seld.train import TrainSet, init_model, stage_optimizer, train_step
 
 PHASES = ("batch", "prep", "augment", "forward", "backward", "clip", "step")
 
@@ -60,16 +60,14 @@ def main() -> int:
     table = pa.concat_tables([pq.read_table(p, columns=list(seld_data.ROW_COLUMNS))
                               for p in seld_data.shard_paths(args.store, cfg.features)])
     everything = seld_data.to_clip_batch({c: table[c].to_numpy(zero_copy_only=False) for c in seld_data.ROW_COLUMNS})
-    tset = _TrainSet("stage1", cfg, 0, rows=seld_data.select(seld_data.concat([everything]), rows["stage1"]))
+    tset = TrainSet("stage1", cfg, 0, rows=seld_data.select(seld_data.concat([everything]), rows["stage1"]))
     mean, std = seld_data.norm_from_sums(tset.sums())
     loss_fn = build_loss(cfg.loss, cfg.model.output_format)
     augment = Augmenter(cfg.augment)
     models = {}
     for bf16 in arms:  # the same initial weights for every arm
-        _seed_everything(cfg.seed, 0)
-        net = build_model(cfg.model, n_mels=cfg.features.n_mels).train()
-        models[bf16] = (net, torch.optim.Adam(net.parameters(), lr=cfg.train.stage1.lr,
-                                              weight_decay=cfg.train.stage1.weight_decay))
+        net = init_model(cfg).train()
+        models[bf16] = (net, stage_optimizer(net, cfg.train.stage1))
     gen = torch.Generator().manual_seed(1)
     rng = np.random.default_rng(0)
     spent = {bf16: dict.fromkeys(PHASES, 0.0) for bf16 in arms}
@@ -92,18 +90,8 @@ def main() -> int:
             for bf16 in order:
                 net, opt = models[bf16]
                 t = [time.perf_counter()]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    pred = net(x)
-                loss = loss_fn(pred.float(), y)
-                t.append(time.perf_counter())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                t.append(time.perf_counter())
-                if cfg.train.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.train.grad_clip)
-                t.append(time.perf_counter())
-                opt.step()
-                t.append(time.perf_counter())
+                train_step(net, loss_fn, opt, x, y, amp=bf16, grad_clip=cfg.train.grad_clip,
+                           on_phase=lambda _phase, t=t: t.append(time.perf_counter()))
                 if epoch == 0 and i < 2:
                     continue
                 phases = {**data, **dict(zip(PHASES[3:], np.diff(t), strict=True))}

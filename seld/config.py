@@ -362,10 +362,18 @@ class TrainConfig:
         _check(self.time_budget_s > 0, "train.time_budget_s", "must be > 0")
 
     @property
+    def stage_numbers(self) -> tuple[int, ...]:
+        """The stages this config trains, in order: (1, 2), (1,) or (2,)."""
+        return {"both": (1, 2), "stage1": (1,), "stage2": (2,)}[self.stages]
+
+    def stage_config(self, stage: int) -> StageConfig:
+        """The schedule of stage 1 or 2."""
+        return {1: self.stage1, 2: self.stage2}[stage]
+
+    @property
     def max_epochs(self) -> int:
         """Epochs of the stages this config trains, at most (stage 2 may stop early)."""
-        return {"both": self.stage1.epochs + self.stage2.epochs, "stage1": self.stage1.epochs,
-                "stage2": self.stage2.epochs}[self.stages]
+        return sum(self.stage_config(s).epochs for s in self.stage_numbers)
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,8 @@ def plan_rows(index, cfg: ExperimentConfig) -> dict[str, list[str]]:
     }
     clips = index["clip"].to_numpy()
     out = {name: sorted(str(c) for c in clips[mask]) for name, mask in sel.items()}
-    needed = {"stage1": cfg.train.stages in ("both", "stage1"),
-              "stage2": cfg.train.stages in ("both", "stage2"), "val": True, "test": True}
+    needed = {"stage1": 1 in cfg.train.stage_numbers, "stage2": 2 in cfg.train.stage_numbers,
+              "val": True, "test": True}
     for name, need in needed.items():
         if need and not out[name]:
             raise DataError(f"the store has no rows for the {name!r} set (rooms held out for "

@@ -7,7 +7,9 @@ under `ray/`), `norm.npz`, `thresholds.json`, `metrics.json` (scored by seld/eva
 `predictions/` (test CSVs).
 Stage 1 trains on synthetic + real train rows, stage 2 on real rows from stage 1's selected
 checkpoint; selection and early stopping use validation F20 at threshold 0.5 (whole rooms held out
-of the real train folders), never the test split.
+of the real train folders), never the test split. The step, the epoch and validation are plain torch
+(`train_step`, `train_epoch`, `validate`: no Ray); the worker's progress is one `LoopState`, saved
+after every epoch and restored as one piece.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +41,7 @@ from seld.metrics import score_counters
 from seld.predict import bf16_autocast, decode, infer, load_weights, prepare_batch
 from seld.runfolder import (
     CHECKPOINT_DIR,
+    METRICS_JSON,
     NORM,
     RAY_SUBDIR,
     SELECTED,
@@ -117,20 +122,120 @@ def _all_reduce(x: np.ndarray, op: str = "sum") -> np.ndarray:
     return t.cpu().numpy()
 
 
-# --- The per-worker loop -------------------------------------------------------------------------------------
-def _seed_everything(*parts: int) -> None:
+# --- Training steps (plain torch, no Ray: the worker loop and bench/step_profile.py run these) ---------
+def seed_everything(*parts: int) -> None:
+    """Seed torch's and numpy's global generators (dropout, numpy draws) from the integers `parts`."""
     seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
 
 
-def _worker_threads(cfg: ExperimentConfig, local_world: int) -> int:
-    if cfg.train.torch_threads > 0:
-        return cfg.train.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+def seed_epoch(seed: int, rank: int, epoch: int, device) -> torch.Generator:
+    """Seed one worker's epoch: the global generators (dropout) and the augmentation's generator.
+
+    The draws depend on (seed, rank, epoch) only, so an epoch after a restore repeats the one the
+    run would have trained without the interruption. Returns a `torch.Generator` on `device`.
+    """
+    seed_everything(seed, rank, epoch, 1)
+    aug_seed = int(np.random.SeedSequence([seed, rank, epoch, 2]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(aug_seed)
 
 
-class _TrainSet:
+def init_model(cfg: ExperimentConfig) -> torch.nn.Module:
+    """The run's initial model (on CPU), its weights drawn from `cfg.seed` alone: every worker, every
+    restart and the bench start from the same weights."""
+    from seld.model import build_model
+
+    seed_everything(cfg.seed, 0)
+    return build_model(cfg.model, n_mels=cfg.features.n_mels)
+
+
+def stage_optimizer(model: torch.nn.Module, scfg: StageConfig) -> torch.optim.Optimizer:
+    """A stage's optimiser (a new one each stage): Adam at the stage's lr and weight decay."""
+    return torch.optim.Adam(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
+
+
+def train_step(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+               x: torch.Tensor, y: torch.Tensor, *, amp: bool, grad_clip: float | None,
+               on_phase: Callable[[str], None] | None = None) -> torch.Tensor:
+    """One optimiser step on a batch that is already normalised and augmented.
+
+    Args:
+        model: in train mode (bare or DDP-wrapped); outputs (B, 50, 13, 3) ACCDOA or
+            (B, 50, 3, 13, 3) multi-ACCDOA.
+        x: float32 (B, 2, 251, n_mels) normalised log-mel, on the model's device.
+        y: float32 targets (B, 50, 13, 4) or (B, 50, 6, 13, 4) (`seld.data.encode_targets`), same device.
+        amp: forward under bf16 autocast (`seld.predict.bf16_autocast`); the loss is taken in float32.
+        grad_clip: largest gradient norm, or None / 0 for no clipping.
+        on_phase: called with "forward" (forward and loss), "backward", "clip", "step" as each ends
+            (bench/step_profile.py times the phases with it).
+    Returns:
+        the batch's mean loss, a detached scalar tensor.
+    """
+    mark = on_phase or (lambda _phase: None)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
+    loss = loss_fn(out.float(), y)
+    mark("forward")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    mark("backward")
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    mark("clip")
+    opt.step()
+    mark("step")
+    return loss.detach()
+
+
+def train_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+                batches: Iterable[tuple[np.ndarray, np.ndarray]], *, mean, std, device, augment,
+                gen: torch.Generator, amp: bool, grad_clip: float | None) -> np.ndarray:
+    """Train one epoch: each batch normalised, augmented and stepped (:func:`train_step`).
+
+    Args:
+        batches: (features (B, 2, 251, n_mels) in the store's dtype, targets float32) pairs, as
+            `TrainSet.batches` yields them.
+        mean, std: the normalisation, float32 (2, 1, n_mels) each, or None.
+        augment: an `seld.augment.Augmenter`; gen: its generator (:func:`seed_epoch`).
+    Returns:
+        float64 (4,): loss summed over clips, clips, seconds spent waiting for batches, seconds of
+        the epoch; this worker's, to be summed over workers.
+    """
+    model.train()
+    t_epoch, t_wait, loss_sum, n_clips = time.perf_counter(), 0.0, 0.0, 0
+    t_fetch = time.perf_counter()
+    for feats, targets in batches:
+        x = prepare_batch(feats, mean, std, device)
+        y = torch.from_numpy(targets).to(device)
+        t_wait += time.perf_counter() - t_fetch
+        x, y = augment(x, y, gen)
+        loss = train_step(model, loss_fn, opt, x, y, amp=amp, grad_clip=grad_clip)
+        loss_sum += float(loss) * len(x)
+        n_clips += len(x)
+        t_fetch = time.perf_counter()
+    return np.array([loss_sum, n_clips, t_wait, time.perf_counter() - t_epoch])
+
+
+def validate(model: torch.nn.Module, rows: seld_data.ClipBatch, mean, std, cfg: ExperimentConfig,
+             device, amp: bool, reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Validation scores at `cfg.train.val_threshold` (the selection's and early stopping's F20).
+
+    Args:
+        model: the bare model (not DDP); inference runs in eval mode and restores the mode after.
+        rows: this worker's validation clips (features and reference events).
+        mean, std: the normalisation, float32 (2, 1, n_mels) each, or None.
+        reduce: sums the pooled metric counters (1, 13, K) over the workers (None: one worker).
+    Returns:
+        {"val/f20": %, "val/doae_cd": deg, "val/rde_cd": ratio, "val/dist_err_cd": cm}, None where
+        undefined.
+    """
+    outputs = infer(model, rows.features, mean, std, cfg.train.batch_size, device, amp)
+    counters = pooled_counters(rows.events, decode(outputs, cfg.model.output_format, cfg.train.val_threshold))
+    return flat_scores(score_counters(counters if reduce is None else reduce(counters)), "val")
+
+
+class TrainSet:
     """One worker's training rows of a stage: materialised once, or streamed every epoch."""
 
     def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows=None, shard=None):
@@ -151,6 +256,9 @@ class _TrainSet:
         return total
 
     def n_batches(self, epoch: int) -> int:
+        """Batches of this worker's epoch; a streamed set does not know: 10**12 (its shard ends it)."""
+        if self.rows is None:
+            return 10**12
         return math.ceil(len(self._epoch_index(epoch)) / self.cfg.train.batch_size)
 
     def _epoch_index(self, epoch: int) -> np.ndarray:
@@ -183,23 +291,110 @@ class _TrainSet:
             yield b.features, seld_data.encode_targets(b.events, self.cfg.model.output_format)
 
 
-def _state_checkpoint(state: dict):
+@dataclass(eq=False)
+class LoopState:
+    """Where a run stands between epochs: saved after each epoch and restored as one piece.
+
+    The selection (`best_f20`, `best_epoch`, `bad_epochs`) restarts with each stage; `best_model`
+    carries over (stage 2 starts from stage 1's). `model` and `optimizer` are the state dicts of
+    the last save, which the loop fills in before :meth:`to_checkpoint`.
+    """
+
+    stage: int  # the stage being trained (or last trained): 1 or 2
+    epoch: int = 0  # epochs finished, over all stages (the next epoch's number)
+    stage_epoch: int = 0  # epochs finished in `stage`
+    stage_done: bool = False  # `stage` ran its epochs or stopped early
+    best_f20: float = -1.0  # the stage's best validation F20 (%)
+    best_epoch: int = -1  # and its epoch
+    bad_epochs: int = 0  # epochs since it last improved
+    best_model: dict[str, torch.Tensor] | None = None  # weights of the best epoch so far (CPU copies)
+    model: dict | None = None  # model state dict
+    optimizer: dict | None = None  # optimizer state dict (of `stage`)
+    history: list[dict] = field(default_factory=list)  # the metrics.csv rows so far
+    norm_mean: np.ndarray | None = None  # float32 (2, 1, n_mels), or None without normalisation
+    norm_std: np.ndarray | None = None
+    config: str = ""  # the run's config as JSON
+
+    def to_checkpoint(self) -> dict:
+        """The resume state as saved (`torch.save`) in Ray's checkpoint: plain dicts and tensors."""
+        return {"model": self.model, "optimizer": self.optimizer, "best_model": self.best_model,
+                "epoch": self.epoch, "stage": self.stage, "stage_epoch": self.stage_epoch,
+                "stage_done": self.stage_done,
+                "tracker": {"best_f20": self.best_f20, "best_epoch": self.best_epoch,
+                            "bad_epochs": self.bad_epochs},
+                "history": self.history, "norm_mean": self.norm_mean, "norm_std": self.norm_std,
+                "config": self.config}
+
+    @classmethod
+    def from_checkpoint(cls, blob: dict) -> LoopState:
+        """The state that :meth:`to_checkpoint` saved."""
+        tracker = blob["tracker"]
+        return cls(stage=blob["stage"], epoch=blob["epoch"], stage_epoch=blob["stage_epoch"],
+                   stage_done=bool(blob["stage_done"]), best_f20=tracker["best_f20"],
+                   best_epoch=tracker["best_epoch"], bad_epochs=tracker["bad_epochs"],
+                   best_model=blob.get("best_model"), model=blob["model"], optimizer=blob["optimizer"],
+                   history=list(blob["history"]), norm_mean=blob["norm_mean"], norm_std=blob["norm_std"],
+                   config=blob["config"])
+
+    def pending(self, stage: int) -> bool:
+        """Whether `stage` still has epochs to train."""
+        return stage > self.stage or (stage == self.stage and not self.stage_done)
+
+    def resumes(self, stage: int) -> bool:
+        """Whether `stage` continues from this state (its optimizer included) rather than starting."""
+        return stage == self.stage and self.stage_epoch > 0 and self.optimizer is not None
+
+    def begin_stage(self, stage: int) -> None:
+        """Start `stage` afresh: no epoch yet, nothing selected."""
+        self.stage, self.stage_epoch, self.stage_done = stage, 0, False
+        self.best_f20, self.best_epoch, self.bad_epochs = -1.0, -1, 0
+
+    def select(self, f20: float, model: torch.nn.Module) -> bool:
+        """Keep `model`'s weights when this epoch's validation F20 (%) beats the stage's best;
+        returns whether it did."""
+        if f20 > self.best_f20:
+            self.best_f20, self.best_epoch, self.bad_epochs = f20, self.epoch, 0
+            self.best_model = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def end_epoch(self, row: dict, scfg: StageConfig) -> bool:
+        """Count a finished epoch (its metrics.csv `row`) and decide whether the stage is done;
+        returns whether early stopping ended it."""
+        self.history.append(row)
+        self.epoch += 1
+        self.stage_epoch += 1
+        early = scfg.patience is not None and self.bad_epochs >= scfg.patience
+        self.stage_done = early or self.stage_epoch >= scfg.epochs
+        return early
+
+
+# --- The per-worker loop (Ray Train) --------------------------------------------------------------------
+def _worker_threads(cfg: ExperimentConfig, local_world: int) -> int:
+    if cfg.train.torch_threads > 0:
+        return cfg.train.torch_threads
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def _state_checkpoint(state: LoopState):
     """Ray Checkpoint of the resume state (written by rank 0 only)."""
     import ray.train
 
     tmp = tempfile.mkdtemp(prefix="seld-ckpt-")
-    torch.save(state, Path(tmp) / STATE_FILE)
+    torch.save(state.to_checkpoint(), Path(tmp) / STATE_FILE)
     return ray.train.Checkpoint.from_directory(tmp), tmp
 
 
-def _load_state() -> dict | None:
+def _load_state() -> LoopState | None:
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+        blob = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    return LoopState.from_checkpoint(blob)
 
 
 def _write_csv(path: Path, history: list[dict]) -> None:
@@ -211,6 +406,40 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+@dataclass
+class _WorkerData:
+    """One worker's rows."""
+
+    train_sets: dict[int, TrainSet]  # per stage, this worker's share
+    val: seld_data.ClipBatch  # the whole validation set (rank 0 fits the thresholds on it)
+    val_mine: seld_data.ClipBatch  # the slice this worker scores each epoch
+    tests: dict[str, seld_data.ClipBatch]  # rank 0 of a materialised run; else read at the end
+    names: set[str]  # the run's non-empty datasets
+    ready_s: float  # seconds it took
+
+
+@dataclass
+class _Worker:
+    """What a worker holds fixed for the whole run."""
+
+    cfg: ExperimentConfig
+    cfg_json: str
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    amp: bool
+    net: torch.nn.Module  # the bare model: validation, state dicts, checkpoints
+    model: torch.nn.Module  # what trains: `net`, DDP-wrapped with several workers
+    loss_fn: torch.nn.Module
+    augment: Any
+    val_mine: seld_data.ClipBatch  # the validation clips this worker scores
+    mean: np.ndarray | None
+    std: np.ndarray | None
+    t_start: float  # unix time the worker started
+    deadline: float  # unix time after which no new epoch starts
+
+
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train worker: both stages, per-epoch validation/checkpoint/report; rank 0 scores at the end.
 
@@ -218,198 +447,178 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     "deadline": unix time after which no new epoch starts}.
     """
     import ray.train
-    import ray.train.torch
-
-    from seld.augment import Augmenter
-    from seld.losses import build_loss
-    from seld.model import build_model
 
     cfg = from_dict(ExperimentConfig, loop_cfg["config"])
-    cfg_json = json.dumps(loop_cfg["config"], sort_keys=True)
-    run_dir = Path(loop_cfg["run_dir"])
-    deadline = float(loop_cfg["deadline"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(_worker_threads(cfg, ctx.get_local_world_size()))
-    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
-    amp = bf16_autocast(device, cfg.train.amp_bf16)
-    fmt = cfg.model.output_format
-    stages = {"both": (1, 2), "stage1": (1,), "stage2": (2,)}[cfg.train.stages]
     t_start = time.time()
+    data = _read_worker_data(cfg, loop_cfg["rows"], ctx.get_world_rank(), ctx.get_world_size())
+    restored = _load_state()
+    w = _start_worker(cfg, loop_cfg, ctx, data, restored, t_start)
+    state = restored or LoopState(stage=cfg.train.stage_numbers[0])
+    state.norm_mean, state.norm_std, state.config = w.mean, w.std, w.cfg_json
+    if w.rank == 0:
+        _write_csv(w.run_dir / "metrics.csv", state.history)
+    for stage in cfg.train.stage_numbers:
+        if state.pending(stage) and not _train_stage(w, state, stage, data.train_sets[stage]):
+            break  # the time budget ran out
+    _finish_worker(w, data, state)
 
-    # Data: training rows (per stage, this worker's share), the whole validation set (each rank
-    # scores its slice), the test sets (rank 0 scores them at the end).
-    plan: dict[str, list[str]] = loop_cfg["rows"]
+
+def _read_worker_data(cfg: ExperimentConfig, plan: dict[str, list[str]], rank: int, world: int) -> _WorkerData:
+    """Training rows (per stage, this worker's share), the whole validation set (each rank scores
+    its slice), the test sets (rank 0 scores them at the end)."""
+    import ray.train
+
+    stages = cfg.train.stage_numbers
     names = {k for k, v in plan.items() if v}
     t0 = time.perf_counter()
     tests: dict[str, seld_data.ClipBatch] = {}
     if cfg.data.materialize:
         everything = seld_data.materialize(ray.train.get_dataset_shard("rows"))
-        train_sets = {s: _TrainSet(f"stage{s}", cfg, rank, rows=seld_data.select(
+        train_sets = {s: TrainSet(f"stage{s}", cfg, rank, rows=seld_data.select(
             everything, sorted(plan[f"stage{s}"])[rank::world])) for s in stages}
         val = seld_data.select(everything, plan["val"])
         if rank == 0:
             tests = {n: seld_data.select(everything, plan[n]) for n in ("test", "synth_test") if n in names}
         del everything
     else:
-        train_sets = {s: _TrainSet(f"stage{s}", cfg, rank, shard=ray.train.get_dataset_shard(f"stage{s}"))
+        train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shard=ray.train.get_dataset_shard(f"stage{s}"))
                       for s in stages}
         val = seld_data.materialize(ray.train.get_dataset_shard("val"))
     val_mine = val.take(np.arange(rank, len(val), world))
-    t_data = time.perf_counter() - t0
-    log.info("rank %d: data ready in %.1f s (%s; val %d, mine %d)", rank, time.perf_counter() - t0,
+    ready_s = time.perf_counter() - t0
+    log.info("rank %d: data ready in %.1f s (%s; val %d, mine %d)", rank, ready_s,
              {k: (len(v.rows) if v.rows is not None else "streamed") for k, v in train_sets.items()},
              len(val), len(val_mine))
+    return _WorkerData(train_sets, val, val_mine, tests, names, ready_s)
 
-    state = _load_state()
+
+def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
+                  restored: LoopState | None, t_start: float) -> _Worker:
+    """The normalisation (restored, the init checkpoint's, or from the first stage's rows; rank 0
+    writes norm.npz), the model (seeded, then the init checkpoint's or the restored weights), loss."""
+    import ray.train.torch
+
+    from seld.augment import Augmenter
+    from seld.losses import build_loss
+
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    run_dir = Path(loop_cfg["run_dir"])
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     init_blob = read_model_file(cfg.train.init_checkpoint) if cfg.train.init_checkpoint else None
-    if state is not None:
-        mean, std = state["norm_mean"], state["norm_std"]
+    if restored is not None:
+        mean, std = restored.norm_mean, restored.norm_std
         log.info("rank %d: restored from checkpoint after epoch %d (stage %d, epoch %d of the stage)",
-                 rank, state["epoch"], state["stage"], state["stage_epoch"])
+                 rank, restored.epoch, restored.stage, restored.stage_epoch)
     elif init_blob is not None and init_blob.get("norm_mean") is not None:
         mean, std = init_blob["norm_mean"].numpy(), init_blob["norm_std"].numpy()
     elif cfg.data.normalize:
-        sums = _all_reduce(train_sets[stages[0]].sums())
-        mean, std = seld_data.norm_from_sums(sums)
+        mean, std = seld_data.norm_from_sums(_all_reduce(data.train_sets[cfg.train.stage_numbers[0]].sums()))
     else:
         mean = std = None
     if rank == 0 and mean is not None:
         with atomic_write(run_dir / NORM) as tmp, open(tmp, "wb") as f:  # np.savez(path) would add .npz
             np.savez(f, mean=mean, std=std)
-
-    _seed_everything(cfg.seed, 0)
-    net = build_model(cfg.model, n_mels=cfg.features.n_mels)
+    net = init_model(cfg)
     if init_blob is not None:
         load_weights(net, init_blob["model"], cfg.train.init_checkpoint)
-    if state is not None:
-        net.load_state_dict(state["model"])
+    if restored is not None:
+        net.load_state_dict(restored.model)
     net.to(device)
-    model = ray.train.torch.prepare_model(net) if world > 1 else net
-    loss_fn = build_loss(cfg.loss, fmt).to(device)
-    augment = Augmenter(cfg.augment)
+    return _Worker(cfg=cfg, cfg_json=json.dumps(loop_cfg["config"], sort_keys=True), run_dir=run_dir,
+                   rank=rank, world=world, device=device, amp=bf16_autocast(device, cfg.train.amp_bf16),
+                   net=net, model=ray.train.torch.prepare_model(net) if world > 1 else net,
+                   loss_fn=build_loss(cfg.loss, cfg.model.output_format).to(device),
+                   augment=Augmenter(cfg.augment), val_mine=data.val_mine, mean=mean, std=std, t_start=t_start,
+                   deadline=float(loop_cfg["deadline"]))
 
-    history: list[dict] = list(state["history"]) if state else []
-    if rank == 0:
-        _write_csv(run_dir / "metrics.csv", history)
-    epoch = state["epoch"] if state else 0
-    start_stage = state["stage"] if state else stages[0]
-    stage_epoch = state["stage_epoch"] if state else 0
-    stage_done = bool(state["stage_done"]) if state else False
-    tracker = dict(state["tracker"]) if state else {}
-    best_model = state.get("best_model") if state else None
-    stopped = False
 
-    def validate() -> dict:
-        outputs = infer(net, val_mine.features, mean, std, cfg.train.batch_size, device, amp)
-        preds = decode(outputs, fmt, cfg.train.val_threshold)
-        return flat_scores(score_counters(_all_reduce(pooled_counters(val_mine.events, preds))), "val")
+def _train_stage(w: _Worker, state: LoopState, stage: int, tset: TrainSet) -> bool:
+    """Train a stage's epochs, or those left after a restore; False when the time budget ran out."""
+    scfg = w.cfg.train.stage_config(stage)
+    resumed = state.resumes(stage)
+    if not resumed:
+        if stage == 2 and 1 in w.cfg.train.stage_numbers:
+            if state.best_model is None:
+                raise RuntimeError("stage 1 selected no checkpoint (time budget too small?)")
+            w.net.load_state_dict(state.best_model)  # stage 2 starts from stage 1's selected checkpoint
+        state.begin_stage(stage)
+    opt = stage_optimizer(w.model, scfg)
+    if resumed:
+        opt.load_state_dict(state.optimizer)
+    done = scfg.epochs == 0
+    while not done:
+        if _all_reduce(np.array([float(time.time() > w.deadline)]), "max")[0] > 0:
+            log.warning("time budget of %.0f s reached: no new epoch", w.cfg.train.time_budget_s)
+            return False
+        row = _run_epoch(w, state, scfg, tset, opt)
+        early = state.end_epoch(row, scfg)
+        done = state.stage_done
+        _save_epoch(w, state, opt, row)
+        if early:
+            log.info("stage %d: early stop after %d epochs without improvement", stage, state.bad_epochs)
+    return True
 
-    def run_epoch(stage: int, scfg: StageConfig, tset: _TrainSet, opt) -> dict:
-        """Train one epoch, validate, update the selection; returns the metrics.csv row."""
-        nonlocal best_model
-        _seed_everything(cfg.seed, rank, epoch, 1)
-        model.train()
-        n_local = float(tset.n_batches(epoch)) if tset.rows is not None else 1e12
-        n_batches = int(_all_reduce(np.array([n_local]), "min")[0])
-        gen = torch.Generator(device=device).manual_seed(
-            int(np.random.SeedSequence([cfg.seed, rank, epoch, 2]).generate_state(1)[0]))
-        t_ep, t_wait, loss_sum, n_clips = time.perf_counter(), 0.0, 0.0, 0
-        t_fetch = time.perf_counter()
-        for feats, targets in tset.batches(epoch, n_batches):
-            x = prepare_batch(feats, mean, std, device)
-            y = torch.from_numpy(targets).to(device)
-            t_wait += time.perf_counter() - t_fetch
-            x, y = augment(x, y, gen)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(x)
-            loss = loss_fn(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            loss_sum += float(loss.detach()) * len(x)
-            n_clips += len(x)
-            t_fetch = time.perf_counter()
-        t_train = time.perf_counter() - t_ep
-        tot = _all_reduce(np.array([loss_sum, n_clips, t_wait, t_train]))
-        val_metrics = validate()
-        f20 = val_metrics["val/f20"]
-        improved = f20 > tracker["best_f20"]
-        if improved:
-            tracker.update(best_f20=f20, best_epoch=epoch, bad_epochs=0)
-            best_model = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            if rank == 0:
-                save_model_file(run_dir / CHECKPOINT_DIR / f"stage{stage}_best.pt", best_model,
-                                cfg_json, mean, std, {"stage": stage, "epoch": epoch, "val/f20": f20})
-        else:
-            tracker["bad_epochs"] += 1
-        row = {"epoch": epoch, "stage": stage, "stage_epoch": stage_epoch, "lr": scfg.lr,
-               "train/loss": tot[0] / max(tot[1], 1), "train/clips": int(tot[1]),
-               "train/time_s": round(tot[3] / world, 3),
-               "train/data_wait_frac": round(tot[2] / max(tot[3], 1e-9), 4), **val_metrics,
-               "val/best_f20": tracker["best_f20"], "selected": int(improved),
-               "elapsed_s": round(time.time() - t_start, 2)}
-        log.info("epoch %d (stage %d): loss %.4f, val F20 %.2f%% (best %.2f%%), %.1f s", epoch, stage,
-                 row["train/loss"], f20, tracker["best_f20"], tot[3] / world)
-        return row
 
-    for stage in stages:
-        if stopped or stage < start_stage or (stage == start_stage and stage_done):
-            continue
-        scfg: StageConfig = getattr(cfg.train, f"stage{stage}")
-        tset = train_sets[stage]
-        resumed = state is not None and state["stage"] == stage and stage_epoch > 0
-        if not resumed:
-            if stage == 2 and 1 in stages:
-                if best_model is None:
-                    raise RuntimeError("stage 1 selected no checkpoint (time budget too small?)")
-                net.load_state_dict(best_model)  # stage 2 starts from stage 1's selected checkpoint
-            stage_epoch, tracker = 0, {"best_f20": -1.0, "best_epoch": -1, "bad_epochs": 0}
-        opt = torch.optim.Adam(model.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay)
-        if resumed:
-            opt.load_state_dict(state["optimizer"])
-        done = scfg.epochs == 0
-        while not done:
-            if _all_reduce(np.array([float(time.time() > deadline)]), "max")[0] > 0:
-                log.warning("time budget of %.0f s reached: no new epoch", cfg.train.time_budget_s)
-                stopped = True
-                break
-            row = run_epoch(stage, scfg, tset, opt)
-            history.append(row)
-            epoch += 1
-            stage_epoch += 1
-            early = scfg.patience is not None and tracker["bad_epochs"] >= scfg.patience
-            done = early or stage_epoch >= scfg.epochs
-            new_state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                         "best_model": best_model, "epoch": epoch, "stage": stage,
-                         "stage_epoch": stage_epoch, "stage_done": done, "tracker": tracker,
-                         "history": history, "norm_mean": mean, "norm_std": std, "config": cfg_json}
-            ckpt, tmp = None, None
-            if rank == 0:
-                _write_csv(run_dir / "metrics.csv", history)
-                ckpt, tmp = _state_checkpoint(new_state)
-            ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)},
-                             checkpoint=ckpt)
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if early:
-                log.info("stage %d: early stop after %d epochs without improvement", stage,
-                         tracker["bad_epochs"])
-        state = None
+def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: TrainSet, opt) -> dict:
+    """Train one epoch, validate, update the selection (rank 0 writes the stage's best model file);
+    returns the metrics.csv row."""
+    cfg, epoch = w.cfg, state.epoch
+    gen = seed_epoch(cfg.seed, w.rank, epoch, w.device)
+    n_batches = int(_all_reduce(np.array([float(tset.n_batches(epoch))]), "min")[0])
+    tot = _all_reduce(train_epoch(w.model, w.loss_fn, opt, tset.batches(epoch, n_batches), mean=w.mean,
+                                  std=w.std, device=w.device, augment=w.augment, gen=gen, amp=w.amp,
+                                  grad_clip=cfg.train.grad_clip))
+    val_metrics = validate(w.net, w.val_mine, w.mean, w.std, cfg, w.device, w.amp,
+                           reduce=_all_reduce)
+    f20 = val_metrics["val/f20"]
+    improved = state.select(f20, w.net)
+    if improved and w.rank == 0:
+        save_model_file(w.run_dir / CHECKPOINT_DIR / f"stage{state.stage}_best.pt", state.best_model,
+                        w.cfg_json, w.mean, w.std, {"stage": state.stage, "epoch": epoch, "val/f20": f20})
+    row = {"epoch": epoch, "stage": state.stage, "stage_epoch": state.stage_epoch, "lr": scfg.lr,
+           "train/loss": tot[0] / max(tot[1], 1), "train/clips": int(tot[1]),
+           "train/time_s": round(tot[3] / w.world, 3),
+           "train/data_wait_frac": round(tot[2] / max(tot[3], 1e-9), 4), **val_metrics,
+           "val/best_f20": state.best_f20, "selected": int(improved),
+           "elapsed_s": round(time.time() - w.t_start, 2)}
+    log.info("epoch %d (stage %d): loss %.4f, val F20 %.2f%% (best %.2f%%), %.1f s", epoch, state.stage,
+             row["train/loss"], f20, state.best_f20, tot[3] / w.world)
+    return row
+
+
+def _save_epoch(w: _Worker, state: LoopState, opt, row: dict) -> None:
+    """Rank 0 writes metrics.csv and the resume state; every rank reports the epoch to Ray."""
+    import ray.train
+
+    state.model, state.optimizer = w.net.state_dict(), opt.state_dict()
+    ckpt, tmp = None, None
+    if w.rank == 0:
+        _write_csv(w.run_dir / "metrics.csv", state.history)
+        ckpt, tmp = _state_checkpoint(state)
+    ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)}, checkpoint=ckpt)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
+    """Rank 0 scores the selected model and writes metrics.json; every rank reports once more."""
+    import ray.train
 
     final: dict[str, Any] = {}
-    if rank == 0:
-        if not cfg.data.materialize:
+    if w.rank == 0:
+        tests = data.tests
+        if not w.cfg.data.materialize:
             tests = {n: seld_data.materialize(ray.train.get_dataset_shard(n))
-                     for n in ("test", "synth_test") if n in names}
+                     for n in ("test", "synth_test") if n in data.names}
         t_fin = time.time()
-        final = _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages)
+        final = _finish(w.cfg, w.run_dir, w.net, w.mean, w.std, w.device, w.amp, data.val, tests,
+                        state.history, w.cfg.train.stage_numbers)
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
-        final["cost/data_ready_s"] = round(t_data, 2)
-        final["cost/train_loop_s"] = round(time.time() - t_start, 2)
-        write_json_atomic(run_dir / "metrics.json", final)
+        final["cost/data_ready_s"] = round(data.ready_s, 2)
+        final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
+        write_json_atomic(w.run_dir / METRICS_JSON, final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
     # "done" key as "end this trial now" and would kill it before the run's files are written.
     ray.train.report({"run_finished": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
@@ -484,7 +693,7 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
 
     run_dir = Path(run_dir).resolve()
     rows = seld_data.plan_rows(seld_data.read_index(store, cfg.features), cfg)
-    stages = {"both": ("stage1", "stage2"), "stage1": ("stage1",), "stage2": ("stage2",)}[cfg.train.stages]
+    stages = tuple(f"stage{s}" for s in cfg.train.stage_numbers)
     rows = {k: v for k, v in rows.items() if k not in ("stage1", "stage2") or k in stages}
     datasets = seld_data.build_datasets(store, rows, cfg.data.materialize, cfg.features)
     to_split = [] if cfg.data.materialize else list(stages)

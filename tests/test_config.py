@@ -126,3 +126,11 @@ def test_fixed_frame_grid_fields_refuse_other_values(key, value, says):
     message that says why, instead of being silently ignored downstream."""
     with pytest.raises(ConfigError, match=re.escape(says)):
         preset_config("smoke", {key: value})
+
+
+def test_stage_numbers_and_stage_config():
+    train = preset_config("local").train
+    assert train.stage_numbers == (1, 2)
+    assert [apply_overrides(ExperimentConfig(), {"train.stages": s}).train.stage_numbers
+            for s in ("stage1", "stage2")] == [(1,), (2,)]
+    assert train.stage_config(1) is train.stage1 and train.stage_config(2) is train.stage2
