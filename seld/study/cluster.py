@@ -210,11 +210,9 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
 
 def estimate_run_hours(cfg: ExperimentConfig, n_train_real: int, n_train_synth: int, plan: ClusterPlan) -> float:
     """Upper-bound wall hours of one run: clip-epochs of both stages over the workers' throughput."""
-    stages = cfg.train.stages
-    s1 = cfg.train.stage1.epochs * (n_train_real * ("real" in cfg.data.stage1_domains)
-                                    + n_train_synth * ("synthetic" in cfg.data.stage1_domains))
-    s2 = cfg.train.stage2.epochs * n_train_real
-    clip_epochs = (s1 if stages in ("both", "stage1") else 0) + (s2 if stages in ("both", "stage2") else 0)
+    clips = {1: n_train_real * ("real" in cfg.data.stage1_domains)
+             + n_train_synth * ("synthetic" in cfg.data.stage1_domains), 2: n_train_real}
+    clip_epochs = sum(cfg.train.stage_config(s).epochs * clips[s] for s in cfg.train.stage_numbers)
     return clip_epochs / (CLIPS_PER_S[plan.device] * plan.workers_per_trial) / 3600.0
 
 
