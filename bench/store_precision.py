@@ -21,7 +21,8 @@ from seld import labels
 from seld.config import apply_overrides
 from seld.labels import as_written
 from seld.metrics import count_errors, score_counters
-from seld.predict import bf16_autocast, decode, features_of_wav, infer, load_model
+from seld.postprocess import decode_outputs
+from seld.predict import bf16_autocast, features_of_wav, infer, load_model
 from seld.runfolder import CHECKPOINT_DIR, METRICS_JSON, SELECTED, THRESHOLDS, load_thresholds
 
 
@@ -50,7 +51,7 @@ def main() -> int:
         for name, out in outs.items():
             row = []
             for t in (0.5, thr):
-                preds = [as_written(e) for e in decode(out, lm.cfg.model.output_format, t)]
+                preds = [as_written(e) for e in decode_outputs(out, lm.cfg.model.output_format, t)]
                 row.append(score_counters(count_errors(refs, preds).sum(axis=0)))
             diff = float(np.abs(out - outs["float32"]).max())
             print(f"| {run.name} | {name} | {row[0].f20:.2f} | {row[0].doae_cd:.2f} | {row[0].rde_cd:.3f} | "

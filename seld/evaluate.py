@@ -17,8 +17,8 @@ from seld.config import SPLITS, ExperimentConfig
 from seld.data import ClipBatch
 from seld.labels import as_written, read_csv_table, write_csv
 from seld.metrics import SeldScore, count_errors, pair_files, score_counters, score_events
-from seld.postprocess import GLOBAL_GRID, fit_thresholds, scan_global_threshold
-from seld.predict import decode, infer
+from seld.postprocess import GLOBAL_GRID, decode_outputs, fit_thresholds, scan_global_threshold
+from seld.predict import infer
 
 SCALAR_KEYS = ("f20", "doae_cd", "rde_cd", "dist_err_cd")  # the `prefix/name` scores of a set
 BREAKDOWN_METRICS = ("f20", "doae_cd", "rde_cd")  # the scores of each breakdown cell
@@ -58,7 +58,7 @@ def score_outputs(outputs: np.ndarray, refs: Sequence[np.ndarray], output_format
         (the SeldScore with per-clip counters (n, 13, K), the n predicted event arrays as written:
         integer azimuth deg and distance cm, see :func:`seld.labels.as_written`).
     """
-    preds = [as_written(e) for e in decode(outputs, output_format, thresholds)]
+    preds = [as_written(e) for e in decode_outputs(outputs, output_format, thresholds)]
     return score_counters(count_errors(refs, preds)), preds
 
 

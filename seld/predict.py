@@ -29,6 +29,7 @@ from seld.config import (
     from_dict,
 )
 from seld.errors import DataError, UserError
+from seld.postprocess import decode_outputs
 from seld.runfolder import CHECKPOINT_DIR, SELECTED, THRESHOLDS, load_thresholds, read_model_file
 
 log = logging.getLogger(__name__)
@@ -145,13 +146,6 @@ def infer(model: torch.nn.Module, features: np.ndarray, mean, std, batch_size: i
     return np.concatenate(outs)
 
 
-def decode(outputs: np.ndarray, output_format: str, thresholds) -> list[np.ndarray]:
-    """Events (EVENT_DTYPE, distance cm) of each clip's outputs at the given activity thresholds."""
-    from seld.postprocess import decode_outputs
-
-    return decode_outputs(outputs, output_format, thresholds)
-
-
 # --- Wav folders ------------------------------------------------------------------------------------
 def window_audio(audio: np.ndarray, clip_samples: int) -> tuple[np.ndarray, int]:
     """Cut (2, n) audio into 5-s windows.
@@ -264,7 +258,7 @@ def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path]
         for path, n_win, n_frames in spans:
             out = stitch(outputs[start:start + n_win], n_frames)
             start += n_win
-            events = decode(out[None], cfg.model.output_format, thr)[0]
+            events = decode_outputs(out[None], cfg.model.output_format, thr)[0]
             target = out_dir / (path.stem + ".csv")
             labels.write_csv(target, events)
             report.written.append(target)

@@ -38,7 +38,8 @@ from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
 from seld.errors import DataError, UserError
 from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
 from seld.metrics import score_counters
-from seld.predict import bf16_autocast, decode, infer, load_weights, prepare_batch
+from seld.postprocess import decode_outputs
+from seld.predict import bf16_autocast, infer, load_weights, prepare_batch
 from seld.runfolder import (
     CHECKPOINT_DIR,
     METRICS_JSON,
@@ -231,7 +232,7 @@ def validate(model: torch.nn.Module, rows: seld_data.ClipBatch, mean, std, cfg: 
         undefined.
     """
     outputs = infer(model, rows.features, mean, std, cfg.train.batch_size, device, amp)
-    counters = pooled_counters(rows.events, decode(outputs, cfg.model.output_format, cfg.train.val_threshold))
+    counters = pooled_counters(rows.events, decode_outputs(outputs, cfg.model.output_format, cfg.train.val_threshold))
     return flat_scores(score_counters(counters if reduce is None else reduce(counters)), "val")
 
 
