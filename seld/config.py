@@ -637,14 +637,14 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted-key view of a config: ``{"model.d_model": 256, ...}``."""
+    """Dotted-key view of a config or of its JSON form (nested dicts): ``{"model.d_model": 256, ...}``."""
+    items = cfg.items() if isinstance(cfg, dict) else ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            out.update(flatten(v, prefix + f.name + "."))
+    for name, v in items:
+        if dataclasses.is_dataclass(v) or isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{name}."))
         else:
-            out[prefix + f.name] = v
+            out[prefix + name] = v
     return out
 
 

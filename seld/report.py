@@ -126,12 +126,17 @@ def _col(runs: pd.DataFrame, key: str) -> list[float]:
     return [float(v) for v in pd.to_numeric(runs[key], errors="coerce")]
 
 
+def device_hours(wall_s: float, n_devices: int) -> float:
+    """Device-hours of a run: its wall time on all the devices it held (Train workers)."""
+    return wall_s * n_devices / 3600.0
+
+
 def _cost(runs: pd.DataFrame, row: TableRow) -> tuple[float, float]:
     """(mean wall minutes, mean device-hours) of one table row's runs."""
     key = row.cost_key if row.cost_key in runs.columns and runs[row.cost_key].notna().any() else "wall_s"
     wall = t_interval(_col(runs, key)).mean
     if "n_devices" in runs.columns and key in runs.columns:
-        dev_h = t_interval([w * d / 3600.0 for w, d in zip(_col(runs, key), _col(runs, "n_devices"), strict=True)]).mean
+        dev_h = t_interval([device_hours(w, d) for w, d in zip(_col(runs, key), _col(runs, "n_devices"), strict=True)]).mean
     else:
         dev_h = t_interval(_col(runs, "device_hours")).mean
     return wall / 60.0, dev_h

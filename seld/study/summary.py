@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from seld.config import ExperimentConfig, config_hash
+from seld.report import device_hours
 from seld.runfolder import atomic_write
 from seld.study.prepare import DataPlan
 
@@ -75,7 +76,7 @@ def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_
             start = json.loads(attempts_file.read_text().splitlines()[-1])["start_unix_s"]
             row["wall_s"] = round(metrics_path.stat().st_mtime - start, 2)
         if row["wall_s"] is not None:
-            row["device_hours"] = round(row["wall_s"] * cfg.train.num_workers / 3600.0, 5)
+            row["device_hours"] = round(device_hours(row["wall_s"], cfg.train.num_workers), 5)
     row.update(extra)
     return row
 

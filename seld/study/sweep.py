@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from seld.config import ConfigError, preset_config
+from seld.config import ConfigError, flatten, preset_config
 from seld.errors import UserError
 from seld.runfolder import atomic_write, write_json_atomic
 from seld.study.cli import Options, prepare_out, results_dir
@@ -402,16 +402,10 @@ def match_run(run_dirs: dict[str, Path], params: dict[str, Any], used: set[str] 
     if not params:
         return None
 
-    def dotted(tree: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-
     for name, d in run_dirs.items():
         if used is not None and name in used:
             continue
-        cfg = dotted(json.loads((d / "config.json").read_text()))
+        cfg = flatten(json.loads((d / "config.json").read_text()))
         if all(_same(cfg.get(k), v) for k, v in params.items()):
             return d
     return None
