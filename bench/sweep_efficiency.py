@@ -43,6 +43,7 @@ import numpy as np
 import pandas as pd
 
 from seld.config import parse_set_args, preset_config
+from seld.runfolder import METRICS_CSV, METRICS_JSON
 from seld.study import (
     REPEAT_ATTR,
     Options,
@@ -85,15 +86,15 @@ def export_curves(grid_dir: Path) -> pd.DataFrame:
     """What every grid run reported to Tune, in order: one row per epoch (metrics.csv's `val/f20`)
     and the final report (metrics.json's `val/f20`, `final` = 1); `iteration` = Tune's
     training_iteration. Columns CURVE_COLUMNS."""
-    runs = {d.name: d for d in sorted((grid_dir / "runs").iterdir()) if (d / "metrics.json").exists()}
+    runs = {d.name: d for d in sorted((grid_dir / "runs").iterdir()) if (d / METRICS_JSON).exists()}
     out = []
     for combo in itertools.product(*(SPACE[k].choices for k in SPACE)):
         params = dict(zip(SPACE, combo, strict=True))
         run = match_run(runs, params)
         if run is None:
             raise SystemExit(f"{grid_dir}: no finished grid run for {params}; run the grid arm first")
-        f20 = pd.read_csv(run / "metrics.csv")["val/f20"].tolist()
-        f20.append(json.loads((run / "metrics.json").read_text())["val/f20"])
+        f20 = pd.read_csv(run / METRICS_CSV)["val/f20"].tolist()
+        f20.append(json.loads((run / METRICS_JSON).read_text())["val/f20"])
         out += [{**params, "iteration": i + 1, "val/f20": v, "final": int(i == len(f20) - 1)}
                 for i, v in enumerate(f20)]
     return pd.DataFrame(out, columns=list(CURVE_COLUMNS))

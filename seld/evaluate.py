@@ -19,6 +19,7 @@ from seld.labels import as_written, read_csv_table, write_csv
 from seld.metrics import SeldScore, count_errors, pair_files, score_counters, score_events
 from seld.postprocess import GLOBAL_GRID, decode_outputs, fit_thresholds, scan_global_threshold
 from seld.predict import infer
+from seld.runfolder import PREDICTIONS, PREDICTIONS_T05
 
 SCALAR_KEYS = ("f20", "doae_cd", "rde_cd", "dist_err_cd")  # the `prefix/name` scores of a set
 BREAKDOWN_METRICS = ("f20", "doae_cd", "rde_cd")  # the scores of each breakdown cell
@@ -271,7 +272,7 @@ def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: di
     metrics["thresholds"] = [float(t) for t in np.broadcast_to(thr, (13,))]
     metrics["classwise"] = {"test": s_test.to_dict().get("classwise", []),
                             "test_pp": s_pp.to_dict().get("classwise", [])}
-    return RunScores(metrics, thr, {"predictions": preds_pp, "predictions_t05": preds05})
+    return RunScores(metrics, thr, {PREDICTIONS: preds_pp, PREDICTIONS_T05: preds05})
 
 
 __all__ = ["BREAKDOWN_METRICS", "DISTANCE_BINS_M", "SCALAR_KEYS", "RunScores", "evaluate_run",

@@ -42,6 +42,8 @@ from seld.postprocess import decode_outputs
 from seld.predict import bf16_autocast, infer, load_weights, prepare_batch
 from seld.runfolder import (
     CHECKPOINT_DIR,
+    CONFIG_JSON,
+    METRICS_CSV,
     METRICS_JSON,
     NORM,
     RAY_SUBDIR,
@@ -52,6 +54,7 @@ from seld.runfolder import (
     save_json,
     save_model_file,
     save_thresholds,
+    stage_checkpoint,
     write_json_atomic,
     write_text_atomic,
 )
@@ -459,7 +462,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     state = restored or LoopState(stage=cfg.train.stage_numbers[0])
     state.norm_mean, state.norm_std, state.config = w.mean, w.std, w.cfg_json
     if w.rank == 0:
-        _write_csv(w.run_dir / "metrics.csv", state.history)
+        _write_csv(w.run_dir / METRICS_CSV, state.history)
     for stage in cfg.train.stage_numbers:
         if state.pending(stage) and not _train_stage(w, state, stage, data.train_sets[stage]):
             break  # the time budget ran out
@@ -576,7 +579,7 @@ def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: TrainSet, 
     f20 = val_metrics["val/f20"]
     improved = state.select(f20, w.net)
     if improved and w.rank == 0:
-        save_model_file(w.run_dir / CHECKPOINT_DIR / f"stage{state.stage}_best.pt", state.best_model,
+        save_model_file(w.run_dir / CHECKPOINT_DIR / stage_checkpoint(state.stage), state.best_model,
                         w.cfg_json, w.mean, w.std, {"stage": state.stage, "epoch": epoch, "val/f20": f20})
     row = {"epoch": epoch, "stage": state.stage, "stage_epoch": state.stage_epoch, "lr": scfg.lr,
            "train/loss": tot[0] / max(tot[1], 1), "train/clips": int(tot[1]),
@@ -596,7 +599,7 @@ def _save_epoch(w: _Worker, state: LoopState, opt, row: dict) -> None:
     state.model, state.optimizer = w.net.state_dict(), opt.state_dict()
     ckpt, tmp = None, None
     if w.rank == 0:
-        _write_csv(w.run_dir / "metrics.csv", state.history)
+        _write_csv(w.run_dir / METRICS_CSV, state.history)
         ckpt, tmp = _state_checkpoint(state)
     ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)}, checkpoint=ckpt)
     if tmp:
@@ -630,18 +633,18 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     and the test predictions; returns metrics.json's content (scores + the run's cost)."""
 
     ckpt_dir = run_dir / CHECKPOINT_DIR
-    ran = [s for s in stages if (ckpt_dir / f"stage{s}_best.pt").is_file()]
+    ran = [s for s in stages if (ckpt_dir / stage_checkpoint(s)).is_file()]
     if not ran:
         raise RuntimeError(f"{run_dir}: no epoch finished, nothing to evaluate")
     sel_stage = ran[-1]
-    sel_path = ckpt_dir / f"stage{sel_stage}_best.pt"
+    sel_path = ckpt_dir / stage_checkpoint(sel_stage)
     shutil.copyfile(sel_path, ckpt_dir / SELECTED)
-    stage1 = read_model_file(ckpt_dir / "stage1_best.pt") if 1 in ran and sel_stage == 2 else None
+    stage1 = read_model_file(ckpt_dir / stage_checkpoint(1)) if 1 in ran and sel_stage == 2 else None
     scores = evaluate_run(net, read_model_file(sel_path), val, tests, cfg, mean, std, device, amp, stage1=stage1)
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
-    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/stage{sel_stage}_best.pt",
+    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
                                **scores.metrics}
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)
@@ -662,7 +665,7 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
 # --- Driver side ------------------------------------------------------------------------------------
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     """Create the run folder and its config.json; refuse to mix runs (resume needs the same config)."""
-    cfg_path = run_dir / "config.json"
+    cfg_path = run_dir / CONFIG_JSON
     if cfg_path.exists():
         if not resume:
             raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
@@ -748,13 +751,13 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
                     # Same class as the worker's error (DataError stays DataError), one line.
                     raise type(cause)(f"{str(cause).strip().splitlines()[-1]} (training run {run_dir} stopped)") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
-        metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = json.loads((run_dir / METRICS_JSON).read_text())
         metrics["cost/wall_s"] = round(time.time() - t0, 2)
         # What small runs cost besides training: starting Ray here, then everything between the
         # driver and the worker's loop (trainer controller, worker group, dataset planning).
         metrics["cost/ray_start_s"] = round(t_ray, 2)
         metrics["cost/trainer_start_s"] = round(metrics["cost/wall_s"] - t_ray - metrics["cost/train_loop_s"], 2)
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_json_atomic(run_dir / METRICS_JSON, metrics)
         if logger:
             logger.finish(metrics)
         return metrics
@@ -775,7 +778,7 @@ class _WandbLogger:
         self.run = wandb.init(project=opts.get("project") or "seld", group=opts.get("group"),
                               name=run_dir.name, dir=str(run_dir), config=to_dict(cfg),
                               mode=os.environ["WANDB_MODE"], reinit="create_new")
-        self.csv = run_dir / "metrics.csv"
+        self.csv = run_dir / METRICS_CSV
         self.logged = -1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 from seld.config import ExperimentConfig, config_hash, preset_config
 from seld.report import TableSpec, paste_into_readme, report_from_files
-from seld.runfolder import atomic_write
+from seld.runfolder import METRICS_JSON, atomic_write
 from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import DataPlan, prepare_data, train_counts
@@ -101,7 +101,7 @@ def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options
 def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterPlan, out: Path,
                    opts: Options) -> dict[str, str]:
     """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed."""
-    pending = [r for r in runs if not (r[4] / "metrics.json").exists()]
+    pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()]
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), plan.concurrency)
     errors: dict[str, str] = {}
@@ -126,7 +126,7 @@ def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: 
     rows = []
     for v, seed, _, cfg, run_dir in runs:
         run_id = f"{v.name}-s{seed}"
-        done = (run_dir / "metrics.json").exists()
+        done = (run_dir / METRICS_JSON).exists()
         status = "ok" if done else "failed"
         error = "" if done else errors.get(run_id, "no metrics.json (interrupted?)")
         rows.append(summary_row(study.name, v.name, seed, cfg, run_dir, out, data, sha, status, error, {}))

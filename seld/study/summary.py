@@ -16,7 +16,7 @@ import pandas as pd
 
 from seld.config import ExperimentConfig, config_hash
 from seld.report import device_hours
-from seld.runfolder import atomic_write
+from seld.runfolder import ATTEMPTS, METRICS_CSV, METRICS_JSON, atomic_write
 from seld.study.prepare import DataPlan
 
 SUMMARY_COLUMNS = (
@@ -57,7 +57,7 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Path, out: Path,
          data: DataPlan | None, sha: str, status: str, error: str, extra: dict[str, Any]) -> dict[str, Any]:
-    attempts_file = run_dir / "attempts.jsonl"
+    attempts_file = run_dir / ATTEMPTS
     attempts = len(attempts_file.read_text().splitlines()) if attempts_file.exists() else 0
     row: dict[str, Any] = {
         "study": study, "variant": variant, "seed": seed, "status": status, "error": error,
@@ -66,7 +66,7 @@ def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_
         "data_hash": data.data_hash if data else "", "run_dir": os.path.relpath(run_dir, out),
         "n_devices": cfg.train.num_workers,
     }
-    metrics_path = run_dir / "metrics.json"
+    metrics_path = run_dir / METRICS_JSON
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         row.update(flatten_metrics(metrics))
@@ -93,7 +93,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path, lead: Sequence[str]) -> p
 def read_curves(runs: list[tuple[str, int, Path]]) -> pd.DataFrame | None:
     parts = []
     for variant, seed, run_dir in runs:
-        p = run_dir / "metrics.csv"
+        p = run_dir / METRICS_CSV
         if p.exists() and p.stat().st_size:
             df = pd.read_csv(p)
             df.insert(0, "step", range(1, len(df) + 1))

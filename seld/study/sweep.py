@@ -20,7 +20,14 @@ import pandas as pd
 
 from seld.config import ConfigError, flatten, preset_config
 from seld.errors import UserError
-from seld.runfolder import atomic_write, write_json_atomic
+from seld.runfolder import (
+    ATTEMPTS,
+    CONFIG_JSON,
+    METRICS_CSV,
+    METRICS_JSON,
+    atomic_write,
+    write_json_atomic,
+)
 from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import prepare_data, train_counts
@@ -341,7 +348,7 @@ def _run_dirs(out: Path) -> dict[str, Path]:
     # In the order the trials started: Optuna numbers its trials in the order Tune asked for them,
     # so two trials with the same parameters (a finite space) pair up with their own run folders.
     for d in sorted(runs_root.iterdir() if runs_root.is_dir() else [], key=first_start):
-        cfg_path = d / "config.json"
+        cfg_path = d / CONFIG_JSON
         if cfg_path.exists():
             run_dirs[d.name] = d
     return run_dirs
@@ -359,10 +366,10 @@ def _tune_log(out: Path) -> dict[str, dict[str, Any]]:
 
 def _trial_row(t, params: dict[str, Any], trial_dir: Path | None, tune_log: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One trials.csv row: the Optuna trial, its parameters and its run folder's metrics."""
-    metrics = json.loads((trial_dir / "metrics.json").read_text()) if trial_dir and (trial_dir / "metrics.json").exists() else {}
+    metrics = json.loads((trial_dir / METRICS_JSON).read_text()) if trial_dir and (trial_dir / METRICS_JSON).exists() else {}
     n_epochs = 0
-    if trial_dir and (trial_dir / "metrics.csv").exists() and (trial_dir / "metrics.csv").stat().st_size:
-        n_epochs = len(pd.read_csv(trial_dir / "metrics.csv"))
+    if trial_dir and (trial_dir / METRICS_CSV).exists() and (trial_dir / METRICS_CSV).stat().st_size:
+        n_epochs = len(pd.read_csv(trial_dir / METRICS_CSV))
     tl = tune_log.get(trial_dir.name, {}) if trial_dir else {}
     status = t.state.name.lower()
     if status == "complete":
@@ -382,7 +389,7 @@ def _write_best_config(sweep: Sweep, best, run_dirs: dict[str, Path], out: Path)
         "study": sweep.name, "metric": sweep.metric, "mode": sweep.mode, "value": best.value,
         "trial": best.number, "overrides": dict(sorted(best.params.items())),
         "set_args": [f"--set {k}={v}" for k, v in sorted(best.params.items())],
-        "config": json.loads((best_dir / "config.json").read_text()) if best_dir else None,
+        "config": json.loads((best_dir / CONFIG_JSON).read_text()) if best_dir else None,
     }
     write_json_atomic(out / "best_config.json", best_json)
 
@@ -390,7 +397,7 @@ def _write_best_config(sweep: Sweep, best, run_dirs: dict[str, Path], out: Path)
 def first_start(run_dir: Path) -> tuple[float, str]:
     """When a trial's run folder was first started (attempts.jsonl), for ordering; then the name."""
     try:
-        first = (run_dir / "attempts.jsonl").read_text().splitlines()[0]
+        first = (run_dir / ATTEMPTS).read_text().splitlines()[0]
         return float(json.loads(first)["start_unix_s"]), run_dir.name
     except (OSError, IndexError, ValueError, KeyError):
         return float("inf"), run_dir.name
@@ -405,7 +412,7 @@ def match_run(run_dirs: dict[str, Path], params: dict[str, Any], used: set[str] 
     for name, d in run_dirs.items():
         if used is not None and name in used:
             continue
-        cfg = flatten(json.loads((d / "config.json").read_text()))
+        cfg = flatten(json.loads((d / CONFIG_JSON).read_text()))
         if all(_same(cfg.get(k), v) for k, v in params.items()):
             return d
     return None

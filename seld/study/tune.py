@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from seld.config import config_hash, preset_config
+from seld.runfolder import ATTEMPTS, CONFIG_JSON
 from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
 
@@ -42,8 +43,8 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     cfg = preset_config(spec["preset"], {**spec["overrides"], **(params or {})})
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = (run_dir / "config.json").exists()
-    with open(run_dir / "attempts.jsonl", "a") as f:
+    resume = (run_dir / CONFIG_JSON).exists()
+    with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({"start_unix_s": round(time.time(), 3), "resume": resume,
                             "config_hash": config_hash(cfg)}) + "\n")
     if spec.get("wandb"):
