@@ -105,11 +105,20 @@ def test_global_threshold_scan_finds_the_shared_threshold_and_scores_like_the_cs
         scan_global_threshold(outputs, refs[:3], "accdoa")
 
 
-def test_fit_2000_clips_under_10_s():
+def test_fit_2000_clips_costs_about_one_scoring_per_grid_value():
+    """Fitting 13 class thresholds over the 19-value grid costs about 19 full scorings of the set
+    (all classes are scored at one grid value at once), not 13 x 19 (class by class). Timed against
+    one full scoring measured in the same run, so the bound holds on any CPU and under load
+    (measured 18.5-19.5x on the dev machine; class by class would be ~250x)."""
     true_thr = np.linspace(0.3, 0.7, N_CLASSES)
     outputs, refs = _constructed(2000, true_thr, seed=1)
+    one_scoring = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        score_counters(count_errors(refs, [as_written(e) for e in decode_outputs(outputs, "accdoa", 0.5)]).sum(axis=0))
+        one_scoring.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     fitted = fit_thresholds(outputs, refs, "accdoa")
     elapsed = time.perf_counter() - t0
-    assert elapsed < 10.0, elapsed
+    assert elapsed < 40 * min(one_scoring), (elapsed, one_scoring)
     assert np.all(np.abs(fitted - true_thr) < 0.02 + 1e-9)
