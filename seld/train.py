@@ -47,6 +47,7 @@ from seld.runfolder import (
     METRICS_JSON,
     NORM,
     RAY_SUBDIR,
+    RUN_FINISHED,
     SELECTED,
     THRESHOLDS,
     atomic_write,
@@ -625,7 +626,7 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
         write_json_atomic(w.run_dir / METRICS_JSON, final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
     # "done" key as "end this trial now" and would kill it before the run's files are written.
-    ray.train.report({"run_finished": 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
+    ray.train.report({RUN_FINISHED: 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
 def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:

@@ -225,3 +225,29 @@ def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_sess
         assert g["epochs"] == r["epochs"]
         assert g["value"] == pytest.approx(r["value"], abs=1e-4)
     assert sum(t["epochs"] for t in got) == 42 and max(t["value"] for t in got) == pytest.approx(28.9251, abs=1e-4)
+
+
+def test_asha_never_stops_a_run_at_its_final_report():
+    """The sweep's ASHA (real Ray scheduler, real Tune trials) stops a trial at a rung as ASHA does,
+    but answers CONTINUE to a run's final report (RUN_FINISHED), where plain ASHA says STOP: Tune
+    then destroyed the trial's process while it was finishing the run (its W&B log left empty)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from seld.runfolder import RUN_FINISHED
+    from seld.study import sweep_scheduler
+
+    sweep = Sweep("s", "smoke", {"loss.alpha": Param("uniform", 0.5, 2.0)}, n_trials=2, grace_period=1,
+                  reduction_factor=2)
+    sched = sweep_scheduler(sweep, max_t=2)
+    sched.set_search_properties("val/f20", "max")
+    good, poor = Trial("seld_trainable", stub=True), Trial("seld_trainable", stub=True)
+    for t in (good, poor):
+        sched.on_trial_add(None, t)
+    cont, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    assert sched.on_trial_result(None, good, {"training_iteration": 1, "val/f20": 10.0}) == cont
+    assert sched.on_trial_result(None, poor, {"training_iteration": 1, "val/f20": 1.0}) == stop  # a rung cut
+    assert sched.on_trial_result(None, good, {"training_iteration": 2, "val/f20": 12.0}) == cont
+    final = {"training_iteration": 3, "val/f20": 12.0}
+    assert sched.on_trial_result(None, good, {**final, RUN_FINISHED: 1}) == cont
+    assert sched.on_trial_result(None, good, final) == stop  # any other report at max_t: ASHA's STOP

@@ -25,6 +25,7 @@ from seld.runfolder import (
     CONFIG_JSON,
     METRICS_CSV,
     METRICS_JSON,
+    RUN_FINISHED,
     atomic_write,
     write_json_atomic,
 )
@@ -196,13 +197,24 @@ def sweep_scheduler(sweep: Sweep, max_t: int):
 
     Each epoch is one Tune iteration and the run's final report (test scores) one more: a trial
     that survives every rung must reach ``max_t + 1`` (``max_t`` = epochs of the trained stages),
-    or ASHA stops it before its scores exist.
+    or ASHA stops it before its scores exist. ASHA's STOP on that final report (``run_finished``)
+    becomes CONTINUE, with ASHA's bookkeeping unchanged: the run has no epoch left, and a STOP
+    there made Tune destroy the trial's process while it was still finishing the run (metrics.json's
+    driver-side costs, the W&B run, whose offline log was then left empty).
     """
-    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=max(1, max_t) + 1,
-                         grace_period=max(1, min(sweep.grace_period, max_t)),
-                         reduction_factor=sweep.reduction_factor)
+    class FinalReportASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+            action = super().on_trial_result(tune_controller, trial, result)
+            if result.get(RUN_FINISHED) and action == TrialScheduler.STOP:
+                self._num_stopped -= 1  # ASHA counted a stop that does not happen
+                return TrialScheduler.CONTINUE
+            return action
+
+    return FinalReportASHA(time_attr="training_iteration", max_t=max(1, max_t) + 1,
+                           grace_period=max(1, min(sweep.grace_period, max_t)),
+                           reduction_factor=sweep.reduction_factor)
 
 
 REPEAT_ATTR = "repeat_of"  # Optuna user attribute of a proposal skipped as a repeat (never trained)
