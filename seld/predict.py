@@ -80,12 +80,16 @@ PRECISION_ENV = "SELD_PRECISION"
 
 
 def precision_override() -> str:
-    """The machine-wide precision switch: ``$SELD_PRECISION``, ``auto`` (unset: the hardware decides,
-    see :func:`bf16_autocast`) or ``float32`` (every run of this process and its Ray workers trains and
-    infers in float32, as a machine without native bf16 does: the test suite runs once this way)."""
+    """The machine-wide precision switch: ``$SELD_PRECISION``, read by :func:`bf16_autocast`.
+
+    ``auto`` (unset): the hardware decides. ``float32``: every run of this process and its Ray workers
+    trains and infers in float32, as a machine without native bf16 does. ``bf16``: bf16 autocast on
+    every CPU (emulated, slower, where there is no AMX) and on CUDA GPUs with bf16, as a machine with
+    native bf16 does. The test suite runs in each mode on any machine this way.
+    """
     value = os.environ.get(PRECISION_ENV, "auto").strip().lower() or "auto"
-    if value not in ("auto", "float32"):
-        raise UserError(f"${PRECISION_ENV}={os.environ[PRECISION_ENV]!r}: expected 'auto' or 'float32'")
+    if value not in ("auto", "float32", "bf16"):
+        raise UserError(f"${PRECISION_ENV}={os.environ[PRECISION_ENV]!r}: expected 'auto', 'float32' or 'bf16'")
     return value
 
 
@@ -96,16 +100,19 @@ def bf16_autocast(device, wanted: bool = True) -> bool:
     with AMX tiles (Intel Xeon 4th generation and newer), where oneDNN's bf16 convolutions and matmuls
     make a `local` training step ~1.5x faster (bench/step_profile.py --precision). CPUs without
     AMX emulate bf16 more slowly than they compute float32, so they stay in float32. A run records the
-    result as `precision` in metrics.json; ``SELD_PRECISION=float32`` (:func:`precision_override`)
-    forces float32 everywhere; bf16 and float32 runs of one config are different
+    result as `precision` in metrics.json; ``SELD_PRECISION=float32|bf16`` (:func:`precision_override`)
+    forces one precision; bf16 and float32 runs of one config are different
     computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.
     """
     dev = torch.device(device)
-    if not wanted or precision_override() == "float32":
+    override = precision_override()
+    if not wanted or override == "float32":
         return False
     if dev.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if dev.type == "cpu":
+        if override == "bf16":
+            return True
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.4; private but stable
         return bool(amx and amx())
     return False

@@ -220,15 +220,16 @@ def test_bf16_autocast_decision_follows_the_flag_and_the_hardware():
     if not cpuinfo.exists():
         pytest.skip("needs Linux's /proc/cpuinfo")
     flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
-    native = "amx_tile" in flags and precision_override() == "auto"
-    assert bf16_autocast("cpu", wanted=True) is native
+    expected = {"auto": "amx_tile" in flags, "float32": False, "bf16": True}[precision_override()]
+    assert bf16_autocast("cpu", wanted=True) is expected
     assert bf16_autocast("cpu", wanted=False) is False
     assert bf16_autocast("meta", wanted=True) is False
 
 
 def test_precision_switch_forces_float32(monkeypatch):
-    """SELD_PRECISION=float32 makes every decision float32 (how the suite runs as a machine without
-    AMX would); a value it does not know is an error naming the variable."""
+    """SELD_PRECISION=float32 makes every decision float32 (the suite as a machine without AMX runs
+    it), =bf16 makes every CPU decision bf16 (as a machine with AMX); an unknown value is an error
+    naming the variable."""
     from seld.errors import UserError
     from seld.predict import bf16_autocast, precision_override
 
@@ -236,5 +237,7 @@ def test_precision_switch_forces_float32(monkeypatch):
     assert precision_override() == "float32"
     assert bf16_autocast("cpu", wanted=True) is False and bf16_autocast("cuda", wanted=True) is False
     monkeypatch.setenv("SELD_PRECISION", "bf16")
-    with pytest.raises(UserError, match=r"SELD_PRECISION='bf16': expected 'auto' or 'float32'"):
+    assert bf16_autocast("cpu", wanted=True) is True and bf16_autocast("cpu", wanted=False) is False
+    monkeypatch.setenv("SELD_PRECISION", "fp8")
+    with pytest.raises(UserError, match=r"SELD_PRECISION='fp8': expected 'auto', 'float32' or 'bf16'"):
         bf16_autocast("cpu", wanted=True)
