@@ -112,13 +112,16 @@ def test_fit_2000_clips_costs_about_one_scoring_per_grid_value():
     (measured 18.5-19.5x on the dev machine; class by class would be ~250x)."""
     true_thr = np.linspace(0.3, 0.7, N_CLASSES)
     outputs, refs = _constructed(2000, true_thr, seed=1)
-    one_scoring = []
-    for _ in range(3):
+    # Interleaved and the fastest of each kept, so a burst of load from another process during one
+    # timing cannot decide the ratio.
+    one_scoring, fits = [], []
+    for _ in range(2):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            score_counters(count_errors(refs, [as_written(e) for e in decode_outputs(outputs, "accdoa", 0.5)]).sum(axis=0))
+            one_scoring.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        score_counters(count_errors(refs, [as_written(e) for e in decode_outputs(outputs, "accdoa", 0.5)]).sum(axis=0))
-        one_scoring.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    fitted = fit_thresholds(outputs, refs, "accdoa")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 40 * min(one_scoring), (elapsed, one_scoring)
+        fitted = fit_thresholds(outputs, refs, "accdoa")
+        fits.append(time.perf_counter() - t0)
+    assert min(fits) < 40 * min(one_scoring), (fits, one_scoring)
     assert np.all(np.abs(fitted - true_thr) < 0.02 + 1e-9)
