@@ -22,8 +22,6 @@ import json
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from seld import data as seld_data
@@ -31,7 +29,7 @@ from seld.augment import Augmenter
 from seld.config import BASELINE_OVERRIDES, preset_config
 from seld.losses import build_loss
 from seld.predict import bf16_autocast, prepare_batch
-from seld.train import TrainSet, init_model, stage_optimizer, train_step
+from seld.train import init_model, stage_optimizer, train_step
 
 PHASES = ("batch", "prep", "augment", "forward", "backward", "clip", "step")
 
@@ -56,11 +54,8 @@ def main() -> int:
         arms = (bf16_autocast("cpu", cfg.train.amp_bf16),)
     else:
         arms = (args.precision == "bf16",)
-    rows = seld_data.plan_rows(seld_data.read_index(args.store, cfg.features), cfg)
-    table = pa.concat_tables([pq.read_table(p, columns=list(seld_data.ROW_COLUMNS))
-                              for p in seld_data.shard_paths(args.store, cfg.features)])
-    everything = seld_data.to_clip_batch({c: table[c].to_numpy(zero_copy_only=False) for c in seld_data.ROW_COLUMNS})
-    tset = TrainSet("stage1", cfg, 0, rows=seld_data.select(seld_data.concat([everything]), rows["stage1"]))
+    plan = {**seld_data.plan_run(cfg, args.store), "materialize": True}  # one worker, share held
+    tset = seld_data.worker_sets(cfg, plan, 0, 1)[0][1]
     mean, std = seld_data.norm_from_sums(tset.sums())
     loss_fn = build_loss(cfg.loss, cfg.model.output_format)
     augment = Augmenter(cfg.augment)

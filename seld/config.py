@@ -226,7 +226,14 @@ class DataConfig:
     # Stage 1 draws synthetic clips at this many per real clip each epoch (None = all of them).
     stage1_synth_per_real: float | None = None
     stage1_domains: tuple[str, ...] = ("synthetic", "real")  # ("synthetic",) = stage 1 on synthetic only
-    materialize: bool = True  # read small stores once per trial instead of streaming every epoch
+    # How a Train worker holds its share of the training rows: "auto" = choose per run (materialise
+    # when the share fits in `memory_fraction` of the worker's memory, else stream; the log says
+    # which and why), true = hold it in memory once, false = stream it from Parquet every epoch.
+    materialize: bool | Literal["auto"] = "auto"
+    memory_fraction: float = 0.25  # of a worker's memory (node memory / its workers) a held share may use
+    norm_max_rows: int | None = 4096  # rows (whole row groups, seeded) for the normalisation; None = all
+    shuffle_groups: int = 16  # streaming: Parquet row groups (64 rows each) mixed at a time
+    prefetch_batches: int = 4  # batches read, gathered and encoded ahead of the training step
     # Normalise features with mean/std over the training rows (computed once, saved in the run).
     normalize: bool = True
 
@@ -234,6 +241,10 @@ class DataConfig:
         _check_literal(self)
         bad = [d for d in self.stage1_domains if d not in ("synthetic", "real")]
         _check(not bad and self.stage1_domains, "data.stage1_domains", f"unknown domains {bad}; use synthetic/real")
+        _check(0 < self.memory_fraction <= 1, "data.memory_fraction", "must be in (0, 1]")
+        _check(self.norm_max_rows is None or self.norm_max_rows >= 1, "data.norm_max_rows", "must be >= 1 or none")
+        _check(self.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1")
+        _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -1,56 +1,133 @@
-"""Ray Data over the Parquet feature store: which rows each stage reads, and torch batches.
+"""Worker data from the Parquet feature store: the rows of each set, each worker's share, batches.
 
-Reads the store's shards (`store/features-<hash>/shard-*.parquet`, one row per 5-s clip with
-log-mel features (2, 251, 64) at 20 ms and the clip's raw events at 100 ms) and yields, on each Ray
-Train worker, feature batches (B, 2, 251, 64) float32 and targets encoded from the raw events
-((B, 50, 13, 4) ACCDOA or (B, 50, 6, 13, 4) multi-ACCDOA). Row selection (train / validation rooms /
-test) is planned on the driver from a small index of the store (no features read), so it is
-testable without Ray; only the reading and the sharding use Ray Data.
+Reads the store's shards (`store/features-<hash>/shard-<split>-NNNNN.parquet`, one row per 5-s clip:
+log-mel features (2, 251, 64) at 20 ms in the store's dtype, raw events at 100 ms) and yields, on
+each training worker, batches of features (B, 2, 251, 64) in the store's dtype and targets encoded
+from the batch's raw events ((B, 50, 13, 4) ACCDOA or (B, 50, 6, 13, 4) multi-ACCDOA).
+
+The driver plans a run once from the store's index columns (no features read): which clips each
+set holds (`plan_rows`), and which of them each worker trains on (`plan_shares`: contiguous runs of
+each domain's rows in store order, so a worker reads about 1/world of the row groups, and only from
+the shards of the splits a stage uses). A worker either holds its share once (`HeldRows`: one
+preallocated array for all its stages, "materialised") or streams it from Parquet every epoch
+(`TrainSet` with no held rows); either way the next batches are read, gathered and encoded in a
+background thread while the current batch trains (`prefetch`). `choose_path` makes the choice from
+the bytes a worker would hold and the memory it has. Deterministic given the seed and the worker
+count. No Ray here: the plan travels in the Train loop's config, and all of it runs without a cluster.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seld import labels
-from seld.config import N_FEATURE_FRAMES, N_LABEL_FRAMES, DataConfig, ExperimentConfig
+from seld.config import N_LABEL_FRAMES, DataConfig, ExperimentConfig
 from seld.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Columns a training worker needs (the store also has `fold`, which nothing here reads).
+# Columns of the driver's index (the store also has `fold`, which nothing here reads).
 INDEX_COLUMNS = ("clip", "split", "domain", "role", "site", "room")
 EVENT_COLUMNS = ("ev_frame", "ev_class", "ev_source", "ev_azimuth", "ev_distance")
-ROW_COLUMNS = ("clip", "split", "domain", "features", *EVENT_COLUMNS)
-# Datasets of one training run (each worker scores its slice of the whole validation set, and rank 0
-# scores the test sets at the end).
+ROW_COLUMNS = ("features", *EVENT_COLUMNS)  # what a worker reads of a row (the index has the rest)
+# Sets of one training run (each worker scores its slice of the validation set every epoch; rank 0
+# holds all of it to fit the thresholds, and reads the test sets at the end).
 DATASET_NAMES = ("stage1", "stage2", "val", "test", "synth_test")
+TRAIN_SETS = ("stage1", "stage2")
+_EVENT_BYTES = 32  # held bytes per event (frame, class, source int32; azimuth, distance float64; offset)
+_SUMS_CHUNK = 256  # rows per float64 chunk of the normalisation sums (bounds its temporary memory)
 
 
 # --- The store on disk ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoreLayout:
+    """Where the rows of a store live: its shard files and their Parquet row groups.
+
+    shards: shard paths (manifest order); group_starts: per shard, the first row of each row group
+    and the shard's row count at the end; feature_shape: (2, 251, n_mels); dtype: the store's
+    feature dtype ("float16" or "float32").
+    """
+
+    shards: tuple[str, ...]
+    group_starts: tuple[np.ndarray, ...]
+    feature_shape: tuple[int, int, int]
+    dtype: str
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes of one row's features in memory."""
+        return int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize
+
+
 def shard_paths(store: str | Path, features_cfg=None) -> list[Path]:
-    """Sorted Parquet shard files of a store (checked against `features_cfg` when given)."""
+    """Parquet shard files of a store, in manifest order (checked against `features_cfg` when given)."""
     from seld.store import open_store
 
-    paths = sorted(Path(p) for p in open_store(store, features_cfg).shards)
+    paths = [Path(p) for p in open_store(store, features_cfg).shards]
     if not paths:
         raise DataError(f"{store}: the store has no shards; run `seld features DATA --out STORE`")
     return paths
 
 
 def read_index(store: str | Path, features_cfg=None):
-    """A pandas frame of the store's rows without features: clip, split, domain, role, site, room."""
+    """The store's index: clip, split, domain, role, site, room, and where each row lives (`shard`:
+    position in :func:`store_layout`'s shards, `row`: row within the shard). No features are read.
+
+    Raises:
+        DataError: a shard disagrees with the manifest (row count, feature size), naming the shard.
+    """
     import pandas as pd
 
-    frames = [pq.read_table(p, columns=list(INDEX_COLUMNS)).to_pandas()
-              for p in shard_paths(store, features_cfg)]
+    layout = store_layout(store, features_cfg)
+    frames = []
+    for i, p in enumerate(layout.shards):
+        frame = pq.read_table(p, columns=list(INDEX_COLUMNS)).to_pandas()
+        frame["shard"] = np.int32(i)
+        frame["row"] = np.arange(len(frame), dtype=np.int64)
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
+    """The shards and row groups of a store, from the Parquet footers, checked against the manifest.
+
+    Raises:
+        DataError: a shard's row count or feature size is not what the manifest says (a damaged or
+            hand-edited store), naming the shard and both values.
+    """
+    from seld.store import open_store
+
+    info = open_store(store, features_cfg)
+    shape = tuple(int(v) for v in info.manifest["feature_shape"])
+    n_features = int(np.prod(shape))
+    starts = []
+    for entry, path in zip(info.manifest["shards"], info.shards, strict=True):
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: unreadable shard ({e}); rebuild the store with `seld features`") from None
+        if meta.num_rows != entry["rows"]:
+            raise DataError(f"{path}: {meta.num_rows} rows, the manifest says {entry['rows']} "
+                            "(store changed or damaged; rebuild it with `seld features`)")
+        width = meta.schema.to_arrow_schema().field("features").type.list_size
+        if width != n_features:
+            raise DataError(f"{path}: features of {width} values per row, the manifest says "
+                            f"{'x'.join(map(str, shape))} = {n_features}; rebuild it with `seld features`")
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        starts.append(np.cumsum([0, *sizes], dtype=np.int64))
+    if not info.shards:
+        raise DataError(f"{store}: the store has no shards; run `seld features DATA --out STORE`")
+    return StoreLayout(tuple(str(p) for p in info.shards), tuple(starts), shape, info.manifest["feature_dtype"])
 
 
 # --- Row selection (pure; from the index) ---------------------------------------------------------
@@ -83,12 +160,13 @@ def validation_rooms(index, data_cfg: DataConfig) -> dict[str, tuple[int, ...]]:
 
 
 def plan_rows(index, cfg: ExperimentConfig) -> dict[str, list[str]]:
-    """Clip ids of each dataset of a run (sorted), per the split table of DESIGN.md.
+    """Clip ids of each set of a run (sorted), per the split table of DESIGN.md.
 
     Returns a dict over DATASET_NAMES: "stage1" (train rows of cfg.data.stage1_domains minus the
     validation rooms), "stage2" (real train rows minus validation rooms), "val" (validation rooms;
     with protocol "paper" the real test rows), "test" (real test rows), "synth_test" (synthetic test
-    rows, possibly empty). An empty training or validation selection is a DataError.
+    rows, possibly empty). A stage the config does not train gets no rows. An empty training or
+    validation selection is a DataError.
     """
     val_rooms = validation_rooms(index, cfg.data) if cfg.data.protocol == "dcase" else {}
     is_val_room = np.zeros(len(index), dtype=bool)
@@ -98,18 +176,17 @@ def plan_rows(index, cfg: ExperimentConfig) -> dict[str, list[str]]:
     real = (index["domain"] == "real").to_numpy()
     test = (index["role"] == "test").to_numpy()
     in_stage1 = index["domain"].isin(cfg.data.stage1_domains).to_numpy()
-    real_train = train & real & ~is_val_room
+    stages = cfg.train.stage_numbers
     sel = {
-        "stage1": train & in_stage1 & ~is_val_room,
-        "stage2": real_train,
+        "stage1": train & in_stage1 & ~is_val_room & (1 in stages),
+        "stage2": train & real & ~is_val_room & (2 in stages),
         "val": (train & real & is_val_room) if cfg.data.protocol == "dcase" else (test & real),
         "test": test & real,
         "synth_test": test & ~real,
     }
     clips = index["clip"].to_numpy()
     out = {name: sorted(str(c) for c in clips[mask]) for name, mask in sel.items()}
-    needed = {"stage1": 1 in cfg.train.stage_numbers, "stage2": 2 in cfg.train.stage_numbers,
-              "val": True, "test": True}
+    needed = {"stage1": 1 in stages, "stage2": 2 in stages, "val": True, "test": True}
     for name, need in needed.items():
         if need and not out[name]:
             raise DataError(f"the store has no rows for the {name!r} set (rooms held out for "
@@ -118,56 +195,203 @@ def plan_rows(index, cfg: ExperimentConfig) -> dict[str, list[str]]:
     return out
 
 
-# --- Ray Data ---------------------------------------------------------------------------------------
-def build_datasets(store: str | Path, rows: dict[str, list[str]], materialize: bool = True,
-                   features_cfg=None):
-    """Ray Datasets of the planned rows, with only the columns a worker needs.
+@dataclass(frozen=True)
+class RowSet:
+    """Rows of the store, sorted by clip id: ids, split and domain, and where each row lives."""
 
-    With `materialize` (small stores) one dataset "rows" holds the union of all planned rows, read
-    once here with pyarrow and put in Ray's object store (`ray.data.from_arrow`); each worker
-    pulls it once per trial and selects its sets in memory. (A `read_parquet` pass costs its
-    read tasks' start-up, 3-35 s on a loaded 2-core machine, against 2-3 s for this.)
-    Otherwise one lazy `read_parquet` dataset per non-empty entry of `rows`, streamed every
-    epoch (the training ones split across workers by Ray Train), so no process holds a whole
-    training split.
+    clips: np.ndarray  # (n,) str
+    splits: np.ndarray  # (n,) str
+    domains: np.ndarray  # (n,) str
+    shard: np.ndarray  # (n,) int32: position in StoreLayout.shards
+    row: np.ndarray  # (n,) int64: row within the shard
 
-    Returns {name: ray.data.Dataset}.
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def take(self, idx) -> RowSet:
+        idx = np.asarray(idx, dtype=np.int64)
+        return RowSet(self.clips[idx], self.splits[idx], self.domains[idx], self.shard[idx], self.row[idx])
+
+
+def row_set(index, clips) -> RowSet:
+    """The index rows of `clips`, sorted by clip id (every clip must be in the index)."""
+    by_clip = index.set_index("clip", drop=False)
+    wanted = sorted(str(c) for c in clips)
+    missing = [c for c in wanted[:5] if c not in by_clip.index]
+    if missing:
+        raise DataError(f"clips {missing} are not in the store")
+    sub = by_clip.loc[wanted] if wanted else by_clip.iloc[:0]
+    return RowSet(sub["clip"].to_numpy().astype(str), sub["split"].to_numpy().astype(str),
+                  sub["domain"].to_numpy().astype(str), sub["shard"].to_numpy().astype(np.int32),
+                  sub["row"].to_numpy().astype(np.int64))
+
+
+def plan_shares(index, rows: dict[str, list[str]], world: int) -> list[dict[str, RowSet]]:
+    """Each worker's training rows: {"stage1": RowSet, "stage2": RowSet} per rank.
+
+    The rule: the union of the training sets' rows, per domain in store order (shard, row), cut into
+    `world` contiguous runs of equal size (to one row); rank r trains on the r-th run of each domain,
+    for every stage. Contiguous runs keep a worker's reads to about 1/world of the row groups; cutting
+    each domain separately gives every worker the same domain mix (stage 1's synthetic-per-real
+    subsampling works per worker). Shares are disjoint and together complete.
+
+    Raises:
+        DataError: a stage leaves a worker no rows (fewer rows than workers).
     """
-    import ray.data
-    from ray.data.expressions import col
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    paths = shard_paths(store, features_cfg)
-    if materialize:
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        wanted = pa.array(sorted({c for clips in rows.values() for c in clips}))
-        tables = []
-        for p in paths:
-            t = pq.read_table(p, columns=list(ROW_COLUMNS))
-            tables.append(t.filter(pc.is_in(t["clip"], value_set=wanted)))
-        return {"rows": ray.data.from_arrow(pa.concat_tables(tables))}
-    out = {}
-    for name, clips in rows.items():
-        if clips:
-            ds = ray.data.read_parquet([str(p) for p in paths])
-            out[name] = ds.filter(expr=col("clip").is_in(list(clips))).select_columns(list(ROW_COLUMNS))
-    return out
-
-
-def select(batch: ClipBatch, clips: list[str]) -> ClipBatch:
-    """Rows of `batch` (sorted by clip) whose clip id is in `clips`, in clip order."""
-    pos = np.searchsorted(batch.clips, np.asarray(sorted(clips), dtype=batch.clips.dtype))
-    if len(clips) and (pos.max() >= len(batch) or not np.array_equal(batch.clips[pos], sorted(clips))):
-        raise DataError("planned clips are missing from the rows read (store changed during the run?)")
-    return batch.take(pos)
+    union = sorted({c for name in TRAIN_SETS for c in rows.get(name, ())})
+    allrows = row_set(index, union)
+    order = np.lexsort((allrows.row, allrows.shard))
+    owner = np.empty(len(allrows), dtype=np.int64)
+    for domain in sorted(set(allrows.domains)):
+        in_domain = order[allrows.domains[order] == domain]
+        for rank, part in enumerate(np.array_split(in_domain, world)):
+            owner[part] = rank
+    shares: list[dict[str, RowSet]] = [{} for _ in range(world)]
+    for name in TRAIN_SETS:
+        if not rows.get(name):
+            continue
+        pos = np.searchsorted(allrows.clips, np.asarray(sorted(rows[name])))
+        for rank in range(world):
+            mine = pos[owner[pos] == rank]
+            if len(mine) == 0:
+                raise DataError(f"the {name!r} set has {len(pos)} rows: too few for {world} training "
+                                f"workers (worker {rank} would get none); use fewer workers")
+            shares[rank][name] = allrows.take(mine)
+    return shares
 
 
-# --- Rows to arrays (on the worker) ------------------------------------------------------------------
+# --- Reading rows ---------------------------------------------------------------------------------
+@dataclass
+class EventTable:
+    """The raw events of n clips, flat: clip i's events are rows offsets[i]:offsets[i + 1]."""
+
+    offsets: np.ndarray  # (n + 1,) int64
+    frame: np.ndarray  # int32, 100-ms label frame
+    cls: np.ndarray  # int32
+    source: np.ndarray  # int32
+    azimuth: np.ndarray  # float64, degrees
+    distance: np.ndarray  # float64, cm
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return _EVENT_BYTES * len(self.frame) + 8 * len(self.offsets)
+
+    def take(self, idx) -> EventTable:
+        """The events of clips `idx` (in that order), gathered without a loop over clips."""
+        idx = np.asarray(idx, dtype=np.int64)
+        lengths = self.offsets[idx + 1] - self.offsets[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        # Row k of the result comes from offsets[idx[c]] + (k - offsets_new[c]) for its clip c.
+        clip = np.repeat(np.arange(len(idx)), lengths)
+        src = self.offsets[idx][clip] + (np.arange(offsets[-1]) - offsets[:-1][clip])
+        return EventTable(offsets, self.frame[src], self.cls[src], self.source[src], self.azimuth[src],
+                          self.distance[src])
+
+    def structured(self) -> tuple[np.ndarray, np.ndarray]:
+        """(all events as one EVENT_DTYPE array, the clip of each row (int64))."""
+        ev = np.zeros(len(self.frame), dtype=labels.EVENT_DTYPE)
+        ev["frame"], ev["class"], ev["source"] = self.frame, self.cls, self.source
+        ev["azimuth"], ev["distance"] = self.azimuth, self.distance
+        return ev, np.repeat(np.arange(len(self)), np.diff(self.offsets))
+
+    def per_clip(self) -> list[np.ndarray]:
+        """One EVENT_DTYPE array per clip (onscreen = 0), as the metric and the decoders take them."""
+        ev, _ = self.structured()
+        return [ev[a:b] for a, b in zip(self.offsets[:-1], self.offsets[1:], strict=True)]
+
+    @classmethod
+    def concat(cls, parts: list[EventTable]) -> EventTable:
+        lengths = np.concatenate([np.diff(p.offsets) for p in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        cat = (lambda f: np.concatenate([getattr(p, f) for p in parts])) if parts else (lambda f: np.zeros(0))
+        return EventTable(offsets, cat("frame").astype(np.int32), cat("cls").astype(np.int32),
+                          cat("source").astype(np.int32), cat("azimuth").astype(np.float64),
+                          cat("distance").astype(np.float64))
+
+
+def events_of_table(table: pa.Table) -> EventTable:
+    """The event list columns of a Parquet table as an EventTable (no per-row loop)."""
+    cols = [table[c].combine_chunks() for c in EVENT_COLUMNS]
+    first = cols[0]
+    offsets = np.asarray(first.offsets, dtype=np.int64)
+    for c, name in zip(cols[1:], EVENT_COLUMNS[1:], strict=True):
+        if not np.array_equal(np.asarray(c.offsets), offsets):
+            raise DataError(f"event column {name} has other list lengths than ev_frame (damaged store)")
+    base = offsets[0]
+    vals = [np.asarray(c.values.to_numpy(zero_copy_only=False))[base:offsets[-1]] for c in cols]
+    return EventTable(offsets - base, vals[0].astype(np.int32), vals[1].astype(np.int32), vals[2].astype(np.int32),
+                      vals[3].astype(np.float64), vals[4].astype(np.float64))
+
+
+def _features_of_table(table: pa.Table, layout: StoreLayout) -> np.ndarray:
+    col = table["features"].combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *layout.feature_shape)
+
+
+class StoreReader:
+    """Reads rows of a store by row group (pyarrow; each thread opens its own file handles)."""
+
+    def __init__(self, layout: StoreLayout):
+        self.layout = layout
+        self._local = threading.local()
+
+    def _file(self, shard: int) -> pq.ParquetFile:
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = {}
+        if shard not in files:
+            files[shard] = pq.ParquetFile(self.layout.shards[shard])
+        return files[shard]
+
+    def groups_of(self, rows: RowSet) -> np.ndarray:
+        """The row group of each row (int64), within its shard."""
+        out = np.empty(len(rows), dtype=np.int64)
+        for s in np.unique(rows.shard):
+            m = rows.shard == s
+            out[m] = np.searchsorted(self.layout.group_starts[s], rows.row[m], side="right") - 1
+        return out
+
+    def read_group(self, shard: int, group: int, rows_in_group: np.ndarray) -> tuple[np.ndarray, EventTable]:
+        """Features (k, 2, 251, n_mels) and events of rows `rows_in_group` (rows of the shard)."""
+        table = self._file(shard).read_row_group(int(group), columns=list(ROW_COLUMNS))
+        local = np.asarray(rows_in_group, dtype=np.int64) - self.layout.group_starts[shard][group]
+        if len(local) != table.num_rows or not np.array_equal(local, np.arange(table.num_rows)):
+            table = table.take(pa.array(local))
+        return _features_of_table(table, self.layout), events_of_table(table)
+
+    def read(self, rows: RowSet, out: np.ndarray | None = None) -> tuple[np.ndarray, EventTable]:
+        """All of `rows`, in their order: features (filled into `out` when given) and events.
+
+        Each row group holding wanted rows is read once; nothing else is read.
+        """
+        feats = out if out is not None else np.empty((len(rows), *self.layout.feature_shape), self.layout.dtype)
+        groups = self.groups_of(rows)
+        key = rows.shard.astype(np.int64) * (1 << 32) + groups
+        order = np.lexsort((rows.row, key))
+        bounds = np.flatnonzero(np.r_[True, key[order][1:] != key[order][:-1], True])
+        parts, dest = [], []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            sel = order[a:b]
+            f, ev = self.read_group(int(rows.shard[sel[0]]), int(groups[sel[0]]), rows.row[sel])
+            feats[sel] = f
+            parts.append(ev)
+            dest.append(sel)
+        if not parts:
+            return feats, EventTable.concat([])
+        events = EventTable.concat(parts)
+        inverse = np.empty(len(rows), dtype=np.int64)
+        inverse[np.concatenate(dest)] = np.arange(len(rows))
+        return feats, events.take(inverse)
+
+
 @dataclass
 class ClipBatch:
-    """Rows of the store as arrays.
+    """Rows of the store as arrays (validation and test sets, and what `seld.evaluate` scores).
 
     clips: clip ids (n,); splits, domains: (n,) str; features: (n, 2, 251, n_mels) in the store's
     dtype (float16 by default); events: list of n EVENT_DTYPE arrays (azimuth deg, distance cm).
@@ -188,64 +412,286 @@ class ClipBatch:
                          [self.events[i] for i in idx])
 
 
-def _column(values) -> np.ndarray:
-    """A numpy batch column of lists arrives as an object array of arrays; stack when fixed-size."""
-    arr = np.asarray(values)
-    if arr.dtype == object:
-        arr = np.stack([np.asarray(v) for v in arr]) if len(arr) else np.zeros((0, 0))
-    return arr
+def read_clips(reader: StoreReader, rows: RowSet) -> ClipBatch:
+    """The rows as a ClipBatch (sorted by clip, as `rows` is)."""
+    feats, events = reader.read(rows)
+    return ClipBatch(rows.clips, rows.splits, rows.domains, feats, events.per_clip())
 
 
-def events_of_row(frame, cls, source, azimuth, distance) -> np.ndarray:
-    """EVENT_DTYPE array of one row's raw event columns (onscreen = 0)."""
-    ev = np.zeros(len(frame), dtype=labels.EVENT_DTYPE)
-    ev["frame"], ev["class"], ev["source"] = frame, cls, source
-    ev["azimuth"], ev["distance"] = azimuth, distance
-    return ev
+def encode_targets(events: EventTable | list[np.ndarray], output_format: str) -> np.ndarray:
+    """Training targets of n clips, encoded together: (n, 50, 13, 4) ACCDOA or (n, 50, 6, 13, 4)
+    multi-ACCDOA (`seld.labels`; the same bits as encoding each clip alone)."""
+    if isinstance(events, EventTable):
+        flat, clip = events.structured()
+        n = len(events)
+    else:
+        n = len(events)
+        flat = np.concatenate([np.asarray(e, dtype=labels.EVENT_DTYPE) for e in events]) if n else \
+            labels.empty_events()
+        clip = np.repeat(np.arange(n), [len(e) for e in events])
+    enc = labels.encode_accdoa_batch if output_format == "accdoa" else labels.encode_multi_accdoa_batch
+    return enc(flat, clip, n, N_LABEL_FRAMES)[0]
 
 
-def to_clip_batch(batch: dict) -> ClipBatch:
-    """A numpy batch from Ray Data (or a pyarrow table's columns) -> ClipBatch."""
-    feats = _column(batch["features"])
-    n = len(batch["clip"])
-    feats = feats.reshape(n, 2, N_FEATURE_FRAMES, -1)
-    events = [events_of_row(*(np.asarray(batch[c][i]) for c in EVENT_COLUMNS)) for i in range(n)]
-    return ClipBatch(np.asarray(batch["clip"]).astype(str), np.asarray(batch["split"]).astype(str),
-                     np.asarray(batch["domain"]).astype(str), feats, events)
+# --- A worker's training rows ---------------------------------------------------------------------
+@dataclass
+class HeldRows:
+    """A worker's training rows held in memory once, for all its stages: sorted by clip id."""
+
+    rows: RowSet
+    features: np.ndarray  # (n, 2, 251, n_mels), the store's dtype: one preallocated array
+    events: EventTable
+
+    @classmethod
+    def read(cls, reader: StoreReader, shares: dict[str, RowSet]) -> HeldRows:
+        union = sorted({c for s in shares.values() for c in s.clips})
+        by_clip = {c: (s, i) for s in shares.values() for i, c in enumerate(s.clips)}
+        picks = [by_clip[c] for c in union]
+        rows = RowSet(np.asarray(union, dtype=str), np.array([s.splits[i] for s, i in picks], dtype=str),
+                      np.array([s.domains[i] for s, i in picks], dtype=str),
+                      np.array([s.shard[i] for s, i in picks], dtype=np.int32),
+                      np.array([s.row[i] for s, i in picks], dtype=np.int64))
+        feats, events = reader.read(rows)
+        return cls(rows, feats, events)
+
+    @property
+    def nbytes(self) -> int:
+        return self.features.nbytes + self.events.nbytes
+
+    def positions(self, rows: RowSet) -> np.ndarray:
+        """Positions of `rows` (all held) in the held arrays."""
+        return np.searchsorted(self.rows.clips, rows.clips)
 
 
-def concat(parts: list[ClipBatch]) -> ClipBatch:
-    """Concatenate ClipBatches and sort rows by clip id, so the order never depends on Ray Data."""
-    if not parts:
-        raise DataError("a dataset shard is empty: fewer rows than training workers?")
-    clips = np.concatenate([p.clips for p in parts])
-    order = np.argsort(clips, kind="stable")
-    joined = ClipBatch(clips, np.concatenate([p.splits for p in parts]),
-                       np.concatenate([p.domains for p in parts]),
-                       np.concatenate([p.features for p in parts]),
-                       [e for p in parts for e in p.events])
-    return joined.take(order)
+class TrainSet:
+    """One worker's training rows of a stage, held (`held`) or streamed from the store each epoch.
+
+    Either way an epoch draws the same rows (all, or stage 1's synthetic-per-real subsample, seeded
+    by seed, rank and epoch); a held set batches them in a seeded random order, a streamed one reads
+    them by row group in a seeded order of row groups, mixing `data.shuffle_groups` groups at a time.
+    """
+
+    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, reader: StoreReader,
+                 held: HeldRows | None = None):
+        self.name, self.cfg, self.rank, self.rows, self.reader, self.held = name, cfg, rank, rows, reader, held
+        self._pos = held.positions(rows) if held is not None else None
+        self._groups = reader.groups_of(rows)
+
+    def _epoch_index(self, epoch: int) -> np.ndarray:
+        """Row order of one epoch (seeded by seed, rank, epoch); stage 1 may subsample synthetic."""
+        rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, 17])
+        idx = np.arange(len(self.rows))
+        ratio = self.cfg.data.stage1_synth_per_real
+        if self.name == "stage1" and ratio is not None:
+            synth = idx[self.rows.domains == "synthetic"]
+            real = idx[self.rows.domains != "synthetic"]
+            n_synth = min(len(synth), int(round(ratio * len(real))))
+            idx = np.concatenate([real, rng.choice(synth, n_synth, replace=False)])
+        return rng.permutation(idx)
+
+    def n_batches(self, epoch: int) -> int:
+        """Batches of this worker's epoch."""
+        return math.ceil(len(self._epoch_index(epoch)) / self.cfg.train.batch_size)
+
+    def sums(self) -> np.ndarray:
+        """Per channel-mel sums (:func:`feature_sums`) of the rows the normalisation uses: all of
+        them, or whole row groups drawn (seeded) until `data.norm_max_rows` rows when there are more."""
+        idx = np.arange(len(self.rows))
+        limit = self.cfg.data.norm_max_rows
+        if limit is not None and len(idx) > limit:
+            rng = np.random.default_rng([self.cfg.seed, self.rank, 23])
+            key = self.rows.shard.astype(np.int64) * (1 << 32) + self._groups
+            units = np.unique(key)
+            picked, n = [], 0
+            for u in rng.permutation(units):
+                rows_u = idx[key == u]
+                picked.append(rows_u)
+                n += len(rows_u)
+                if n >= limit:
+                    break
+            idx = np.sort(np.concatenate(picked))
+        if self.held is not None:
+            pos = self._pos[idx]
+            return _chunked_sums(lambda a, b: self.held.features[pos[a:b]], len(pos))
+        total = None
+        step = 4 * _SUMS_CHUNK  # rows per read; a multiple of the chunk, so both paths sum the same chunks
+        for i in range(0, len(idx), step):
+            feats, _ = self.reader.read(self.rows.take(idx[i:i + step]))
+            s = _chunked_sums(lambda a, b, f=feats: f[a:b], len(feats))
+            total = s if total is None else total + s
+        return total
+
+    def _held_batches(self, idx: np.ndarray, n_batches: int):
+        bs = self.cfg.train.batch_size
+        for i in range(n_batches):
+            sel = self._pos[np.sort(idx[i * bs:(i + 1) * bs])]
+            yield self.held.features[sel], encode_targets(self.held.events.take(sel), self.cfg.model.output_format)
+
+    def _streamed_batches(self, idx: np.ndarray, epoch: int, n_batches: int):
+        bs, window = self.cfg.train.batch_size, self.cfg.data.shuffle_groups
+        rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, 29])
+        key = self.rows.shard[idx].astype(np.int64) * (1 << 32) + self._groups[idx]
+        by_key = np.argsort(key, kind="stable")
+        bounds = np.flatnonzero(np.r_[True, key[by_key][1:] != key[by_key][:-1], True])
+        units = [np.sort(idx[by_key[a:b]]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        units = [units[i] for i in rng.permutation(len(units))]
+        feats_left, ev_left, done = None, None, 0
+        for w in range(0, len(units), window):
+            parts = [self.reader.read_group(int(self.rows.shard[u[0]]), int(self._groups[u[0]]), self.rows.row[u])
+                     for u in units[w:w + window]]
+            feats = np.concatenate(([feats_left] if feats_left is not None else []) + [p[0] for p in parts])
+            events = EventTable.concat(([ev_left] if ev_left is not None else []) + [p[1] for p in parts])
+            perm = rng.permutation(len(feats))
+            n_full = len(perm) if w + window >= len(units) else (len(perm) // bs) * bs
+            for a in range(0, n_full, bs):
+                if done >= n_batches:
+                    return
+                sel = np.sort(perm[a:a + bs])
+                yield feats[sel], encode_targets(events.take(sel), self.cfg.model.output_format)
+                done += 1
+            rest = np.sort(perm[n_full:])
+            feats_left, ev_left = (feats[rest], events.take(rest)) if len(rest) else (None, None)
+
+    def batches(self, epoch: int, n_batches: int):
+        """Yield `n_batches` (features store-dtype (B, 2, T, M), targets float32) of one epoch, made
+        in a background thread `data.prefetch_batches` ahead of the consumer."""
+        idx = self._epoch_index(epoch)
+        if self.held is not None:
+            make = lambda: self._held_batches(idx, n_batches)  # noqa: E731
+        else:
+            make = lambda: self._streamed_batches(idx, epoch, n_batches)  # noqa: E731
+        return prefetch(make, self.cfg.data.prefetch_batches)
 
 
-def materialize(iterator, batch_size: int = 256) -> ClipBatch:
-    """Read a whole dataset shard (a Ray DataIterator) into memory once, sorted by clip id."""
-    return concat([to_clip_batch(b) for b in iterator.iter_batches(batch_size=batch_size,
-                                                                     batch_format="numpy")])
+def prefetch(make: Callable[[], Iterator], depth: int) -> Iterator:
+    """Run the generator `make()` in a background thread, `depth` items ahead of the consumer.
+
+    An exception in the generator is raised in the consumer; a consumer that stops early stops the
+    thread (it is a daemon, and waits at most 0.1 s per put for room in the queue).
+    """
+    if depth <= 0:
+        yield from make()
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work():
+        try:
+            for item in make():
+                while not stop.is_set():
+                    try:
+                        q.put((None, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((None, end))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((e, None))
+
+    t = threading.Thread(target=work, name="seld-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            err, item = q.get()
+            if err is not None:
+                raise err
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
-def stream(iterator, batch_size: int) -> Iterator[ClipBatch]:
-    """Stream a dataset shard in batches of `batch_size` rows (order as Ray Data delivers it)."""
-    for b in iterator.iter_batches(batch_size=batch_size, batch_format="numpy"):
-        yield to_clip_batch(b)
+def plan_run(cfg: ExperimentConfig, store: str | Path) -> dict:
+    """The driver's data plan of a run, from the store's index columns only (no features read).
+
+    Returns {"layout": StoreLayout, "rows": {set: clip ids} (seld.data.plan_rows), "shares": per rank
+    {"stage<k>": RowSet} (seld.data.plan_shares), "sets": {"val" | "test" | "synth_test": RowSet},
+    "held_bytes": what the largest share would hold}; the driver adds "materialize" (bool,
+    :func:`choose_path`) before handing it to the workers. Raises DataError naming the store when a set
+    the config needs is empty.
+    """
+    layout = store_layout(store, cfg.features)
+    index = read_index(store, cfg.features)
+    try:
+        rows = plan_rows(index, cfg)
+    except DataError as e:
+        raise DataError(f"{store}: {e}; the store holds the splits {sorted(index['split'].unique())}") from None
+    shares = plan_shares(index, rows, cfg.train.num_workers)
+    sets = {n: row_set(index, rows[n]) for n in ("val", "test", "synth_test")}
+    return {"layout": layout, "rows": rows, "shares": shares, "sets": sets,
+            "held_bytes": held_bytes(shares, layout)}
 
 
-def encode_targets(events: list[np.ndarray], output_format: str) -> np.ndarray:
-    """Stacked training targets: (n, 50, 13, 4) ACCDOA or (n, 50, 6, 13, 4) multi-ACCDOA."""
-    enc = labels.encode_accdoa if output_format == "accdoa" else labels.encode_multi_accdoa
-    return np.stack([enc(ev, N_LABEL_FRAMES)[0] for ev in events])
+def worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int):
+    """What worker `rank` of `world` trains and validates on, from the driver's plan.
+
+    Returns (train_sets {stage: TrainSet} over its share, held once when plan["materialize"], else
+    streamed; val: the whole validation set on rank 0, else None; val_mine: the validation rows
+    this worker scores each epoch; the StoreReader).
+    """
+    reader = StoreReader(plan["layout"])
+    shares = plan["shares"][rank]
+    held = HeldRows.read(reader, shares) if plan["materialize"] else None
+    train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], reader, held)
+                  for s in cfg.train.stage_numbers}
+    val_rows: RowSet = plan["sets"]["val"]
+    val = read_clips(reader, val_rows) if rank == 0 else None
+    mine = np.arange(rank, len(val_rows), world)
+    val_mine = val.take(mine) if val is not None else read_clips(reader, val_rows.take(mine))
+    return train_sets, val, val_mine, reader
+
+
+# --- Materialise or stream -----------------------------------------------------------------------
+def held_bytes(shares: list[dict[str, RowSet]], layout: StoreLayout) -> int:
+    """Bytes the largest share would hold in memory: its union of stage rows' features (+ events)."""
+    most = max(len({c for s in share.values() for c in s.clips}) for share in shares)
+    return most * (layout.bytes_per_row + 40 * _EVENT_BYTES)
+
+
+def choose_path(need_bytes: int, worker_memory_bytes: float | None, data_cfg: DataConfig) -> tuple[bool, str]:
+    """Whether workers materialise their shares, and why (one sentence for the log).
+
+    Auto (`data.materialize` "auto"): materialise when a worker's share fits in `data.memory_fraction`
+    of the memory a worker has (the rest is the model, activations, Ray's object store and other
+    trials); otherwise stream. Forced materialising that does not fit in the worker's whole memory
+    is a DataError.
+    """
+    gib = 2.0 ** 30
+    need = f"{need_bytes / gib:.2f} GiB"
+    if data_cfg.materialize is False:
+        return False, f"streaming (data.materialize=false; a share would hold {need})"
+    if worker_memory_bytes is None:
+        if data_cfg.materialize is True:
+            return True, f"materialising {need} per worker (data.materialize=true; worker memory unknown)"
+        return False, f"streaming: no node that can host a worker is up to size its memory (a share is {need})"
+    have = f"{worker_memory_bytes / gib:.2f} GiB"
+    if data_cfg.materialize is True:
+        if need_bytes > worker_memory_bytes:
+            raise DataError(f"data.materialize=true: a worker would hold {need} of store rows but has "
+                            f"{have} of memory; set data.materialize=false (stream) or use more workers")
+        return True, f"materialising {need} per worker (data.materialize=true; a worker has {have})"
+    budget = data_cfg.memory_fraction * worker_memory_bytes
+    if need_bytes <= budget:
+        return True, (f"materialising: a share holds {need}, within {data_cfg.memory_fraction:g} of a "
+                      f"worker's {have}")
+    return False, (f"streaming: a share would hold {need}, more than {data_cfg.memory_fraction:g} of a "
+                   f"worker's {have}")
 
 
 # --- Normalisation ---------------------------------------------------------------------------------------
+def _chunked_sums(rows_of: Callable[[int, int], np.ndarray], n: int) -> np.ndarray:
+    """:func:`feature_sums` of n rows taken `_SUMS_CHUNK` at a time (`rows_of(a, b)`: rows a..b), so
+    the float64 temporary stays small; the chunks are summed in order."""
+    total = None
+    for a in range(0, n, _SUMS_CHUNK):
+        s = feature_sums(rows_of(a, min(a + _SUMS_CHUNK, n)))
+        total = s if total is None else total + s
+    return total
+
 def feature_sums(features: np.ndarray) -> np.ndarray:
     """Per channel-mel count, sum and sum of squares (float64 (3, 2, n_mels)) of (n, 2, T, n_mels)."""
     x = np.asarray(features, dtype=np.float64)
@@ -259,3 +705,4 @@ def norm_from_sums(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = s / n
     std = np.sqrt(np.maximum(ss / n - mean * mean, 1e-12))
     return mean[:, None, :].astype(np.float32), np.maximum(std, 1e-3)[:, None, :].astype(np.float32)
+

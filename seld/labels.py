@@ -355,11 +355,12 @@ def write_foa_csv(path: str | Path, events: np.ndarray) -> None:
 
 
 # --- Target encoding --------------------------------------------------------------------------------
-def _events_in_clip(events: np.ndarray, n_frames: int) -> np.ndarray:
+def _events_in_clips(events: np.ndarray, clip: np.ndarray, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows inside the label grid (frame in [0, n_frames), a known class) and their clips (int64)."""
     events = np.asarray(events)
     keep = (events["frame"] >= 0) & (events["frame"] < n_frames)
     keep &= (events["class"] >= 0) & (events["class"] < N_CLASSES)
-    return events[keep]
+    return events[keep], np.asarray(clip, dtype=np.int64)[keep]
 
 
 def _fill_cells(target: np.ndarray, index: tuple, events: np.ndarray) -> None:
@@ -385,18 +386,35 @@ def encode_accdoa(events: np.ndarray, n_frames: int = N_LABEL_FRAMES) -> tuple[n
         (0 where inactive); n_same_class_overlaps = number of (frame, class) cells that had more
         than one event).
     """
-    ev = _events_in_clip(events, n_frames)
-    target = np.zeros((n_frames, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
+    events = np.asarray(events)
+    target, n = encode_accdoa_batch(events, np.zeros(len(events), np.int64), 1, n_frames)
+    return target[0], int(n[0])
+
+
+def encode_accdoa_batch(events: np.ndarray, clip_of_event: np.ndarray, n_clips: int,
+                        n_frames: int = N_LABEL_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_accdoa` of many clips at once (no loop over clips; the same bits).
+
+    Args:
+        events: EVENT_DTYPE rows of all clips, each clip's in its file order.
+        clip_of_event: (len(events),) int, the clip (0 .. n_clips - 1) of each row.
+    Returns:
+        (target float32 (n_clips, n_frames, 13, 4); same-class overlap cells per clip, int64 (n_clips,)).
+    """
+    ev, clip = _events_in_clips(events, clip_of_event, n_frames)
+    target = np.zeros((n_clips, n_frames, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
+    n_overlaps = np.zeros(n_clips, dtype=np.int64)
     if len(ev) == 0:
-        return target, 0
-    order = np.lexsort((np.arange(len(ev)), ev["distance"], ev["class"], ev["frame"]))
-    ev = ev[order]
-    cell = ev["frame"].astype(np.int64) * N_CLASSES + ev["class"]
+        return target, n_overlaps
+    order = np.lexsort((np.arange(len(ev)), ev["distance"], ev["class"], ev["frame"], clip))
+    ev, clip = ev[order], clip[order]
+    cell = (clip * n_frames + ev["frame"]) * N_CLASSES + ev["class"]
     first = np.r_[True, cell[1:] != cell[:-1]]
-    sizes = np.diff(np.r_[np.flatnonzero(first), len(ev)])
-    n_overlaps = int(np.count_nonzero(sizes > 1))
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.r_[starts, len(ev)])
+    n_overlaps += np.bincount(clip[starts][sizes > 1], minlength=n_clips)
     kept = ev[first]
-    _fill_cells(target, (kept["frame"], kept["class"]), kept)
+    _fill_cells(target, (clip[first], kept["frame"], kept["class"]), kept)
     return target, n_overlaps
 
 
@@ -412,24 +430,37 @@ def encode_multi_accdoa(events: np.ndarray, n_frames: int = N_LABEL_FRAMES
         (target float32 (n_frames, 6, 13, 4), slots [A0, B0, B1, C0, C1, C2], channels
         [activity, activity*x, activity*y, distance_m]; n_dropped events).
     """
-    ev = _events_in_clip(events, n_frames)
-    target = np.zeros((n_frames, N_ADPIT_SLOTS, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
+    events = np.asarray(events)
+    target, n = encode_multi_accdoa_batch(events, np.zeros(len(events), np.int64), 1, n_frames)
+    return target[0], int(n[0])
+
+
+def encode_multi_accdoa_batch(events: np.ndarray, clip_of_event: np.ndarray, n_clips: int,
+                              n_frames: int = N_LABEL_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_multi_accdoa` of many clips at once (no loop over clips; the same bits).
+
+    Returns:
+        (target float32 (n_clips, n_frames, 6, 13, 4); dropped events per clip, int64 (n_clips,)).
+    """
+    ev, clip = _events_in_clips(events, clip_of_event, n_frames)
+    target = np.zeros((n_clips, n_frames, N_ADPIT_SLOTS, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
+    n_dropped = np.zeros(n_clips, dtype=np.int64)
     if len(ev) == 0:
-        return target, 0
-    order = np.lexsort((np.arange(len(ev)), ev["class"], ev["frame"]))
-    ev = ev[order]
-    cell = ev["frame"].astype(np.int64) * N_CLASSES + ev["class"]
+        return target, n_dropped
+    order = np.lexsort((np.arange(len(ev)), ev["class"], ev["frame"], clip))
+    ev, clip = ev[order], clip[order]
+    cell = (clip * n_frames + ev["frame"]) * N_CLASSES + ev["class"]
     starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
     group = np.searchsorted(starts, np.arange(len(ev)), side="right") - 1
     rank = np.arange(len(ev)) - starts[group]  # position of the event within its cell
     size = np.bincount(group)[group]
     keep = rank < N_TRACKS
-    n_dropped = int(np.count_nonzero(~keep))
+    n_dropped += np.bincount(clip[~keep], minlength=n_clips)
     size = np.minimum(size, N_TRACKS)
     for k in range(1, N_TRACKS + 1):
         sel = keep & (size == k)
         slot = _SLOT_OFFSET[k] + rank[sel]
-        _fill_cells(target, (ev["frame"][sel], slot, ev["class"][sel]), ev[sel])
+        _fill_cells(target, (clip[sel], ev["frame"][sel], slot, ev["class"][sel]), ev[sel])
     return target, n_dropped
 
 

@@ -31,6 +31,7 @@ PREDICTIONS_T05 = "predictions_t05"  # test CSVs at the default threshold 0.5
 ATTEMPTS = "attempts.jsonl"  # one line per start of the run by a study
 WANDB_DIR = "wandb"  # W&B's offline log (wandb.init(dir=run folder) makes it)
 RAY_SUBDIR = "ray"  # Ray Train storage (per-epoch resume states)
+SHARES_DIR = "data"  # worker-<rank>.json: the clips each Train worker trained on, held or streamed
 # Key of a run's last report to Ray (after its epochs; carries metrics.json's figures). Not "done",
 # which Tune reads as "end this trial now".
 RUN_FINISHED = "run_finished"

@@ -425,3 +425,76 @@ def open_store(path, cfg: FeatureConfig | None = None) -> StoreInfo:
         raise DataError(f"{path}: shards listed in the manifest are missing: {', '.join(missing)}")
     return StoreInfo(path, manifest, shards, manifest["hash"], stored_cfg, dict(manifest["n_rows"]),
                      dict(manifest.get("skipped", {})))
+
+
+def replicate_store(src, out, n_rows: int, synth_fraction: float | None = None,
+                    shard_rows: int = SHARD_ROWS) -> Path:
+    """A store of `n_rows` rows in the exact format of `src`, made by repeating its rows under fresh
+    clip ids (`<clip>-rep<k>`: fold and room kept, so validation rooms and splits plan as in `src`).
+
+    For sizing and benchmarks (memory, throughput, time to first batch at paper scale) without paper
+    data: every row is a real row of `src`, repeated. `synth_fraction`: the share of rows from the
+    synthetic splits (the paper's set: ~105 000 synthetic of ~121 000, 0.87); None keeps `src`'s
+    proportions. Within a domain, splits keep their proportions in `src`. Written shard by shard
+    (memory bounded by one shard), with the store's manifest last.
+
+    Returns:
+        The new store folder `out/features-<hash>` (the same feature config and hash as `src`).
+    """
+    info = open_store(src)
+    by_split = {}
+    for entry, path in zip(info.manifest["shards"], info.shards, strict=True):
+        by_split.setdefault(entry["split"], []).append(path)
+    counts = {s: info.n_rows[s] for s in by_split}
+    domain = {s: split_info(s)["domain"] for s in by_split}
+    if synth_fraction is None:
+        weights = {s: counts[s] / sum(counts.values()) for s in counts}
+    else:  # synthetic train splits share synth_fraction, real splits the rest (train and test)
+        role = {s: split_info(s)["role"] for s in by_split}
+        weights = {}
+        for group, frac in ((lambda s: domain[s] == "synthetic" and role[s] == "train", synth_fraction),
+                            (lambda s: domain[s] == "real", 1.0 - synth_fraction)):
+            total = sum(counts[s] for s in counts if group(s))
+            weights.update({s: frac * counts[s] / total for s in counts if group(s) and total})
+        # A synthetic test split (generated data only) keeps its size relative to the real test rows.
+        real_test = sum(counts[s] for s in counts if domain[s] == "real" and role[s] == "test")
+        scale = sum(weights[s] for s in counts if domain[s] == "real" and role[s] == "test") / max(real_test, 1)
+        weights.update({s: counts[s] * scale for s in counts if domain[s] == "synthetic" and role[s] != "train"})
+    targets = {s: int(round(n_rows * w)) for s, w in weights.items()}
+    folder = Path(out) / info.path.name
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("shard-*.parquet"):
+        old.unlink()
+    shards = []
+    for split, paths in by_split.items():
+        table = pa.concat_tables([pq.read_table(p) for p in paths])
+        meta = table.schema.metadata or {}
+        clips = np.asarray(table["clip"].to_pylist(), dtype=object)
+        for k, start in enumerate(range(0, targets[split], shard_rows)):
+            pos = np.arange(start, min(start + shard_rows, targets[split]))
+            part = table.take(pa.array(pos % table.num_rows))
+            ids = [f"{clips[p % len(clips)]}-rep{p // len(clips):05d}" for p in pos]
+            part = part.set_column(part.schema.get_field_index("clip"), "clip", pa.array(ids, pa.string()))
+            name = f"shard-{split}-{k:05d}"
+            summary = {"name": name, "split": split, "rows": len(pos), "skipped": {},
+                       "sources_sha256": hashlib.sha256(f"{split}:{start}:{len(pos)}".encode()).hexdigest(),
+                       "fingerprint": f"replicated from {info.path}"}
+            part = part.replace_schema_metadata({**meta, _META_KEY: json.dumps(summary).encode()})
+            final = folder / f"{name}.parquet"
+            with atomic_write(final) as tmp:
+                pq.write_table(part, tmp, row_group_size=64,
+                               use_dictionary=["clip", "split", "domain", "role", "site"],
+                               compression={"features": "none",
+                                            **{c: "snappy" for c in part.schema.names if c != "features"}})
+            shards.append({**{k2: summary[k2] for k2 in ("name", "split", "rows", "sources_sha256")},
+                           "bytes": final.stat().st_size})
+    n_by_split = {s: targets[s] for s in by_split if targets[s]}
+    total_bytes = sum(s["bytes"] for s in shards)
+    manifest = {**info.manifest, "data_root": f"replicated from {info.path}", "n_rows": n_by_split,
+                "n_rows_total": sum(n_by_split.values()), "bytes_total": total_bytes,
+                "bytes_per_clip": round(total_bytes / max(1, sum(n_by_split.values())), 1),
+                "shards": shards, "skipped": {}}
+    write_json_atomic(folder / "manifest.json", manifest)
+    log.info("replicated %s to %s: %d rows (%s)", info.path, folder, manifest["n_rows_total"],
+             ", ".join(f"{k} {v}" for k, v in n_by_split.items()))
+    return folder

@@ -1,6 +1,7 @@
 """Two-stage training with Ray Train (paper §2.5): store -> run folder.
 
-Reads the Parquet feature store through Ray Data (seld/data.py) and writes the run folder:
+Reads the Parquet feature store (seld/data.py: the driver plans each worker's share, the worker reads
+only that) and writes the run folder:
 `config.json`, `metrics.csv` (one line per epoch, exactly once even after a restore),
 `checkpoints/` (`stage1_best.pt`, `stage2_best.pt`, `selected.pt`; Ray's per-epoch resume states
 under `ray/`), `norm.npz`, `thresholds.json`, `metrics.json` (scored by seld/evaluate.py) and
@@ -19,7 +20,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -35,7 +35,7 @@ import torch
 
 from seld import data as seld_data
 from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
-from seld.errors import DataError, UserError
+from seld.errors import UserError
 from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
 from seld.metrics import score_counters
 from seld.postprocess import decode_outputs
@@ -49,6 +49,7 @@ from seld.runfolder import (
     RAY_SUBDIR,
     RUN_FINISHED,
     SELECTED,
+    SHARES_DIR,
     THRESHOLDS,
     atomic_write,
     read_model_file,
@@ -200,7 +201,7 @@ def train_epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, opt: torch.opt
 
     Args:
         batches: (features (B, 2, 251, n_mels) in the store's dtype, targets float32) pairs, as
-            `TrainSet.batches` yields them.
+            `seld.data.TrainSet.batches` yields them.
         mean, std: the normalisation, float32 (2, 1, n_mels) each, or None.
         augment: an `seld.augment.Augmenter`; gen: its generator (:func:`seed_epoch`).
     Returns:
@@ -238,62 +239,6 @@ def validate(model: torch.nn.Module, rows: seld_data.ClipBatch, mean, std, cfg: 
     outputs = infer(model, rows.features, mean, std, cfg.train.batch_size, device, amp)
     counters = pooled_counters(rows.events, decode_outputs(outputs, cfg.model.output_format, cfg.train.val_threshold))
     return flat_scores(score_counters(counters if reduce is None else reduce(counters)), "val")
-
-
-class TrainSet:
-    """One worker's training rows of a stage: materialised once, or streamed every epoch."""
-
-    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows=None, shard=None):
-        self.name, self.cfg, self.shard, self.rank = name, cfg, shard, rank
-        self.rows: seld_data.ClipBatch | None = rows
-        self.targets: np.ndarray | None = None
-        if rows is not None:
-            self.targets = seld_data.encode_targets(rows.events, cfg.model.output_format)
-
-    def sums(self) -> np.ndarray:
-        """Per channel-mel sums of this worker's rows (for the normalisation)."""
-        if self.rows is not None:
-            return seld_data.feature_sums(self.rows.features)
-        total = None
-        for b in seld_data.stream(self.shard, 256):
-            s = seld_data.feature_sums(b.features)
-            total = s if total is None else total + s
-        return total
-
-    def n_batches(self, epoch: int) -> int:
-        """Batches of this worker's epoch; a streamed set does not know: 10**12 (its shard ends it)."""
-        if self.rows is None:
-            return 10**12
-        return math.ceil(len(self._epoch_index(epoch)) / self.cfg.train.batch_size)
-
-    def _epoch_index(self, epoch: int) -> np.ndarray:
-        """Row order of one epoch (seeded by seed, rank, epoch); stage 1 may subsample synthetic."""
-        assert self.rows is not None
-        rng = np.random.default_rng([self.cfg.seed, self.rank, epoch, 17])
-        idx = np.arange(len(self.rows))
-        ratio = self.cfg.data.stage1_synth_per_real
-        if self.name == "stage1" and ratio is not None:
-            synth = idx[self.rows.domains == "synthetic"]
-            real = idx[self.rows.domains != "synthetic"]
-            n_synth = min(len(synth), int(round(ratio * len(real))))
-            idx = np.concatenate([real, rng.choice(synth, n_synth, replace=False)])
-        return rng.permutation(idx)
-
-    def batches(self, epoch: int, n_batches: int):
-        """Yield (features store-dtype (B, 2, T, M), targets float32) for one epoch."""
-        bs = self.cfg.train.batch_size
-        if self.rows is not None:
-            idx = self._epoch_index(epoch)
-            for i in range(n_batches):
-                sel = np.sort(idx[i * bs:(i + 1) * bs])
-                yield self.rows.features[sel], self.targets[sel]
-            return
-        it = self.shard.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2,
-                                     local_shuffle_buffer_size=4 * bs,
-                                     local_shuffle_seed=self.cfg.seed * 1000 + epoch)
-        for raw in it:
-            b = seld_data.to_clip_batch(raw)
-            yield b.features, seld_data.encode_targets(b.events, self.cfg.model.output_format)
 
 
 @dataclass(eq=False)
@@ -415,11 +360,11 @@ def _write_csv(path: Path, history: list[dict]) -> None:
 class _WorkerData:
     """One worker's rows."""
 
-    train_sets: dict[int, TrainSet]  # per stage, this worker's share
-    val: seld_data.ClipBatch  # the whole validation set (rank 0 fits the thresholds on it)
+    train_sets: dict[int, seld_data.TrainSet]  # per stage, this worker's share (held or streamed)
+    val: seld_data.ClipBatch | None  # rank 0: the whole validation set (it fits the thresholds on it)
     val_mine: seld_data.ClipBatch  # the slice this worker scores each epoch
-    tests: dict[str, seld_data.ClipBatch]  # rank 0 of a materialised run; else read at the end
-    names: set[str]  # the run's non-empty datasets
+    reader: seld_data.StoreReader
+    plan: dict  # the driver's plan (build_trainer's "plan" entry of the loop config)
     ready_s: float  # seconds it took
 
 
@@ -448,8 +393,9 @@ class _Worker:
 def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train worker: both stages, per-epoch validation/checkpoint/report; rank 0 scores at the end.
 
-    loop_cfg: {"config": to_dict(ExperimentConfig), "run_dir": str, "rows": {name: clip ids},
-    "deadline": unix time after which no new epoch starts}.
+    loop_cfg: {"config": to_dict(ExperimentConfig), "run_dir": str, "plan": the driver's data plan
+    (`seld.data.plan_run`, with the driver's "materialize" choice), "deadline": unix time after
+    which no new epoch starts}.
     """
     import ray.train
 
@@ -457,7 +403,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     torch.set_num_threads(_worker_threads(cfg, ctx.get_local_world_size()))
     t_start = time.time()
-    data = _read_worker_data(cfg, loop_cfg["rows"], ctx.get_world_rank(), ctx.get_world_size())
+    data = _read_worker_data(cfg, loop_cfg["plan"], ctx.get_world_rank(), ctx.get_world_size(),
+                             Path(loop_cfg["run_dir"]))
     restored = _load_state()
     w = _start_worker(cfg, loop_cfg, ctx, data, restored, t_start)
     state = restored or LoopState(stage=cfg.train.stage_numbers[0])
@@ -470,33 +417,22 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     _finish_worker(w, data, state)
 
 
-def _read_worker_data(cfg: ExperimentConfig, plan: dict[str, list[str]], rank: int, world: int) -> _WorkerData:
-    """Training rows (per stage, this worker's share), the whole validation set (each rank scores
-    its slice), the test sets (rank 0 scores them at the end)."""
-    import ray.train
-
-    stages = cfg.train.stage_numbers
-    names = {k for k, v in plan.items() if v}
+def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, run_dir: Path) -> _WorkerData:
+    """This worker's training rows (per stage, its share: held once or streamed, as the driver
+    chose), its slice of the validation set (rank 0: all of it). Writes RUN/data/worker-<rank>.json:
+    the clips of each of its stages, how they are held and how many bytes."""
     t0 = time.perf_counter()
-    tests: dict[str, seld_data.ClipBatch] = {}
-    if cfg.data.materialize:
-        everything = seld_data.materialize(ray.train.get_dataset_shard("rows"))
-        train_sets = {s: TrainSet(f"stage{s}", cfg, rank, rows=seld_data.select(
-            everything, sorted(plan[f"stage{s}"])[rank::world])) for s in stages}
-        val = seld_data.select(everything, plan["val"])
-        if rank == 0:
-            tests = {n: seld_data.select(everything, plan[n]) for n in ("test", "synth_test") if n in names}
-        del everything
-    else:
-        train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shard=ray.train.get_dataset_shard(f"stage{s}"))
-                      for s in stages}
-        val = seld_data.materialize(ray.train.get_dataset_shard("val"))
-    val_mine = val.take(np.arange(rank, len(val), world))
+    train_sets, val, val_mine, reader = seld_data.worker_sets(cfg, plan, rank, world)
+    held = next(iter(train_sets.values())).held
     ready_s = time.perf_counter() - t0
-    log.info("rank %d: data ready in %.1f s (%s; val %d, mine %d)", rank, ready_s,
-             {k: (len(v.rows) if v.rows is not None else "streamed") for k, v in train_sets.items()},
-             len(val), len(val_mine))
-    return _WorkerData(train_sets, val, val_mine, tests, names, ready_s)
+    record = {"rank": rank, "world": world, "path": "materialised" if held is not None else "streamed",
+              "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(val_mine),
+              **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in train_sets.items()}}
+    (run_dir / SHARES_DIR).mkdir(exist_ok=True)
+    write_json_atomic(run_dir / SHARES_DIR / f"worker-{rank}.json", record)
+    log.info("rank %d: data ready in %.1f s (%s; %s; val %d, mine %d)", rank, ready_s, record["path"],
+             {k: len(v.rows) for k, v in train_sets.items()}, len(plan["sets"]["val"]), len(val_mine))
+    return _WorkerData(train_sets, val, val_mine, reader, plan, ready_s)
 
 
 def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
@@ -539,7 +475,7 @@ def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
                    deadline=float(loop_cfg["deadline"]))
 
 
-def _train_stage(w: _Worker, state: LoopState, stage: int, tset: TrainSet) -> bool:
+def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.TrainSet) -> bool:
     """Train a stage's epochs, or those left after a restore; False when the time budget ran out."""
     scfg = w.cfg.train.stage_config(stage)
     resumed = state.resumes(stage)
@@ -566,7 +502,7 @@ def _train_stage(w: _Worker, state: LoopState, stage: int, tset: TrainSet) -> bo
     return True
 
 
-def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: TrainSet, opt) -> dict:
+def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.TrainSet, opt) -> dict:
     """Train one epoch, validate, update the selection (rank 0 writes the stage's best model file);
     returns the metrics.csv row."""
     cfg, epoch = w.cfg, state.epoch
@@ -613,15 +549,15 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
 
     final: dict[str, Any] = {}
     if w.rank == 0:
-        tests = data.tests
-        if not w.cfg.data.materialize:
-            tests = {n: seld_data.materialize(ray.train.get_dataset_shard(n))
-                     for n in ("test", "synth_test") if n in data.names}
+        tests = {n: seld_data.read_clips(data.reader, rows) for n, rows in data.plan["sets"].items()
+                 if n in ("test", "synth_test") and len(rows)}
         t_fin = time.time()
         final = _finish(w.cfg, w.run_dir, w.net, w.mean, w.std, w.device, w.amp, data.val, tests,
                         state.history, w.cfg.train.stage_numbers)
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
+        final["data/path"] = "materialised" if data.plan["materialize"] else "streamed"
+        final["data/held_gib"] = round(data.plan["held_bytes"] / 2**30, 4) if data.plan["materialize"] else 0.0
         final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
         write_json_atomic(w.run_dir / METRICS_JSON, final)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
@@ -681,8 +617,27 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
     save_json(cfg, cfg_path)
 
 
+def worker_memory_bytes(cfg: ExperimentConfig) -> float | None:
+    """Memory one Train worker has: Ray's `memory` of the smallest alive node that can host a worker
+    (its CPUs, and a GPU when train.use_gpu), divided by the workers that node can host. None when no
+    such node is up (an autoscaling cluster before its GPU nodes start)."""
+    import ray
+
+    tcfg = cfg.train
+    per_node = []
+    for node in ray.nodes():
+        res = node.get("Resources", {}) if node.get("Alive") else {}
+        slots = int(res.get("CPU", 0) // tcfg.cpus_per_worker) if tcfg.cpus_per_worker > 0 else tcfg.num_workers
+        if tcfg.use_gpu:
+            slots = min(slots, int(res.get("GPU", 0)))
+        if slots >= 1 and res.get("memory"):
+            per_node.append(res["memory"] / min(slots, tcfg.num_workers))
+    return min(per_node) if per_node else None
+
+
 def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *,
-                  run_callbacks=(), storage_path: str | None = None, name: str | None = None):
+                  run_callbacks=(), storage_path: str | None = None, name: str | None = None,
+                  plan: dict | None = None):
     """A TorchTrainer for one run (does not start it; Ray must be initialised).
 
     Args:
@@ -692,16 +647,17 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         run_callbacks: Ray Train callbacks (e.g. Tune's TuneReportCallback).
         storage_path, name: where Ray keeps the resume states (default RUN/ray/train); the same
             pair again resumes from the latest state.
+        plan: the run's data plan (`seld.data.plan_run`), made here when not given. Each worker gets
+            the plan and reads only its share from the store; whether it holds the share or
+            streams it is decided here (seld.data.choose_path) and logged.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
-    rows = seld_data.plan_rows(seld_data.read_index(store, cfg.features), cfg)
-    stages = tuple(f"stage{s}" for s in cfg.train.stage_numbers)
-    rows = {k: v for k, v in rows.items() if k not in ("stage1", "stage2") or k in stages}
-    datasets = seld_data.build_datasets(store, rows, cfg.data.materialize, cfg.features)
-    to_split = [] if cfg.data.materialize else list(stages)
+    plan = dict(plan or seld_data.plan_run(cfg, store))
+    plan["materialize"], why = seld_data.choose_path(plan["held_bytes"], worker_memory_bytes(cfg), cfg.data)
+    log.info("data: %s", why)
     cpus = cfg.train.cpus_per_worker
     scaling = ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                       resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
@@ -712,11 +668,10 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         callbacks=list(run_callbacks) or None,
     )
-    loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "rows": rows,
+    loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "plan": plan,
                 "deadline": time.time() + cfg.train.time_budget_s}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
-                        run_config=run_config, datasets=datasets,
-                        dataset_config=ray.train.DataConfig(datasets_to_split=to_split))
+                        run_config=run_config)
 
 
 def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *, resume: bool = False,
@@ -731,18 +686,15 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
 
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
-    # Check the store (feature config, the splits each set needs) before anything is created or started.
-    index = seld_data.read_index(store, cfg.features)
-    try:
-        seld_data.plan_rows(index, cfg)
-    except DataError as e:
-        raise DataError(f"{store}: {e}; the store holds the splits {sorted(index['split'].unique())}") from None
+    # Plan once, from the store's index (feature config, the splits each set needs, each worker's
+    # share): bad input fails here, before anything is created or started.
+    plan = seld_data.plan_run(cfg, store)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(cfg, run_dir, resume)
     t_ray = init_ray(num_workers=cfg.train.num_workers)
     logger = _WandbLogger(cfg, run_dir, wandb) if wandb else None
     try:
-        trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks)
+        trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan)
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as e:

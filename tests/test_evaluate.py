@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -20,19 +18,13 @@ GROUPS = ("site/tau", "site/sony", "distance/0-1.5m", "distance/1.5-3m", "distan
           "polyphony/1", "polyphony/2", "polyphony/3")
 
 
-def _store_rows(store: Path) -> data.ClipBatch:
-    """Every row of the store as the training worker holds them (sorted by clip), read without Ray."""
-    table = pa.concat_tables([pq.read_table(p, columns=list(data.ROW_COLUMNS)) for p in data.shard_paths(store)])
-    return data.concat([data.to_clip_batch({c: table[c].to_numpy(zero_copy_only=False)
-                                            for c in table.column_names})])
-
-
 @pytest.fixture(scope="module")
 def sets(smoke_store, smoke_config) -> tuple[data.ClipBatch, dict[str, data.ClipBatch]]:
-    """(validation rows, {"test": real test rows, "synth_test": ...}) as a run plans them."""
-    rows = _store_rows(smoke_store)
-    plan = data.plan_rows(data.read_index(smoke_store), smoke_config)
-    return data.select(rows, plan["val"]), {n: data.select(rows, plan[n]) for n in ("test", "synth_test")}
+    """(validation rows, {"test": real test rows, "synth_test": ...}) as a run plans and reads them."""
+    plan = data.plan_run(smoke_config, smoke_store)
+    reader = data.StoreReader(plan["layout"])
+    return (data.read_clips(reader, plan["sets"]["val"]),
+            {n: data.read_clips(reader, plan["sets"][n]) for n in ("test", "synth_test")})
 
 
 def _outputs_near(events: list[np.ndarray], seed: int) -> np.ndarray:

@@ -92,7 +92,7 @@ def test_existing_run_needs_resume(smoke_run, smoke_store, capsys):
 
 
 def test_streaming_mode_two_workers(smoke_store, ray_session, tmp_path):
-    """Stores too large to materialise are streamed every epoch (Ray Data read_parquet, split)."""
+    """Stores too large to materialise are streamed every epoch: each worker reads its own share by row group."""
     from seld.config import preset_config
     from seld.train import run_training
 

@@ -19,9 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -36,20 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # wall-clock: differ run to run
 
 
-def _read_table(store, cfg) -> pa.Table:
-    """The store's rows with the columns a worker reads (pyarrow, no Ray)."""
-    return pa.concat_tables([pq.read_table(p, columns=list(seld_data.ROW_COLUMNS))
-                             for p in seld_data.shard_paths(store, cfg.features)])
-
-
-def _numpy_batch(table: pa.Table) -> dict:
-    """A table as the numpy batch Ray Data hands a worker."""
-    return {c: table[c].to_numpy(zero_copy_only=False) for c in seld_data.ROW_COLUMNS}
-
-
-def _read_rows(store, cfg) -> seld_data.ClipBatch:
-    """All rows of the store, sorted by clip, as a worker materialises them."""
-    return seld_data.concat([seld_data.to_clip_batch(_numpy_batch(_read_table(store, cfg)))])
+def _worker_plan(store, cfg) -> dict:
+    """The driver's plan of a 1-worker run with the share held in memory (no Ray)."""
+    return {**seld_data.plan_run(cfg, store), "materialize": True}
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +51,7 @@ def _one_thread():
 @dataclass
 class _Setup:
     cfg: object
-    tset: train.TrainSet
+    tset: seld_data.TrainSet
     val: seld_data.ClipBatch
     mean: np.ndarray
     std: np.ndarray
@@ -74,11 +60,9 @@ class _Setup:
 @pytest.fixture(scope="module")
 def setup(smoke_store) -> _Setup:
     cfg = apply_overrides(preset_config("smoke"), {"train.stage1.epochs": 2})
-    rows = seld_data.plan_rows(seld_data.read_index(smoke_store, cfg.features), cfg)
-    everything = _read_rows(smoke_store, cfg)
-    tset = train.TrainSet("stage1", cfg, 0, rows=seld_data.select(everything, rows["stage1"]))
-    mean, std = seld_data.norm_from_sums(tset.sums())
-    return _Setup(cfg, tset, seld_data.select(everything, rows["val"]), mean, std)
+    train_sets, val, _, _ = seld_data.worker_sets(cfg, _worker_plan(smoke_store, cfg), 0, 1)
+    mean, std = seld_data.norm_from_sums(train_sets[1].sums())
+    return _Setup(cfg, train_sets[1], val, mean, std)
 
 
 def _fresh(s: _Setup):
@@ -232,16 +216,14 @@ class _Interrupted(Exception):
 
 
 class _WorkerSession:
-    """One worker's `ray.train` (context, dataset shard, checkpoints, report) in this process."""
+    """One worker's `ray.train` (context, checkpoints, report) in this process."""
 
-    def __init__(self, rows: pa.Table, ckpt_dir: Path, kill_after: int | None = None):
-        self.rows, self.ckpt_dir, self.kill_after, self.n_reports = rows, ckpt_dir, kill_after, 0
+    def __init__(self, ckpt_dir: Path, kill_after: int | None = None):
+        self.ckpt_dir, self.kill_after, self.n_reports = ckpt_dir, kill_after, 0
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     def install(self, monkeypatch) -> None:
         import ray.train
-
-        session = self
 
         class Context:
             def get_world_rank(self):
@@ -253,13 +235,7 @@ class _WorkerSession:
             def get_local_world_size(self):
                 return 1
 
-        class Shard:
-            def iter_batches(self, batch_size, batch_format):
-                for start in range(0, session.rows.num_rows, batch_size):
-                    yield _numpy_batch(session.rows.slice(start, batch_size))
-
         monkeypatch.setattr(ray.train, "get_context", Context)
-        monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: Shard())
         monkeypatch.setattr(ray.train, "get_checkpoint", self.latest)
         monkeypatch.setattr(ray.train, "report", self.report)
 
@@ -280,16 +256,14 @@ class _WorkerSession:
 def _worker_run(store, run_dir: Path, monkeypatch, kill_after: int | None = None) -> Path:
     cfg = apply_overrides(preset_config("smoke"), {"train.stage1.epochs": 2, "train.stage2.epochs": 2,
                                                    "train.stage2.patience": None, "train.torch_threads": 1})
-    rows = seld_data.plan_rows(seld_data.read_index(store, cfg.features), cfg)
-    table = _read_table(store, cfg)
-    planned = pc.is_in(table["clip"], value_set=pa.array(sorted({c for v in rows.values() for c in v})))
+    plan = _worker_plan(store, cfg)
     run_dir.mkdir(exist_ok=True)
     if not (run_dir / "config.json").exists():
         train.prepare_run_dir(cfg, run_dir, resume=False)
-    session = _WorkerSession(table.filter(planned), run_dir / "ray", kill_after)
+    session = _WorkerSession(run_dir / "ray", kill_after)
     with monkeypatch.context() as m:
         session.install(m)
-        loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "rows": rows, "deadline": time.time() + 3600}
+        loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "plan": plan, "deadline": time.time() + 3600}
         try:
             train.train_loop_per_worker(loop_cfg)
         except _Interrupted:
