@@ -358,7 +358,8 @@ class StoreReader:
 
     def read_group(self, shard: int, group: int, rows_in_group: np.ndarray) -> tuple[np.ndarray, EventTable]:
         """Features (k, 2, 251, n_mels) and events of rows `rows_in_group` (rows of the shard)."""
-        table = self._file(shard).read_row_group(int(group), columns=list(ROW_COLUMNS))
+        # One thread per read: the prefetch thread is the parallelism, next to the worker's torch threads.
+        table = self._file(shard).read_row_group(int(group), columns=list(ROW_COLUMNS), use_threads=False)
         local = np.asarray(rows_in_group, dtype=np.int64) - self.layout.group_starts[shard][group]
         if len(local) != table.num_rows or not np.array_equal(local, np.arange(table.num_rows)):
             table = table.take(pa.array(local))
