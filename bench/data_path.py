@@ -3,11 +3,11 @@
     python bench/data_path.py STORE [--cpus 1 2] [--formats accdoa multi_accdoa] [--paths held streamed]
                               [--batches 200] [--workers 2]
 
-For each CPU count (the process is pinned to that many cores with sched_setaffinity, torch and the
-prefetch thread included), output format and path (the share held in memory, or streamed from
+For each CPU count N (the process pinned to N cores with sched_setaffinity; N reading threads,
+`data.read_threads`, and one torch thread for the tensor conversion), output format and path (the share held in memory, or streamed from
 Parquet by row group), worker 0 of `--workers` does what a Train worker does before its step: plan
 (driver), read its share or nothing (`seld.data.worker_sets`), normalisation sums, then batches from
-`TrainSet.batches` (prefetch thread: read, gather, encode targets) turned into normalised float32
+`TrainSet.batches` (reading threads: read, gather, encode targets) turned into normalised float32
 tensors (`seld.predict.prepare_batch`) and target tensors. Reports per arm: time to the first batch
 from the start of the worker's set-up, clips/s over `--batches` batches after it, and clips/s per
 CPU. Preset `smoke` (batch 32 as `local`), stage 1, seed 0. Results as one JSON line per arm.
@@ -27,9 +27,11 @@ from seld.config import preset_config
 from seld.predict import prepare_batch
 
 
-def run_arm(store: str, fmt: str, path: str, n_batches: int, workers: int, batch_size: int) -> dict:
+def run_arm(store: str, fmt: str, path: str, n_batches: int, workers: int, batch_size: int,
+            threads: int) -> dict:
     cfg = preset_config("smoke", {"model.output_format": fmt, "train.stages": "stage1",
-                                  "train.num_workers": workers, "train.batch_size": batch_size})
+                                  "train.num_workers": workers, "train.batch_size": batch_size,
+                                  "data.read_threads": threads})
     t0 = time.perf_counter()
     plan = {**seld_data.plan_run(cfg, store), "materialize": path == "held"}
     t_plan = time.perf_counter() - t0
@@ -73,10 +75,10 @@ def main() -> int:
     cores = sorted(os.sched_getaffinity(0))
     for n_cpus in args.cpus:
         os.sched_setaffinity(0, cores[:n_cpus])
-        torch.set_num_threads(n_cpus)
+        torch.set_num_threads(1)  # the step does nothing: the CPUs are the data path's
         for fmt in args.formats:
             for path in args.paths:
-                out = run_arm(args.store, fmt, path, args.batches, args.workers, args.batch_size)
+                out = run_arm(args.store, fmt, path, args.batches, args.workers, args.batch_size, n_cpus)
                 out.update(cpus=n_cpus, clips_per_s_per_cpu=round(out["clips_per_s"] / n_cpus, 1))
                 print(json.dumps(out), flush=True)
     os.sched_setaffinity(0, cores)

@@ -231,9 +231,11 @@ class DataConfig:
     # which and why), true = hold it in memory once, false = stream it from Parquet every epoch.
     materialize: bool | Literal["auto"] = "auto"
     memory_fraction: float = 0.25  # of a worker's memory (node memory / its workers) a held share may use
+    worker_memory_gib: float | None = None  # a worker's memory; None = Ray's memory of its node / workers there
     norm_max_rows: int | None = 4096  # rows (whole row groups, seeded) for the normalisation; None = all
     shuffle_groups: int = 16  # streaming: Parquet row groups (64 rows each) mixed at a time
     prefetch_batches: int = 4  # batches read, gathered and encoded ahead of the training step
+    read_threads: int = 0  # threads reading/encoding batches; 0 = 1 on CPU, a GPU worker's CPUs but one
     # Normalise features with mean/std over the training rows (computed once, saved in the run).
     normalize: bool = True
 
@@ -242,9 +244,12 @@ class DataConfig:
         bad = [d for d in self.stage1_domains if d not in ("synthetic", "real")]
         _check(not bad and self.stage1_domains, "data.stage1_domains", f"unknown domains {bad}; use synthetic/real")
         _check(0 < self.memory_fraction <= 1, "data.memory_fraction", "must be in (0, 1]")
+        _check(self.worker_memory_gib is None or self.worker_memory_gib > 0, "data.worker_memory_gib",
+               "must be > 0 or none")
         _check(self.norm_max_rows is None or self.norm_max_rows >= 1, "data.norm_max_rows", "must be >= 1 or none")
         _check(self.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
+        _check(self.read_threads >= 0, "data.read_threads", "must be >= 0 (0 = automatic)")
 
 
 @dataclass(frozen=True)

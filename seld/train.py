@@ -635,6 +635,19 @@ def worker_memory_bytes(cfg: ExperimentConfig) -> float | None:
     return min(per_node) if per_node else None
 
 
+def choose_data_path(cfg: ExperimentConfig, plan: dict) -> dict:
+    """The plan with "materialize" decided (seld.data.choose_path from the largest share's bytes and a
+    worker's memory: data.worker_memory_gib, else :func:`worker_memory_bytes`; Ray must be up), and
+    the reason logged. A plan that already has the decision is returned as it is."""
+    if "materialize" in plan:
+        return plan
+    memory = (cfg.data.worker_memory_gib * 2**30 if cfg.data.worker_memory_gib is not None
+              else worker_memory_bytes(cfg))
+    materialize, why = seld_data.choose_path(plan["held_bytes"], memory, cfg.data)
+    log.info("data: %s", why)
+    return {**plan, "materialize": materialize}
+
+
 def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *,
                   run_callbacks=(), storage_path: str | None = None, name: str | None = None,
                   plan: dict | None = None):
@@ -649,15 +662,13 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
             pair again resumes from the latest state.
         plan: the run's data plan (`seld.data.plan_run`), made here when not given. Each worker gets
             the plan and reads only its share from the store; whether it holds the share or
-            streams it is decided here (seld.data.choose_path) and logged.
+            streams it is decided here unless the plan has it (:func:`choose_data_path`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(run_dir).resolve()
-    plan = dict(plan or seld_data.plan_run(cfg, store))
-    plan["materialize"], why = seld_data.choose_path(plan["held_bytes"], worker_memory_bytes(cfg), cfg.data)
-    log.info("data: %s", why)
+    plan = choose_data_path(cfg, plan or seld_data.plan_run(cfg, store))
     cpus = cfg.train.cpus_per_worker
     scaling = ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                       resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
@@ -689,9 +700,10 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     # Plan once, from the store's index (feature config, the splits each set needs, each worker's
     # share): bad input fails here, before anything is created or started.
     plan = seld_data.plan_run(cfg, store)
+    t_ray = init_ray(num_workers=cfg.train.num_workers)
+    plan = choose_data_path(cfg, plan)  # a forced materialise that cannot fit fails here, before any file
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(cfg, run_dir, resume)
-    t_ray = init_ray(num_workers=cfg.train.num_workers)
     logger = _WandbLogger(cfg, run_dir, wandb) if wandb else None
     try:
         trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan)

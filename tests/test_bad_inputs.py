@@ -94,6 +94,16 @@ def test_store_of_another_feature_config(smoke_store, tmp_path, capsys):
     assert not out.exists()  # checked before the run folder is made or Ray is started
 
 
+@pytest.mark.ray
+def test_forced_materialise_of_a_share_larger_than_the_memory_is_one_line(smoke_store, ray_session, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(out), "--set",
+                 "data.materialize=true", "--set", "data.worker_memory_gib=0.0001"]) == 2
+    _one_line_error(capsys, "data.materialize=true", "GiB of store rows", "data.materialize=false")
+    assert not out.exists()  # refused before the run folder is made
+
+
 def test_missing_split_folder(smoke_data, tmp_path, capsys):
     data = _dataset_with(smoke_data, tmp_path / "data", ["dev-train-tau"])
     # Asking for a split whose folder is missing is an error, not a silent drop.

@@ -185,45 +185,39 @@ def test_choose_path_auto_forced_and_too_large():
     assert data.choose_path(1, 8 * gib, dataclasses.replace(cfg, materialize=False))[0] is False
 
 
-def test_prefetch_yields_in_order_raises_and_stops_early():
-    assert list(data.prefetch(lambda: iter(range(50)), 3)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise ValueError("bad row group")
-
-    it = data.prefetch(broken, 2)
-    assert next(it) == 1
-    with pytest.raises(ValueError, match="bad row group"):
-        next(it)
-    made = []
-
-    def endless():
-        for i in range(10**6):
-            made.append(i)
-            yield i
-
-    it = data.prefetch(endless, 2)
-    assert next(it) == 0
-    it.close()  # the consumer stops: the thread stops within a few items
-    n = len(made)
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_ordered_map_keeps_order_raises_and_stops_early(threads):
+    import threading
     import time
 
-    time.sleep(0.3)
-    assert len(made) <= n + 1 and n < 10
+    def slow_square(i):
+        time.sleep(0.001 * ((7 * i) % 5))  # items finish out of order in the threads
+        return i * i
 
+    assert list(data.ordered_map(slow_square, list(range(40)), threads, 4)) == [i * i for i in range(40)]
 
-def test_normalisation_from_sums_of_shards_equals_the_whole():
-    rng = np.random.default_rng(0)
-    x = rng.normal(3.0, 2.0, size=(10, 2, 251, 8)).astype(np.float16)
-    whole = data.norm_from_sums(data.feature_sums(x))
-    parts = data.norm_from_sums(data.feature_sums(x[:4]) + data.feature_sums(x[4:]))
-    np.testing.assert_allclose(whole[0], parts[0], rtol=1e-6)
-    np.testing.assert_allclose(whole[1], parts[1], rtol=1e-6)
-    x64 = x.astype(np.float64)
-    np.testing.assert_allclose(whole[0][:, 0], x64.mean(axis=(0, 2)), rtol=1e-5)
-    np.testing.assert_allclose(whole[1][:, 0], x64.std(axis=(0, 2)), rtol=1e-4)
-    assert whole[0].shape == (2, 1, 8) and whole[0].dtype == np.float32
+    def broken(i):
+        if i == 3:
+            raise ValueError("bad row group")
+        return i
+
+    it = data.ordered_map(broken, list(range(10)), threads, 2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad row group"):
+        next(it)
+    started = []
+    lock = threading.Lock()
+
+    def record(i):
+        with lock:
+            started.append(i)
+        return i
+
+    it = data.ordered_map(record, list(range(10**5)), threads, 2)
+    assert next(it) == 0
+    it.close()  # the consumer stops: items not started are cancelled
+    time.sleep(0.2)
+    assert len(started) <= 2 + max(threads, 2)
 
 
 # --- On a real store (the session's smoke store, and a replicated one with many row groups) -------
@@ -257,9 +251,10 @@ def test_reader_returns_the_stored_rows_in_the_asked_order(big_store):
         np.testing.assert_array_equal(ev["distance"], want["ev_distance"][i].as_py())
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_held_and_streamed_epochs_draw_the_same_rows_deterministically(big_store, world):
-    cfg = preset_config("smoke", {"data.stage1_synth_per_real": 2.0, "data.shuffle_groups": 3})
+@pytest.mark.parametrize("world,threads", [(1, 1), (2, 3)])
+def test_held_and_streamed_epochs_draw_the_same_rows_deterministically(big_store, world, threads):
+    cfg = preset_config("smoke", {"data.stage1_synth_per_real": 2.0, "data.shuffle_groups": 3,
+                                  "data.read_threads": threads})
     plan = data.plan_run(cfg, big_store)
     for rank in range(world):
         plan_w = {**plan, "shares": data.plan_shares(data.read_index(big_store), plan["rows"], world)}
@@ -284,6 +279,13 @@ def test_held_and_streamed_epochs_draw_the_same_rows_deterministically(big_store
             # Same rows (features with their own targets), in another order.
             assert multiset(a) == multiset(b)
         np.testing.assert_array_equal(held.sums(), streamed.sums())
+        # The reading threads change nothing but the speed.
+        one = data.worker_sets(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, read_threads=1)),
+                               {**plan_w, "materialize": False}, rank, world)[0][1]
+        n0 = one.n_batches(0)
+        for x, y in zip(one.batches(0, n0), streamed.batches(0, n0), strict=True):
+            np.testing.assert_array_equal(x[0], y[0])
+            np.testing.assert_array_equal(x[1], y[1])
 
 
 def test_store_that_disagrees_with_its_manifest_is_one_line(big_store, tmp_path):
