@@ -363,6 +363,16 @@ def _events_in_clips(events: np.ndarray, clip: np.ndarray, n_frames: int) -> tup
     return events[keep], np.asarray(clip, dtype=np.int64)[keep]
 
 
+def _sorted_cells(events: np.ndarray, clip_of_event: np.ndarray, n_frames: int, nearest_first: bool):
+    """The rows inside the label grid sorted by (clip, frame, class, [distance,] file order), their
+    clips, and each row's cell id (clip, frame, class) as one int64."""
+    ev, clip = _events_in_clips(events, clip_of_event, n_frames)
+    keys = (np.arange(len(ev)), *((ev["distance"],) if nearest_first else ()), ev["class"], ev["frame"], clip)
+    order = np.lexsort(keys)
+    ev, clip = ev[order], clip[order]
+    return ev, clip, (clip * n_frames + ev["frame"]) * N_CLASSES + ev["class"]
+
+
 def _fill_cells(target: np.ndarray, index: tuple, events: np.ndarray) -> None:
     az = np.deg2rad(fold_azimuth(events["azimuth"]))
     target[index + (0,)] = 1.0
@@ -401,14 +411,11 @@ def encode_accdoa_batch(events: np.ndarray, clip_of_event: np.ndarray, n_clips: 
     Returns:
         (target float32 (n_clips, n_frames, 13, 4); same-class overlap cells per clip, int64 (n_clips,)).
     """
-    ev, clip = _events_in_clips(events, clip_of_event, n_frames)
     target = np.zeros((n_clips, n_frames, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
     n_overlaps = np.zeros(n_clips, dtype=np.int64)
+    ev, clip, cell = _sorted_cells(events, clip_of_event, n_frames, nearest_first=True)
     if len(ev) == 0:
         return target, n_overlaps
-    order = np.lexsort((np.arange(len(ev)), ev["distance"], ev["class"], ev["frame"], clip))
-    ev, clip = ev[order], clip[order]
-    cell = (clip * n_frames + ev["frame"]) * N_CLASSES + ev["class"]
     first = np.r_[True, cell[1:] != cell[:-1]]
     starts = np.flatnonzero(first)
     sizes = np.diff(np.r_[starts, len(ev)])
@@ -442,14 +449,11 @@ def encode_multi_accdoa_batch(events: np.ndarray, clip_of_event: np.ndarray, n_c
     Returns:
         (target float32 (n_clips, n_frames, 6, 13, 4); dropped events per clip, int64 (n_clips,)).
     """
-    ev, clip = _events_in_clips(events, clip_of_event, n_frames)
     target = np.zeros((n_clips, n_frames, N_ADPIT_SLOTS, N_CLASSES, N_TARGET_CHANNELS), dtype=np.float32)
     n_dropped = np.zeros(n_clips, dtype=np.int64)
+    ev, clip, cell = _sorted_cells(events, clip_of_event, n_frames, nearest_first=False)
     if len(ev) == 0:
         return target, n_dropped
-    order = np.lexsort((np.arange(len(ev)), ev["class"], ev["frame"], clip))
-    ev, clip = ev[order], clip[order]
-    cell = (clip * n_frames + ev["frame"]) * N_CLASSES + ev["class"]
     starts = np.flatnonzero(np.r_[True, cell[1:] != cell[:-1]])
     group = np.searchsorted(starts, np.arange(len(ev)), side="right") - 1
     rank = np.arange(len(ev)) - starts[group]  # position of the event within its cell
