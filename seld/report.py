@@ -354,8 +354,16 @@ METRIC_RANGE: dict[str, tuple[float, float]] = {"f20": (0.0, 100.0), "doae_cd": 
 CLIPPED = "95 % Student-t interval over seeds, clipped to the metric's range"
 
 
-def _clipped_yerr(means: np.ndarray, halves: np.ndarray, metric: str) -> np.ndarray:
-    """(2, n) asymmetric error bars: mean -+ half-width, cut at the metric's bounds."""
+def clipped_error_bars(means: np.ndarray, halves: np.ndarray, metric: str) -> np.ndarray:
+    """Error bars of a bounded metric that stay in its range.
+
+    Args:
+        means, halves: (n,) means and interval half-widths (NaN: drawn as 0).
+        metric: "f20" (0..100 %), "doae_cd" (0..180°) or "rde_cd" (>= 0).
+    Returns:
+        (2, n) float: the lengths below and above each mean (matplotlib's ``yerr``), the interval
+        mean -+ half cut at the metric's bounds.
+    """
     lo, hi = METRIC_RANGE[metric]
     means = np.nan_to_num(means)
     halves = np.nan_to_num(halves)
@@ -370,7 +378,7 @@ def _bars_png(path: Path, spec: TableSpec, stats_: list[_RowStats]) -> None:
     for ax, (m, head, _) in zip(axes, METRICS, strict=True):
         means = np.array([s.metrics[m].mean for s in stats_])
         halves = np.array([s.metrics[m].half if np.isfinite(s.metrics[m].half) else 0.0 for s in stats_])
-        ax.bar(x, np.nan_to_num(means), yerr=_clipped_yerr(means, halves, m), capsize=4, color="#4C72B0",
+        ax.bar(x, np.nan_to_num(means), yerr=clipped_error_bars(means, halves, m), capsize=4, color="#4C72B0",
                alpha=0.85)
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_title(head)
@@ -398,7 +406,7 @@ def _classwise_png(path: Path, rows: pd.DataFrame, stats_: list[_RowStats]) -> b
         means = np.array([v.mean for v in vals])
         halves = np.array([v.half for v in vals])
         xs = x + (i - (len(series) - 1) / 2) * width
-        bars = ax.bar(xs, np.nan_to_num(means), width, yerr=_clipped_yerr(means, halves, "f20"), capsize=2,
+        bars = ax.bar(xs, np.nan_to_num(means), width, yerr=clipped_error_bars(means, halves, "f20"), capsize=2,
                       label=label)
         color = bars.patches[0].get_facecolor()
         for c, (xc, mean) in enumerate(zip(xs, means, strict=True)):

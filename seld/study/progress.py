@@ -289,17 +289,24 @@ def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done
 
 
 def trial_error_text(trial) -> str:
-    """The one-line cause of a trial's latest failure (see :func:`seld.study.tune.error_text`)."""
+    """The one-line cause of a trial's latest failure (see :func:`seld.study.tune.error_text`).
+
+    Read from the files Tune has just written on the driver (``error.pkl``, else the last failure
+    of ``error.txt``): at a retry their copies in the experiment's storage may not exist yet.
+    """
+    import cloudpickle
+
     from seld.study.tune import error_text
 
-    try:
-        err = trial.get_pickled_error()
-    except Exception:  # noqa: BLE001 - an error that cannot be unpickled here: use its text
-        err = None
-    if err is not None:
-        return error_text(err)
-    text = trial.get_error() or ""
-    return error_text(text) if text else "unknown error (see the trial's error.txt)"
+    with contextlib.suppress(Exception):  # an error that cannot be unpickled here: use its text
+        if trial.pickled_error_file and Path(trial.pickled_error_file).is_file():
+            return error_text(cloudpickle.loads(Path(trial.pickled_error_file).read_bytes()))
+    with contextlib.suppress(OSError, TypeError):
+        text = Path(trial.error_file).read_text(errors="replace")
+        last = text.rsplit("Failure # ", 1)[-1]
+        if last.strip():
+            return error_text(last.split("\n", 1)[-1])
+    return "unknown error (see the trial's error.txt)"
 
 
 def resources_line(plan_concurrency: int, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> str:

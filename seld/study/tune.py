@@ -111,8 +111,11 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
     # Ray 2.60's default output engine prints its experiment box even at verbose 0; its legacy
     # engine (RAY_AIR_NEW_OUTPUT=0) at verbose 0 prints nothing. Both read this when fit() starts.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if opts.verbose else "0"
-    # Tune's own INFO lines (where it wrote its state, ...) only with -v.
+    # Tune's own INFO lines (where it wrote its state, ...) and its closing list of failed trials
+    # by Tune's name (each failure already had its line, by run name) only with -v.
     logging.getLogger("ray.tune").setLevel(logging.INFO if opts.verbose else logging.WARNING)
+    tune_log = logging.getLogger("ray.tune.tune")
+    (tune_log.removeFilter if opts.verbose else tune_log.addFilter)(_not_the_failed_trials_list)
 
     storage = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
     tuner = tune.Tuner(
@@ -129,6 +132,10 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
         ),
     )
     return tuner.fit()
+
+
+def _not_the_failed_trials_list(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Trials did not complete")
 
 
 def error_text(err: BaseException | str | None) -> str:
