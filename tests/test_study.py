@@ -73,6 +73,32 @@ def test_progress_lines_and_time_left():
     assert eta.seconds_left([]) == 0.0
 
 
+@pytest.mark.ray
+def test_tune_status_table_only_with_verbose(tmp_path, ray_session, capfd):
+    """Without -v a study's Tuner prints nothing of its own (the study's lines say what happens);
+    -v brings Tune's status table back."""
+    from ray import tune
+
+    from seld.study.cluster import plan_cluster
+    from seld.study.tune import fit_tuner
+
+    def trainable(config):
+        tune.report({"score": config["x"]})
+
+    plan = plan_cluster(None, preset_config("smoke"))
+    for verbose in (False, True):
+        opts = Options(out=tmp_path, preset="smoke", verbose=verbose)
+        results = fit_tuner(tune.with_resources(trainable, {"cpu": 0.01}), {"x": tune.grid_search([1, 2])}, plan,
+                            tmp_path, f"quiet{int(verbose)}", opts)
+        assert sorted(r.metrics["score"] for r in results) == [1, 2]
+        printed = capfd.readouterr()
+        shown = printed.out + printed.err
+        if verbose:
+            assert "Trial status" in shown and "Logical resource usage" in shown, shown
+        else:
+            assert "Trial status" not in shown and "╭" not in shown and "Logical resource usage" not in shown, shown
+
+
 def test_git_sha_names_the_commit_and_ignores_results_and_markdown(tmp_path):
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
