@@ -126,7 +126,8 @@ def epoch_line(label: str, result: Mapping[str, Any], n_epochs: int, seconds: fl
             stages, ``stage``, ``train/loss``, ``val/f20`` (%), ``val/doae_cd`` (°), ``val/rde_cd``,
             ``selected``: 1 when this epoch is the stage's best so far).
         n_epochs: the run's epoch budget (both stages).
-        seconds: the epoch's wall time (training and validation).
+        seconds: the epoch's wall time (training and validation; for the first epoch of an attempt,
+            whose validation is not timed apart from the start-up, its training time).
     """
     epoch = int(_num(result, "epoch")) + 1
     rde = _num(result, "val/rde_cd")
@@ -208,8 +209,9 @@ def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done
             index = n_done_before + self.n_started
             run = planned.get(key) or PlannedRun(f"trial {index}", "trial", default_epochs)
             self.attempts[key] = _Attempt(run, index, time.time())
-            params = self._params(trial)
-            log.info("%s — run %d of %d started%s", run.label, index, n_total, f" ({params})" if params else "")
+            # A sweep's trial: its Tune id names its run folder (runs/<id>), its values say what it tries.
+            about = "; ".join(x for x in ("" if key in planned else f"runs/{trial.trial_id}", self._params(trial)) if x)
+            log.info("%s — run %d of %d started%s", run.label, index, n_total, f" ({about})" if about else "")
 
         @_guarded
         def on_trial_result(self, iteration, trials, trial, result, **info):
