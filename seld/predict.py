@@ -253,7 +253,7 @@ def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path]
                 f, n_frames = features_of_wav(path, cfg)
             except (DataError, ValueError, OSError) as e:
                 report.errors.append((path, str(e)))
-                log.error("%s", e)
+                log.debug("%s", e)  # the caller reports the failed files (`seld predict`: one line)
                 continue
             spans.append((path, len(f), n_frames))
             feats.append(f)

@@ -178,6 +178,7 @@ def _context(rows: pd.DataFrame) -> dict[str, str]:
         "dataset": one("dataset", "generated"),
         "protocol": one("protocol", "dcase"),
         "precision": one("precision", ""),
+        "git_sha": one("git_sha", ""),
     }
 
 
@@ -199,6 +200,16 @@ def _caption(spec: TableSpec, ctx: dict[str, str], stats_: list[_RowStats]) -> s
     )
     if ctx["precision"]:
         caption += f" Training precision: {ctx['precision']} (`train.amp_bf16`: bf16 autocast where native)."
+    if ctx["git_sha"]:
+        shas = ctx["git_sha"].split(", ")
+        if any(sha.endswith("-dirty") or sha == "unknown" for sha in shas) or len(shas) > 1:
+            caption += (
+                f" **Not from one clean commit:** the runs were trained at `{ctx['git_sha']}` (`-dirty`: with "
+                "uncommitted changes; `unknown`: outside git); rerun the study from a clean checkout before "
+                "citing these numbers."
+            )
+        else:
+            caption += f" Trained at commit `{shas[0]}`."
     if ctx["protocol"] == "paper":
         caption += (
             " Footnote: protocol `paper` — model selection and thresholds were tuned on the test "
@@ -338,19 +349,42 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+# Range of each metric, for error bars that stay inside it (F20 in %, DOAE_CD in degrees, RDE_CD >= 0).
+METRIC_RANGE: dict[str, tuple[float, float]] = {"f20": (0.0, 100.0), "doae_cd": (0.0, 180.0), "rde_cd": (0.0, math.inf)}
+CLIPPED = "95 % Student-t interval over seeds, clipped to the metric's range"
+
+
+def clipped_error_bars(means: np.ndarray, halves: np.ndarray, metric: str) -> np.ndarray:
+    """Error bars of a bounded metric that stay in its range.
+
+    Args:
+        means, halves: (n,) means and interval half-widths (NaN: drawn as 0).
+        metric: "f20" (0..100 %), "doae_cd" (0..180°) or "rde_cd" (>= 0).
+    Returns:
+        (2, n) float: the lengths below and above each mean (matplotlib's ``yerr``), the interval
+        mean -+ half cut at the metric's bounds.
+    """
+    lo, hi = METRIC_RANGE[metric]
+    means = np.nan_to_num(means)
+    halves = np.nan_to_num(halves)
+    return np.stack([means - np.maximum(means - halves, lo), np.minimum(means + halves, hi) - means])
+
+
 def _bars_png(path: Path, spec: TableSpec, stats_: list[_RowStats]) -> None:
     plt = _figure()
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.4), constrained_layout=True)
     labels = [s.row.label for s in stats_]
     x = np.arange(len(labels))
     for ax, (m, head, _) in zip(axes, METRICS, strict=True):
         means = np.array([s.metrics[m].mean for s in stats_])
         halves = np.array([s.metrics[m].half if np.isfinite(s.metrics[m].half) else 0.0 for s in stats_])
-        ax.bar(x, np.nan_to_num(means), yerr=halves, capsize=4, color="#4C72B0", alpha=0.85)
+        ax.bar(x, np.nan_to_num(means), yerr=clipped_error_bars(means, halves, m), capsize=4, color="#4C72B0",
+               alpha=0.85)
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_title(head)
+        ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{spec.title} (mean, 95 % interval over seeds)")
+    fig.suptitle(f"{spec.title}\n(mean; bars: {CLIPPED})", fontsize=9)
     _save(fig, path)
 
 
@@ -360,45 +394,127 @@ def _classwise_png(path: Path, rows: pd.DataFrame, stats_: list[_RowStats]) -> b
         runs = _ok(rows, s.row.variant)
         vals = [t_interval(_col(runs, f"{s.row.prefix}/class/{c}/f20")) for c in range(len(CLASS_NAMES))]
         if any(v.n for v in vals):
-            series.append((s.row.label, vals))
+            n_ref = [_col(runs, f"{s.row.prefix}/class/{c}/n_ref") for c in range(len(CLASS_NAMES))]
+            series.append((s.row.label, vals, n_ref))
     if not series:
         return False
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(10, 3.8), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(10, 4.2), constrained_layout=True)
     width = 0.8 / len(series)
     x = np.arange(len(CLASS_NAMES))
-    for i, (label, vals) in enumerate(series):
-        means = np.nan_to_num([v.mean for v in vals])
-        halves = np.nan_to_num([v.half for v in vals])
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=halves, capsize=2, label=label)
+    for i, (label, vals, n_ref) in enumerate(series):
+        means = np.array([v.mean for v in vals])
+        halves = np.array([v.half for v in vals])
+        xs = x + (i - (len(series) - 1) / 2) * width
+        bars = ax.bar(xs, np.nan_to_num(means), width, yerr=clipped_error_bars(means, halves, "f20"), capsize=2,
+                      label=label)
+        color = bars.patches[0].get_facecolor()
+        for c, (xc, mean) in enumerate(zip(xs, means, strict=True)):
+            # A bar of height 0 is invisible: say what it is (no test event of the class, or none found).
+            if n_ref[c] and np.nansum(n_ref[c]) == 0:
+                text = "no events"
+            elif not np.isfinite(mean):
+                text = "n/a"
+            elif mean == 0:
+                text = "0"
+            else:
+                continue
+            ax.text(xc, 0.6, text, rotation=0 if text == "0" else 90, ha="center", va="bottom", fontsize=7,
+                    color=color, fontweight="bold")
     ax.set_xticks(x, CLASS_NAMES, rotation=35, ha="right")
     ax.set_ylabel("F20 (%)")
-    ax.set_title("Per-class F20 on the test split (mean, 95 % interval over seeds)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Per-class F20 on the test split (mean; bars: " + CLIPPED + ")\n"
+                 "'0': F20 is 0 in every seed (no event of the class correctly detected)"
+                 + ("; 'no events': the class has no event in the test split"
+                    if any(any(n) for _, _, ns in series for n in ns) else ""), fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
     return True
 
 
-def _curves_png(path: Path, curves: pd.DataFrame, metric: str = "val/f20") -> bool:
-    if curves is None or curves.empty or metric not in curves.columns:
+# Panels of the training curves: metrics.csv column, axis label.
+CURVE_PANELS: tuple[tuple[str, str], ...] = (
+    ("train/loss", "training loss"),
+    ("val/f20", "validation F20 (%, threshold 0.5)"),
+    ("val/doae_cd", "validation DOAE_CD (°)"),
+    ("val/rde_cd", "validation RDE_CD"),
+)
+
+
+def _selected_epochs(rows: pd.DataFrame | None) -> dict[tuple[str, int], int]:
+    """(variant, seed) -> the epoch (from 0, over both stages) of the checkpoint each run selected."""
+    if rows is None or "selected_epoch" not in rows.columns:
+        return {}
+    out = {}
+    for r in rows[rows["status"] == "ok"].itertuples(index=False):
+        ep = pd.to_numeric(r.selected_epoch, errors="coerce")
+        if np.isfinite(ep):
+            out[(str(r.variant), int(r.seed))] = int(ep)
+    return out
+
+
+def _curves_png(path: Path, curves: pd.DataFrame, rows: pd.DataFrame | None = None) -> bool:
+    """Training curves, one line per run: training loss (and validation loss where recorded), validation
+    F20, DOAE_CD and RDE_CD per epoch; where stage 2 starts; each run's selected checkpoint."""
+    if curves is None or curves.empty or "val/f20" not in curves.columns:
         return False
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 3.6), constrained_layout=True)
-    order = "step" if "step" in curves.columns else "epoch"
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.2), constrained_layout=True, sharex=True)
+    order = "epoch" if "epoch" in curves.columns else "step"
     curves = curves.sort_values(["variant", "seed", order], kind="stable")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    selected = _selected_epochs(rows)
+    has_val_loss = "val/loss" in curves.columns
+    handles = []
+    boundaries: set[float] = set()
     for i, (variant, runs) in enumerate(curves.groupby("variant", sort=True)):
         color = colors[i % len(colors)]
-        for j, (_, run) in enumerate(runs.groupby("seed", sort=True)):
-            y = pd.to_numeric(run[metric], errors="coerce").to_numpy()
-            ax.plot(np.arange(1, len(y) + 1), y, color=color, alpha=0.8, lw=1,
-                    label=variant if j == 0 else None)
-    ax.set_xlabel("epoch (stage 1 then stage 2)")
-    ax.set_ylabel(metric + " (threshold 0.5)")
-    ax.set_title("Training curves (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        handles.append(Line2D([], [], color=color, label=str(variant)))
+        for _, run in runs.groupby("seed", sort=True):
+            # Epochs from 1 on the axis (metrics.csv counts from 0 over both stages).
+            x = (pd.to_numeric(run[order], errors="coerce").to_numpy() + (1 if order == "epoch" else 0))
+            if "stage" in run.columns:
+                stage2 = x[pd.to_numeric(run["stage"], errors="coerce").to_numpy() == 2]
+                if len(stage2) and len(stage2) < len(x):
+                    boundaries.add(float(stage2.min()) - 0.5)
+            sel = selected.get((str(variant), int(run["seed"].iloc[0])))
+            for ax, (col, _) in zip(axes.flat, CURVE_PANELS, strict=True):
+                if col not in run.columns:
+                    continue
+                y = pd.to_numeric(run[col], errors="coerce").to_numpy()
+                ax.plot(x, y, color=color, alpha=0.8, lw=1)
+                if col == "train/loss" and has_val_loss:
+                    ax.plot(x, pd.to_numeric(run["val/loss"], errors="coerce").to_numpy(), color=color,
+                            alpha=0.8, lw=1, ls="--")
+                if sel is not None and order == "epoch":
+                    at = np.flatnonzero(x == sel + 1)
+                    if at.size and np.isfinite(y[at[0]]):
+                        ax.plot(x[at[0]], y[at[0]], marker="*", ms=9, color=color, mec="black", mew=0.5, ls="none")
+    for ax, (col, label) in zip(axes.flat, CURVE_PANELS, strict=True):
+        for b in sorted(boundaries):
+            ax.axvline(b, color="grey", ls=":", lw=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if col not in curves.columns:
+            ax.text(0.5, 0.5, f"{col} not recorded", transform=ax.transAxes, ha="center")
+    for ax in axes[1]:
+        ax.set_xlabel("epoch (stage 1, then stage 2)")
+    if boundaries:
+        handles.append(Line2D([], [], color="grey", ls=":", label="stage 2 starts"))
+    if selected:
+        handles.append(Line2D([], [], marker="*", ms=9, color="white", mec="black", ls="none",
+                              label="selected checkpoint"))
+    if has_val_loss:
+        handles.append(Line2D([], [], color="black", ls="--", label="validation loss"))
+    axes[0, 0].legend(handles=handles, fontsize=7)
+    note = "" if has_val_loss else " — validation loss is not recorded (metrics.csv holds the training loss only)"
+    fig.suptitle("Training curves, one line per run (seed)" + note, fontsize=9)
     _save(fig, path)
     return True
 
@@ -466,7 +582,7 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
         if _classwise_png(cw, rows, stats_):
             written.append(cw)
     cpath = out_dir / "curves.png"
-    if curves is not None and _curves_png(cpath, curves):
+    if curves is not None and _curves_png(cpath, curves, rows):
         written.append(cpath)
     log.info("report: wrote %d files to %s", len(written), out_dir)
     return written

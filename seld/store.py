@@ -213,7 +213,7 @@ def extract_shard(job: ShardJob, cfg: FeatureConfig, out_dir: str) -> dict:
                 a, ev, sha = _read_clip(src, cfg)
             except DataError as e:
                 skipped[src.wav] = str(e).removeprefix(f"{src.wav}: ")
-                log.error("skipped %s", e)
+                log.debug("skipped %s", e)  # all are named in the one StoreIncomplete line at the end
                 continue
             audio.append(a)
             digest.update(f"{src.clip}:{sha}\n".encode())
@@ -319,7 +319,7 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
     if summaries:
         log.info("%s: %d of %d shards already done", folder, len(summaries), len(jobs))
     n_procs = max(1, min(n_procs or os.cpu_count() or 1, len(todo)))
-    bar = tqdm(total=sum(len(j.sources) for j in todo), desc="features", unit="clip", disable=not progress)
+    bar = tqdm(total=sum(len(j.sources) for j in todo), desc="features", unit="clip", disable=not progress or not todo)
     if n_procs == 1:
         for job in todo:
             summaries[job.name] = extract_shard(job, cfg, str(folder))
@@ -368,11 +368,11 @@ def build_store(data_root, out, cfg: FeatureConfig | None = None, splits=None, n
     write_json_atomic(folder / "manifest.json", manifest)
     dt = time.perf_counter() - t0
     n_new = sum(len(j.sources) for j in todo)
+    if skipped:  # one line says it all (what was stored and what was not)
+        raise StoreIncomplete(folder, skipped)
     log.info("store %s: %d rows (%s), %d computed in %.1f s (%.0f clips/s), %.0f bytes/clip", folder, total_rows,
              ", ".join(f"{k} {v}" for k, v in n_rows.items()), n_new, dt, n_new / dt if dt else 0,
              manifest["bytes_per_clip"] or 0)
-    if skipped:
-        raise StoreIncomplete(folder, skipped)
     return folder
 
 

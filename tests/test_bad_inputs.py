@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,3 +214,90 @@ def test_full_disk_during_training_is_one_line_naming_the_checkpoint(smoke_store
     # What was written before the failed write is there (config, normalisation) and no half file.
     assert (run / "config.json").is_file() and (run / "norm.npz").is_file()
     assert list((run / CHECKPOINT_DIR).iterdir()) == []
+
+
+# --- One line per error, as the README promises ------------------------------------------------------------
+def _tiny_run(root: Path) -> Path:
+    """A run folder with an untrained smoke model and thresholds (enough for `seld predict`)."""
+    import numpy as np
+
+    from seld.config import preset_config, to_dict
+    from seld.model import build_model
+    from seld.runfolder import save_thresholds
+
+    cfg = preset_config("smoke")
+    run = root / "run"
+    model = build_model(cfg.model, n_mels=cfg.features.n_mels)
+    save_model_file(run / CHECKPOINT_DIR / SELECTED, model.state_dict(), json.dumps(to_dict(cfg)),
+                    np.zeros((2, 1, 64), np.float32), np.full((2, 1, 64), 20.0, np.float32), {"epoch": 0})
+    save_thresholds(run / "thresholds.json", np.full(13, 0.5))
+    return run
+
+
+def _write_wav(path: Path, n_channels: int) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = 0.1 * np.random.default_rng(0).standard_normal((24_000 * 5, n_channels)).astype(np.float32)
+    sf.write(path, audio.squeeze(), 24_000, subtype="PCM_16")
+
+
+def _seld(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`seld ...` as a user runs it: its own process, so stdout and stderr are exactly what they see."""
+    return subprocess.run([sys.executable, "-m", "seld", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_predict_on_a_folder_with_one_mono_wav_prints_one_line(tmp_path):
+    run = _tiny_run(tmp_path)
+    _write_wav(tmp_path / "wavs" / "mono.wav", 1)
+    done = _seld("predict", str(run), "wavs", "--out", "pred", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "seld predict: error: wavs/mono.wav: expected a stereo (2-channel) file, got 1 channel(s) (no CSV written)"]
+    # With a good file beside it: the good CSV is written, the one line names the bad file, exit 1.
+    _write_wav(tmp_path / "wavs" / "stereo.wav", 2)
+    done = _seld("predict", str(run), "wavs", "--out", "pred", cwd=tmp_path)
+    assert done.returncode == 1 and done.stdout == "" and (tmp_path / "pred" / "stereo.csv").is_file()
+    # Besides the INFO line of each folder written ("wavs: 1 CSVs written to pred"), one line.
+    assert [x for x in done.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d INFO ", x)] == [
+        "seld predict: error: 1 of 2 wav files failed, the other 1 CSV(s) are written to pred: "
+        "wavs/mono.wav: expected a stereo (2-channel) file, got 1 channel(s)"]
+
+
+def test_features_on_bad_input_prints_its_bar_then_one_line(tmp_path):
+    from seld import labels
+
+    for stem, n_channels in (("fold3_room4_mix001", 2), ("fold3_room4_mix002", 1)):
+        _write_wav(tmp_path / "data/stereo_dev/dev-train-tau" / f"{stem}.wav", n_channels)
+        labels.write_csv(tmp_path / "data/metadata_dev/dev-train-tau" / f"{stem}.csv", labels.empty_events())
+    done = _seld("features", "data", "--out", "store", "--procs", "1", cwd=tmp_path)
+    assert done.returncode == 2 and done.stdout == ""
+    # The progress bar redraws itself with carriage returns; apart from it, one line.
+    lines = [x for x in re.split(r"[\r\n]+", done.stderr) if x.strip() and not x.startswith("features:")]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("seld features: error: 1 input file(s) skipped, store store/features-")
+    assert lines[0].endswith("data/stereo_dev/dev-train-tau/fold3_room4_mix002.wav: expected a stereo "
+                             "(2-channel) file, got 1 channel(s)")
+
+
+def test_did_you_mean_repeats_the_key_the_user_typed(tmp_path, capsys):
+    want = "unknown config key 'features.n_mel'; did you mean features.n_mels?"
+    assert main(["features", str(tmp_path), "--out", str(tmp_path / "store"), "--set", "features.n_mel=32"]) == 2
+    assert _one_line_error(capsys, want) == f"seld features: error: {want}"
+    assert main(["train", str(tmp_path), "--preset", "smoke", "--out", str(tmp_path / "run"),
+                 "--set", "features.n_mel=32"]) == 2
+    assert _one_line_error(capsys, want) == f"seld train: error: {want}"
+    # A bare field name is read as features.<name>; a key of another section is refused, named.
+    assert main(["features", str(tmp_path), "--out", str(tmp_path / "store"), "--set", "n_mel=32"]) == 2
+    _one_line_error(capsys, want)
+    assert main(["features", str(tmp_path), "--out", str(tmp_path / "store"), "--set", "model.d_model=8"]) == 2
+    _one_line_error(capsys, "--set model.d_model: seld features only takes features.* keys")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "run").exists()
+    # The study scripts: the same message, before anything is written.
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "studies/ablation.py"),
+                           "--preset", "smoke", "--out", "abl", "--set", "features.n_mel=32"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines() == [f"ablation.py: error: {want}"]
+    assert not (tmp_path / "abl").exists()

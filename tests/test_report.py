@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from seld.errors import DataError
-from seld.report import TableRow, TableSpec, report_from_files, t_interval, write_report
+from seld.report import (
+    TableRow,
+    TableSpec,
+    clipped_error_bars,
+    paste_into_readme,
+    report_from_files,
+    t_interval,
+    write_report,
+)
 
 SPEC = TableSpec(
     name="table1",
@@ -107,8 +115,13 @@ def test_report_from_files_is_byte_for_byte_reproducible(tmp_path):
     for d in (a, b):
         d.mkdir()
         _rows().to_csv(d / "summary.csv", index=False)
-        curves = pd.DataFrame({"variant": ["stereo_rcnet"] * 4, "seed": [0, 0, 1, 1], "epoch": [1, 2, 1, 2],
-                               "val/f20": [10.0, 20.0, 12.0, 19.0]})
+        curves = pd.DataFrame({"variant": ["stereo_rcnet"] * 4, "seed": [0, 0, 1, 1], "epoch": [0, 1, 0, 1],
+                               "stage": [1, 2, 1, 2], "train/loss": [0.2, 0.1, 0.21, 0.11],
+                               "val/f20": [10.0, 20.0, 12.0, 19.0], "val/doae_cd": [40.0, 30.0, 41.0, 31.0],
+                               "val/rde_cd": [0.5, 0.4, 0.52, 0.41]})
+        rows = _rows()
+        rows["selected_epoch"] = [pd.NA if v == "baseline" else 1 for v in rows["variant"]]
+        rows.to_csv(d / "summary.csv", index=False)
         curves.to_csv(d / "curves.csv", index=False)
     pa = report_from_files(a, [SPEC])
     pb = report_from_files(b, [SPEC])
@@ -135,3 +148,26 @@ def test_single_seed_shows_mean_only(tmp_path):
     md = (tmp_path / "table1.md").read_text()
     assert "| Stage 2 | 40.0 | 15.0 | 0.300 | 1 |" in md
     assert np.isnan(pd.read_csv(tmp_path / "table1.csv").loc[2, "f20_ci95"])
+
+
+def test_caption_names_the_commit_and_marks_results_of_a_dirty_tree(tmp_path):
+    rows = _rows().assign(git_sha="0123456789ab")
+    write_report(rows, tmp_path, [SPEC])
+    md = (tmp_path / "table1.md").read_text()
+    assert "Trained at commit `0123456789ab`." in md and "Not from one clean commit" not in md
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- ablation:table1:start -->\nOLD BLOCK\n<!-- ablation:table1:end -->\nrest\n")
+    rows["git_sha"] = "0123456789ab-dirty"
+    write_report(rows, tmp_path, [SPEC])
+    assert paste_into_readme(readme, tmp_path / "table1.md", "ablation:table1")
+    text = readme.read_text()
+    assert "**Not from one clean commit:** the runs were trained at `0123456789ab-dirty`" in text
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "OLD BLOCK" not in text
+
+
+def test_error_bars_of_bounded_metrics_stay_in_range():
+    bars = clipped_error_bars(np.array([2.0, 99.0, 50.0, np.nan]), np.array([5.0, 5.0, 3.0, np.nan]), "f20")
+    # [lengths below], [lengths above]: 2 - 5 would go under 0 %, 99 + 5 over 100 %.
+    np.testing.assert_allclose(bars, [[2.0, 5.0, 3.0, 0.0], [5.0, 1.0, 3.0, 0.0]])
+    np.testing.assert_allclose(clipped_error_bars(np.array([0.1]), np.array([0.3]), "rde_cd"), [[0.1], [0.3]])
+    np.testing.assert_allclose(clipped_error_bars(np.array([170.0]), np.array([20.0]), "doae_cd"), [[20.0], [10.0]])

@@ -3,6 +3,10 @@ tables, --report-only byte for byte, --resume without retraining, a failing run 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +15,8 @@ import pytest
 from seld.config import preset_config
 from seld.report import TableRow, TableSpec
 from seld.study import Options, Study, Variant, flatten_metrics, run_study
+from seld.study.progress import EtaModel, PlannedRun, epoch_line, finished_line, format_duration
+from seld.study.summary import git_sha
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +51,76 @@ def test_flatten_metrics_keeps_scalars_and_classwise_f20():
     assert flat == {"test/f20": 12.5, "selected_checkpoint": "x", "precision": "bf16", "test_pp/class/3/f20": 40.0}
 
 
+def test_progress_lines_and_time_left():
+    result = {"epoch": 6, "stage": 1, "train/loss": 0.18349, "val/f20": 8.44, "val/doae_cd": 35.2,
+              "val/rde_cd": 0.414, "selected": 1}
+    assert epoch_line("baseline seed 1", result, 12, 41.2) == (
+        "baseline seed 1 · epoch 7/12 stage 1 — loss 0.183, val F20 8.4 %, DOAE 35°, RDE 0.41, 41 s (best so far)")
+    # No detection yet: DOAE and RDE are undefined, said so instead of "nan".
+    assert "DOAE –°, RDE –, 3 min" in epoch_line("x", {**result, "val/doae_cd": None, "val/rde_cd": float("nan"),
+                                                       "selected": 0}, 12, 180.0)
+    assert finished_line("x", {"test/f20": 9.04, "test_pp/f20": 10.2, "test/doae_cd": 37.9, "test/rde_cd": 1.098},
+                         234.0) == "x finished in 4 min — test F20 9.0 % (with fitted thresholds 10.2 %), DOAE 38°, RDE 1.10"
+    assert [format_duration(t) for t in (41, 600, 5400)] == ["41 s", "10 min", "1.5 h"]
+    eta = EtaModel(concurrency=2)
+    a, b = PlannedRun("a seed 0", "a", 10), PlannedRun("b seed 0", "b", 4)
+    assert eta.seconds_left([(a, 0, False)]) is None  # nothing measured yet
+    eta.epoch_s["a"] = [10.0, 20.0]  # b has no epoch of its own yet: a's times stand in
+    eta.start_s.append(30.0)
+    eta.finish_s.append(5.0)
+    # a (running): 6 epochs x 15 s + 5 s; b (not started): 4 x 15 s + 30 s + 5 s; two at once.
+    assert eta.seconds_left([(a, 4, True), (b, 0, False)]) == pytest.approx((95 + 95) / 2)
+    assert eta.seconds_left([]) == 0.0
+
+
+@pytest.mark.ray
+def test_tune_status_table_only_with_verbose(tmp_path, ray_session, capfd):
+    """Without -v a study's Tuner prints nothing of its own (the study's lines say what happens);
+    -v brings Tune's status table back."""
+    from ray import tune
+
+    from seld.study.cluster import plan_cluster
+    from seld.study.tune import fit_tuner
+
+    def trainable(config):
+        tune.report({"score": config["x"]})
+
+    plan = plan_cluster(None, preset_config("smoke"))
+    for verbose in (False, True):
+        opts = Options(out=tmp_path, preset="smoke", verbose=verbose)
+        results = fit_tuner(tune.with_resources(trainable, {"cpu": 0.01}), {"x": tune.grid_search([1, 2])}, plan,
+                            tmp_path, f"quiet{int(verbose)}", opts)
+        assert sorted(r.metrics["score"] for r in results) == [1, 2]
+        printed = capfd.readouterr()
+        shown = printed.out + printed.err
+        if verbose:
+            assert "Trial status" in shown and "Logical resource usage" in shown, shown
+        else:
+            assert "Trial status" not in shown and "╭" not in shown and "Logical resource usage" not in shown, shown
+
+
+def test_git_sha_names_the_commit_and_ignores_results_and_markdown(tmp_path):
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t"})
+
+    (tmp_path / "results").mkdir()
+    for name, text in (("code.py", "a\n"), ("results/summary.csv", "x\n"), ("README.md", "r\n")):
+        (tmp_path / name).write_text(text)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    sha = git_sha(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{12}", sha), sha
+    (tmp_path / "results/summary.csv").write_text("y\n")  # a study rewrote its results and the README
+    (tmp_path / "README.md").write_text("pasted\n")
+    assert git_sha(tmp_path / "results") == sha
+    (tmp_path / "code.py").write_text("b\n")  # the code that ran is not the commit's
+    assert git_sha(tmp_path) == sha + "-dirty"
+    assert git_sha(tmp_path.parent) == "unknown"  # not a repository
+
+
 def _check_study_wandb(out: Path, study: str, rows: pd.DataFrame) -> None:
     """--wandb: one offline run per trial in its run folder, grouped by study, tagged with variant and
     seed, its summary holding the trial's test F20; and one report run holding the study's tables."""
@@ -77,6 +153,41 @@ def _check_study_wandb(out: Path, study: str, rows: pd.DataFrame) -> None:
     assert logged["table1/_type"] == "table-file" and logged["table1/nrows"] == len(table1)
     assert logged["summary/nrows"] == len(rows)
     assert logged["plots/table1/_type"] == "image-file"
+    assert list(out.glob("wandb/**/offline-run-*/files/study.log"))  # the study's event lines
+
+
+def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFrame) -> None:
+    """What `studies/ablation.py` printed: a line per run start, per epoch and per finished run, with
+    the numbers the runs recorded (metrics.csv, summary.csv), the progress and the time left; no
+    Tune table; at the end the main table. study.log holds the same lines and the table."""
+    err = [x for x in re.split(r"[\r\n]+", done.stderr) if x.strip()]
+    text = done.stdout + done.stderr
+    for noise in ("Trial status", "Logical resource usage", "╭", "Configuration for experiment", "Traceback"):
+        assert noise not in text, noise
+    assert any("Ray on this machine: 4 logical CPUs on" in x for x in err), err
+    assert any(x.startswith("features:") for x in err)  # the extraction's bar, as `seld features` shows
+    log_text = (out / "study.log").read_text(encoding="utf-8")
+    for i, row in enumerate(rows.to_dict("records"), start=1):
+        label = f"{row['variant']} seed {row['seed']}"
+        started = f"{label} — run {i} of 2 started"
+        assert any(x.endswith(started) for x in err) and started in log_text, started
+        run_dir = next((out / "runs").glob(f"{row['variant']}-s{row['seed']}-*"))
+        epochs = pd.read_csv(run_dir / "metrics.csv").to_dict("records")
+        for ep in epochs:
+            line = (f"{label} · epoch {ep['epoch'] + 1}/{len(epochs)} stage {ep['stage']} — "
+                    f"loss {ep['train/loss']:.3f}, val F20 {ep['val/f20']:.1f} %, DOAE ")
+            assert any(line in x for x in err) and line in log_text, (line, err)
+        finished = next(x for x in err if f"{label} finished in " in x)
+        assert f"— test F20 {row['test/f20']:.1f} % " in finished and f"{i} of 2 runs done" in finished, finished
+        if i == 1:  # the time left, from the first run's measured times
+            assert re.search(r"about \d+ (s|min) left$", finished), finished
+    table = [x for x in (out / "table1.md").read_text(encoding="utf-8").splitlines() if x.startswith("|")]
+    assert len(table) >= 6  # header, rule, Baseline-A, Stage 1, Stage 2, Stage 2 + PP
+    main = table[:6]
+    printed = done.stdout.strip().splitlines()
+    assert printed[-8:] == ["Table 1: audio-only stereo SELD on the development test split", *main,
+                            "results in ablation"], printed
+    assert log_text.rstrip().endswith(main[-1])
 
 
 @pytest.mark.ray
@@ -89,9 +200,15 @@ def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_s
     monkeypatch.chdir(tmp_path)
     out = Path("ablation")
     smoke = _load_studies().STUDIES["smoke"]
-    opts = Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, wandb=True)
-    summary = run_study(smoke, opts)
+    # The study script as a user runs it (its console is what is checked), on the session's Ray.
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--out", str(out),
+           "--cache-dir", str(cache), "--max-retries", "0", "--wandb"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = out / "summary.csv"
     rows = pd.read_csv(summary)
+    _check_console(done, out, rows)
     assert list(rows["variant"]) == ["baseline", "stereo_rcnet"] and set(rows["status"]) == {"ok"}
     for col in ("git_sha", "config_hash", "data_hash", "wall_s", "device_hours", "test/f20",
                 "test_pp/f20", "test/doae_cd", "test/rde_cd"):
@@ -136,6 +253,13 @@ def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_s
     assert rows.loc["broken", "error"].startswith("seld.errors.DataError:") and "missing.pt" in rows.loc["broken", "error"]
     md = (out / "failing.md").read_text()
     assert "## Failed runs" in md and "missing.pt" in md
+    # The failed attempts are one line each, with the cause and whether the run is retried.
+    log_text = (out / "study.log").read_text(encoding="utf-8")
+    assert re.search(r"broken seed 0 failed \(attempt 1 of 2\): seld\.errors\.DataError: .*missing\.pt.*; retrying",
+                     log_text), log_text
+    assert re.search(r"broken seed 0 failed \(attempt 2 of 2\): seld\.errors\.DataError: .*missing\.pt.*; "
+                     r"not retried again \(1 retries used\), recorded as failed · \d of 3 runs done \(1 failed\)",
+                     log_text), log_text
 
 
 def test_report_only_on_a_cluster_reads_the_storage_results(tmp_path):

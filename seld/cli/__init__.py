@@ -71,14 +71,40 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
-def configure_logging(verbose: bool) -> None:
-    """The command lines' logging: INFO (DEBUG with -v) to the current stderr; once per process."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[_CurrentStderr()],
-    )
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _BriefFormatter(logging.Formatter):
+    """``HH:MM:SS message`` for the INFO lines a study prints as it goes (one per event); warnings,
+    errors and debug records keep their level and logger name."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT, "%H:%M:%S")
+        self._info = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._info.format(record) if record.levelno == logging.INFO else super().format(record)
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "seld"
+
+
+def configure_logging(verbose: bool, brief: bool = False) -> None:
+    """The command lines' logging: INFO (DEBUG with -v) to the current stderr; once per process.
+
+    Args:
+        verbose: DEBUG records too, every line with its level and logger.
+        brief: INFO lines as ``HH:MM:SS message`` (the study scripts' progress lines), and other
+            libraries' INFO records left out (e.g. tensorboardX renaming each metric Tune logs).
+    """
+    handler = _CurrentStderr()
+    if brief and not verbose:
+        handler.setFormatter(_BriefFormatter())
+        handler.addFilter(_ours_or_warning)
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,11 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seld.config import FeatureConfig, apply_overrides, parse_set_args
+    from seld.config import ConfigError, ExperimentConfig, apply_overrides, parse_set_args
     from seld.store import build_store
 
-    overrides = {k.removeprefix("features."): v for k, v in parse_set_args(args.set).items()}
-    cfg = apply_overrides(FeatureConfig(), overrides)
+    overrides = {}
+    for key, value in parse_set_args(args.set).items():
+        if "." in key and not key.startswith("features."):
+            raise ConfigError(f"--set {key}: seld features only takes features.* keys")
+        # Applied under the full config, so an error repeats the key as the user typed it
+        # ("unknown config key 'features.n_mel'; did you mean features.n_mels?"); a bare field
+        # name is taken as features.<name>.
+        overrides[key if key.startswith("features.") else f"features.{key}"] = value
+    cfg = apply_overrides(ExperimentConfig(), overrides).features
     folder = build_store(args.data, args.out, cfg, splits=args.splits, n_procs=args.procs, progress=True)
     manifest = json.loads((folder / "manifest.json").read_text())
     print(f"{folder}: {manifest['n_rows_total']} clips {json.dumps(manifest['n_rows'])}, "

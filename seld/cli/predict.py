@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from seld.errors import DataError
+
 NAME = "predict"
 HELP = "predict one DCASE2025 CSV per wav with a run's selected checkpoint and thresholds"
 EXAMPLE = """examples:
@@ -29,10 +31,15 @@ def run(args: argparse.Namespace) -> int:
 
     report = predict_dir(args.run, args.wav_dirs, args.out, checkpoint=args.checkpoint,
                          thresholds=args.threshold, device=args.device)
-    print(f"{len(report.written)} CSVs written to {args.out}")
-    for _path, msg in report.errors:
-        print(f"seld predict: error: {msg}", file=sys.stderr)
-    if report.errors:
-        print(f"seld predict: {len(report.errors)} file(s) failed, the others were written", file=sys.stderr)
-        return 1
-    return 0
+    if not report.errors:
+        print(f"{len(report.written)} CSVs written to {args.out}")
+        return 0
+    # Failed files: one line, whatever their number (each file's cause after the count).
+    causes = "; ".join(msg for _, msg in report.errors)
+    n_bad, n_ok = len(report.errors), len(report.written)
+    if not n_ok:
+        what = causes if n_bad == 1 else f"{n_bad} wav files failed: {causes}"
+        raise DataError(f"{what} (no CSV written)")
+    print(f"seld predict: error: {n_bad} of {n_bad + n_ok} wav files failed, the other {n_ok} CSV(s) are "
+          f"written to {args.out}: {causes}", file=sys.stderr)
+    return 1

@@ -7,8 +7,9 @@ the run folders under ``runs/`` and, through :mod:`seld.report`, the tables and 
 A sweep writes ``trials.csv``, ``best_config.json``, the Optuna journal and Optuna's plots.
 
 Modules: ``cluster`` (cluster files -> plans, estimates, Ray), ``prepare`` (data and feature
-store), ``tune`` (the trial body and the one Tuner), ``summary`` (a run's row), ``ablation`` (the
-grid), ``sweep`` (Optuna + ASHA), ``cli`` (options, the command line, where results go).
+store), ``tune`` (the trial body and the one Tuner), ``progress`` (one line per event, on the
+console and in ``study.log``), ``summary`` (a run's row), ``ablation`` (the grid), ``sweep``
+(Optuna + ASHA), ``cli`` (options, the command line, where results go).
 """
 
 from seld.study.ablation import Study, Variant, run_study

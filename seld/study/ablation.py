@@ -15,9 +15,16 @@ from typing import Any
 from seld.config import ExperimentConfig, config_hash, preset_config
 from seld.report import TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_JSON, atomic_write
-from seld.study.cli import Options, prepare_out, results_dir
+from seld.study.cli import Options, final_table, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import DataPlan, prepare_data, train_counts
+from seld.study.progress import (
+    PlannedRun,
+    append_to_log,
+    progress_callback,
+    resources_line,
+    study_log,
+)
 from seld.study.summary import SUMMARY_COLUMNS, git_sha, read_curves, summary_row, write_rows
 from seld.study.tune import (
     ablation_trainable,
@@ -70,17 +77,23 @@ def run_study(study: Study, opts: Options) -> Path | str:
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
                                                     f"{len(study.variants)} variants x {len(seeds)} seeds)")
     prepare_out(out, opts, "summary.csv")
-    work = out / "_work"
-    data = prepare_data(base, opts, work)
-    errors = _train_pending(study, runs, data, plan, out, opts)
-    rows = _write_summary(study, runs, errors, data, out)
-    paths = report_from_files(out, study.tables)
-    _paste_readme(study, out, opts)
+    with study_log(out) as log_path:
+        log.info("study %s (preset %s): %d variants x %d seeds; event lines also in %s", study.name,
+                 study.preset, len(study.variants), len(seeds), log_path)
+        work = out / "_work"
+        data = prepare_data(base, opts, work)
+        errors = _train_pending(study, runs, data, plan, out, opts)
+        rows = _write_summary(study, runs, errors, data, out)
+        paths = report_from_files(out, study.tables)
+        _paste_readme(study, out, opts)
+        n_failed = sum(r["status"] != "ok" for r in rows)
+        log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
+                 out / "summary.csv")
+    table = final_table(study, out)
+    if table:
+        append_to_log(out, table)
     if opts.wandb:
-        log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths])
-    n_failed = sum(r["status"] != "ok" for r in rows)
-    log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
-             out / "summary.csv")
+        log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
     return out / "summary.csv"
 
 
@@ -115,7 +128,11 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
             }
             for v, seed, overrides, _, run_dir in pending
         }
-        errors = _tune_grid(specs, plan, out, study.name, opts)
+        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs)
+                   for v, seed, _, cfg, _ in pending}
+        progress = progress_callback(planned, n_total=len(runs), n_done_before=len(runs) - len(pending),
+                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries)
+        errors = _tune_grid(specs, plan, out, study.name, opts, progress)
     return errors
 
 
@@ -146,13 +163,17 @@ def _paste_readme(study: Study, out: Path, opts: Options) -> None:
         log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
 
 
-def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options) -> dict[str, str]:
-    """One Tune trial per run spec; returns run_id -> error text of the trials that failed."""
+def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options,
+               progress) -> dict[str, str]:
+    """One Tune trial per run spec, ``progress`` logging its events; returns run_id -> error text
+    of the trials that failed."""
     from ray import tune
 
     start_ray(plan)
+    log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan.workers_per_trial,
+                                  plan.cpus_per_worker, plan.gpus_per_worker))
     results = fit_tuner(ablation_trainable(specs), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
-                        name, opts)
+                        name, opts, callbacks=[progress])
     errors = {}
     for res in results:
         run_id = (res.config or {}).get("run_id")

@@ -6,6 +6,7 @@ rule for where a study's results go.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class Options:
     concurrency: int | None = None
     time_budget_s: float | None = None
     readme: Path | None = None  # paste the first table's markdown into this README's marked block
+    verbose: bool = False  # debug logging and Tune's own status table (-v)
 
 
 def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
@@ -94,7 +96,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--readme", type=Path,
                         help="paste the main table into this README's '<!-- STUDY:TABLE:start -->' block")
     parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray Tune's periodic status table and trial tracebacks")
     if sweep:
         parser.add_argument("--trials", type=int, help="number of trials (default: the sweep's)")
     else:
@@ -110,6 +113,7 @@ def options_from_args(args: argparse.Namespace, name: str) -> Options:
         seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
         max_retries=args.max_retries, trials=getattr(args, "trials", None),
         concurrency=args.concurrency, time_budget_s=args.time_budget_s, readme=args.readme,
+        verbose=args.verbose,
     )
 
 
@@ -124,7 +128,7 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
     is_sweep = isinstance(next(iter(declarations.values())), Sweep)
     add_arguments(parser, list(declarations), default_preset, sweep=is_sweep)
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose, brief=True)
     decl = declarations[args.preset]
     opts = options_from_args(args, decl.name)
     try:
@@ -134,6 +138,36 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
         return 2
     if opts.dry_run:
         print(result)
-    else:
-        print(f"results in {Path(result).parent}")
+        return 0
+    out = Path(result).parent
+    table = final_table(decl, out)
+    if table:
+        print(table)
+    print(f"results in {out}")
     return 0
+
+
+def final_table(decl: Study | Sweep, out: Path) -> str:
+    """What a study prints when it ends: its main table (the first table's title and rows, from
+    ``<table>.md``), or a sweep's best trial (``best_config.json``); "" when neither exists."""
+    from seld.study.sweep import Sweep
+
+    if isinstance(decl, Sweep):
+        best = out / "best_config.json"
+        if not best.is_file():
+            return ""
+        info = json.loads(best.read_text())
+        return (f"best trial {info['trial']}: {info['metric']} = {info['value']:.2f}\n"
+                + " ".join(info["set_args"]))
+    if not decl.tables:
+        return ""
+    md = out / f"{decl.tables[0].name}.md"
+    if not md.is_file():
+        return ""
+    lines = md.read_text(encoding="utf-8").splitlines()
+    title = next((x.lstrip("# ") for x in lines if x.startswith("# ")), decl.tables[0].title)
+    start = next((i for i, x in enumerate(lines) if x.startswith("|")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join([title, *lines[start:end]])

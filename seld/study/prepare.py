@@ -71,7 +71,7 @@ def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path) -> DataPlan:
 
         data_hash, dataset = dataset_hash(cfg.synth), "generated"
         root = generate_dataset(cfg.synth, cache / f"synth-{data_hash}", progress=True)
-    store = build_store(root, cache / f"store-{data_hash}", cfg.features)
+    store = build_store(root, cache / f"store-{data_hash}", cfg.features, progress=True)  # a bar, as `seld features` shows
     # Absolute paths: trials run in Ray workers whose working directory is not the driver's.
     return DataPlan(Path(store).resolve(), Path(root).resolve(), data_hash, dataset)
 

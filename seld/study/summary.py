@@ -25,23 +25,32 @@ SUMMARY_COLUMNS = (
 )
 
 
-def git_sha() -> str:
-    """The repository's commit (``-dirty`` when tracked files changed), or "unknown" outside git."""
+def git_sha(root: Path | None = None) -> str:
+    """The commit of the code that ran (``-dirty`` when tracked files changed), or "unknown"
+    outside git.
+
+    Changes under ``results/`` and to Markdown files do not count: a study rewrites its own results
+    and pastes its table into the README, and neither changes what ran.
+
+    Args:
+        root: a folder of the repository (default: the one this package lives in).
+    """
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     try:
-        root = Path(__file__).resolve().parents[2]
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                              text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                  ":(exclude,top)results", ":(exclude,top,glob)**/*.md"], cwd=root,
+                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """metrics.json -> flat columns: scalars and strings (e.g. ``precision``) as they are,
-    ``classwise.<split>[c].f20`` as ``<split>/class/<c>/f20`` (per-class F20 only; the rest stays in
-    the run folder)."""
+    ``classwise.<split>[c].f20`` as ``<split>/class/<c>/f20`` and its reference event count as
+    ``<split>/class/<c>/n_ref`` (the rest stays in the run folder)."""
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         if isinstance(value, bool):
@@ -52,6 +61,8 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
             for split, rows in value.items():
                 for row in rows:
                     flat[f"{split}/class/{row['class']}/f20"] = row.get("f20")
+                    if "n_ref" in row:  # 0: the class has no event in the split (its F20 says nothing)
+                        flat[f"{split}/class/{row['class']}/n_ref"] = row["n_ref"]
     return flat
 
 

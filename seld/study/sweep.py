@@ -32,6 +32,7 @@ from seld.runfolder import (
 from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
 from seld.study.prepare import prepare_data, train_counts
+from seld.study.progress import progress_callback, resources_line, study_log
 from seld.study.summary import flatten_metrics, write_rows
 from seld.study.tune import error_text, fit_tuner, log_tables_to_wandb, sweep_trainable, trial_env
 
@@ -170,25 +171,26 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     if opts.report_only:
         return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
     prepare_out(out, opts, "optuna.journal")
-    storage = optuna_storage(out / "optuna.journal")
-    _fail_interrupted_trials(storage, sweep.name)
-    done = _finished_trials(storage, sweep.name)
-    remaining = n_trials - len(done)
-    log.info("sweep %s: %d of %d trials finished before, %d to run", sweep.name, len(done), n_trials,
-             max(remaining, 0))
-    data = prepare_data(base, opts, out / "_work")
-    if remaining > 0:
-        overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
-        if opts.time_budget_s:
-            overrides["train.time_budget_s"] = opts.time_budget_s
-        spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
-                "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
-                "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
-                "env": trial_env(opts, sweep.name)}
-        _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
-    trials = _sweep_outputs(sweep, out, storage)
+    with study_log(out) as log_path:
+        storage = optuna_storage(out / "optuna.journal")
+        _fail_interrupted_trials(storage, sweep.name)
+        done = _finished_trials(storage, sweep.name)
+        remaining = n_trials - len(done)
+        log.info("sweep %s: %d of %d trials finished before, %d to run; event lines also in %s", sweep.name,
+                 len(done), n_trials, max(remaining, 0), log_path)
+        data = prepare_data(base, opts, out / "_work")
+        if remaining > 0:
+            overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
+            if opts.time_budget_s:
+                overrides["train.time_budget_s"] = opts.time_budget_s
+            spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
+                    "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
+                    "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
+                    "env": trial_env(opts, sweep.name)}
+            _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
+        trials = _sweep_outputs(sweep, out, storage)
     if opts.wandb:
-        log_tables_to_wandb(sweep.name, out, [trials, *sorted(out.glob("*.png"))])
+        log_tables_to_wandb(sweep.name, out, [trials, *sorted(out.glob("*.png")), log_path])
     return trials
 
 
@@ -305,9 +307,13 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     n_before = len(_finished_trials(storage, sweep.name))
     searcher = sweep_searcher(sweep, storage, n_before)
     scheduler = sweep_scheduler(sweep, max_t)
+    concurrency = opts.concurrency or plan.concurrency
+    log.info("%s", resources_line(concurrency, plan.workers_per_trial, plan.cpus_per_worker, plan.gpus_per_worker))
+    progress = progress_callback({}, n_total=n_before + n, n_done_before=n_before, concurrency=concurrency,
+                                 max_retries=opts.max_retries, default_epochs=max_t)
     results = fit_tuner(sweep_trainable(spec), tune_space(sweep.space), plan, out, sweep.name, opts,
-                        metric=sweep.metric, mode=sweep.mode, search_alg=searcher, scheduler=scheduler,
-                        num_samples=n)
+                        callbacks=[progress], metric=sweep.metric, mode=sweep.mode, search_alg=searcher,
+                        scheduler=scheduler, num_samples=n)
     records = []
     for res in results:
         m = res.metrics or {}

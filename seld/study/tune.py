@@ -5,6 +5,7 @@ the one Tuner both the ablation grid and the sweep run, and the W&B run of a stu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -91,16 +92,30 @@ def sweep_trainable(spec: dict):
 
 
 def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Path, name: str,
-              opts: Options, **tune_config: Any):
+              opts: Options, callbacks: Sequence[Any] = (), **tune_config: Any):
     """Run a study's trials through one Tune run and return its results (a ``ResultGrid``).
 
     Tune's state goes to ``<storage>/ray`` (the plan's shared storage) or ``OUT/_work/ray``, in a
     run named ``<name>-<YYYYmmdd-HHMMSS>``; a failing trial is retried ``opts.max_retries`` times;
-    at most ``opts.concurrency`` (default: the plan's) trials run at once. ``tune_config``: further
-    ``tune.TuneConfig`` fields (metric, searcher, scheduler, ...).
+    at most ``opts.concurrency`` (default: the plan's) trials run at once. Tune's own status table
+    and its tracebacks of failed trials are printed only with ``opts.verbose`` (``-v``); the study's
+    lines come from ``callbacks`` (:func:`seld.study.progress.progress_callback`). ``tune_config``:
+    further ``tune.TuneConfig`` fields (metric, searcher, scheduler, ...).
     """
     import ray
     from ray import tune
+
+    # Read by Tune's controller when the Tuner starts: without -v a failed trial is one line of ours
+    # (its cause; the traceback stays in the trial's error.txt), not Tune's multi-page traceback.
+    os.environ["TUNE_PRINT_ALL_TRIAL_ERRORS"] = "1" if opts.verbose else "0"
+    # Ray 2.60's default output engine prints its experiment box even at verbose 0; its legacy
+    # engine (RAY_AIR_NEW_OUTPUT=0) at verbose 0 prints nothing. Both read this when fit() starts.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "1" if opts.verbose else "0"
+    # Tune's own INFO lines (where it wrote its state, ...) and its closing list of failed trials
+    # by Tune's name (each failure already had its line, by run name) only with -v.
+    logging.getLogger("ray.tune").setLevel(logging.INFO if opts.verbose else logging.WARNING)
+    tune_log = logging.getLogger("ray.tune.tune")
+    (tune_log.removeFilter if opts.verbose else tune_log.addFilter)(_not_the_failed_trials_list)
 
     storage = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
     tuner = tune.Tuner(
@@ -111,17 +126,28 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
             name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(storage),
             failure_config=ray.tune.FailureConfig(max_failures=opts.max_retries),
-            verbose=1,
+            callbacks=list(callbacks) or None,
+            # 0: no status table, no per-trial boxes; 1 (-v): Tune's status table every 30 s.
+            verbose=1 if opts.verbose else 0,
         ),
     )
     return tuner.fit()
 
 
-def error_text(err: BaseException | None) -> str:
-    """One line naming the root cause of a trial's failure (the innermost ``XxxError: msg`` line)."""
+def _not_the_failed_trials_list(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Trials did not complete")
+
+
+def error_text(err: BaseException | str | None) -> str:
+    """One line naming the root cause of a trial's failure (the innermost ``XxxError: msg`` line).
+
+    Args:
+        err: the trial's exception, or the text of its traceback (Tune's ``error.txt``).
+    """
     if err is None:
         return ""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", "".join(traceback.format_exception_only(type(err), err)))
+    text = err if isinstance(err, str) else "".join(traceback.format_exception_only(type(err), err))
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
     causes = re.findall(r"^\s*([\w.]*(?:Error|Exception): .+)$", text, flags=re.M)
     line = causes[-1] if causes else text.strip().splitlines()[0] if text.strip() else type(err).__name__
     return re.sub(r"\s+", " ", line).strip()[:500]
@@ -143,5 +169,7 @@ def log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
                 run.log({p.stem: wandb.Table(dataframe=df)})
             elif p.suffix == ".png":
                 run.log({f"plots/{p.stem}": wandb.Image(str(p))})
+            elif p.suffix == ".log":  # the study's event lines (study.log), as a file of the run
+                run.save(str(p), base_path=str(p.parent), policy="now")
     finally:
         finish_wandb_run(run)
