@@ -454,13 +454,11 @@ class HeldRows:
 
     @classmethod
     def read(cls, reader: StoreReader, shares: dict[str, RowSet]) -> HeldRows:
-        union = sorted({c for s in shares.values() for c in s.clips})
-        by_clip = {c: (s, i) for s in shares.values() for i, c in enumerate(s.clips)}
-        picks = [by_clip[c] for c in union]
-        rows = RowSet(np.asarray(union, dtype=str), np.array([s.splits[i] for s, i in picks], dtype=str),
-                      np.array([s.domains[i] for s, i in picks], dtype=str),
-                      np.array([s.shard[i] for s, i in picks], dtype=np.int32),
-                      np.array([s.row[i] for s, i in picks], dtype=np.int64))
+        """The union of a worker's stage shares, read once into one array."""
+        parts = list(shares.values())
+        cat = {f: np.concatenate([getattr(p, f) for p in parts]) for f in ("clips", "splits", "domains", "shard", "row")}
+        _, first = np.unique(cat["clips"], return_index=True)  # each clip once, sorted by clip id
+        rows = RowSet(*(cat[f][first] for f in ("clips", "splits", "domains", "shard", "row")))
         feats, events = reader.read(rows)
         return cls(rows, feats, events)
 
