@@ -335,6 +335,9 @@ def _figure():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # From matplotlib's defaults every time: another library in the process may have changed the
+    # style (Optuna's plots use "ggplot"), and the same rows must give the same bytes.
+    plt.style.use("default")
     plt.rcParams.update({"svg.hashsalt": "seld", "font.size": 9})
     return plt
 

@@ -131,6 +131,12 @@ def test_report_from_files_is_byte_for_byte_reproducible(tmp_path):
     first = {p.name: p.read_bytes() for p in pa}
     report_from_files(a, [SPEC])
     assert {p.name: p.read_bytes() for p in pa} == first
+    # Another library's style in the same process (Optuna's sweep plots use "ggplot") changes nothing.
+    import matplotlib.pyplot as plt
+
+    plt.style.use("ggplot")
+    report_from_files(a, [SPEC])
+    assert {p.name: p.read_bytes() for p in pa} == first
 
 
 def test_missing_summary_and_columns_are_clear_errors(tmp_path):
