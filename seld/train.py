@@ -554,8 +554,13 @@ def _train_stage(w: _Worker, state: LoopState, stage: int, tset: TrainSet) -> bo
         opt.load_state_dict(state.optimizer)
     done = scfg.epochs == 0
     while not done:
-        if _all_reduce(np.array([float(time.time() > w.deadline)]), "max")[0] > 0:
-            log.warning("time budget of %.0f s reached: no new epoch", w.cfg.train.time_budget_s)
+        # The run's first epoch always trains (without one there is no model to score or to mark);
+        # after it the budget is checked before every epoch. A stopped run is recorded as such
+        # (metrics.json `status` = "time_budget", `stages_done`), never as finished.
+        over = state.epoch > 0 and time.time() > w.deadline
+        if _all_reduce(np.array([float(over)]), "max")[0] > 0:
+            log.warning("time budget of %.0f s reached in stage %d after %d epoch(s): the run is "
+                        "recorded as status time_budget", w.cfg.train.time_budget_s, stage, state.epoch)
             return False
         row = _run_epoch(w, state, scfg, tset, opt)
         early = state.end_epoch(row, scfg)
@@ -619,7 +624,8 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
                      for n in ("test", "synth_test") if n in data.names}
         t_fin = time.time()
         final = _finish(w.cfg, w.run_dir, w.net, w.mean, w.std, w.device, w.amp, data.val, tests,
-                        state.history, w.cfg.train.stage_numbers)
+                        state.history, w.cfg.train.stage_numbers,
+                        stages_done=tuple(s for s in w.cfg.train.stage_numbers if not state.pending(s)))
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
         final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
@@ -629,9 +635,16 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
     ray.train.report({RUN_FINISHED: 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
-def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
+def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages,
+            stages_done=None) -> dict:
     """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json
-    and the test predictions; returns metrics.json's content (scores + the run's cost)."""
+    and the test predictions; returns metrics.json's content (scores + the run's cost).
+
+    ``stages_done``: the stages that ran all their epochs (or stopped early); default ``stages``.
+    metrics.json's ``status`` is "ok" when every configured stage is done, else "time_budget" (the
+    budget stopped training): its ``test*`` scores are then those of the last stage trained, which
+    ``selected_stage`` names, and the study tables leave the run out.
+    """
 
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ran = [s for s in stages if (ckpt_dir / stage_checkpoint(s)).is_file()]
@@ -645,7 +658,10 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
-    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
+    done = tuple(stages if stages_done is None else stages_done)
+    status = "ok" if set(done) >= set(stages) else "time_budget"
+    metrics: dict[str, Any] = {"status": status, "stages_done": list(done), "selected_stage": sel_stage,
+                               "selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
                                **scores.metrics}
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)

@@ -182,3 +182,26 @@ def _wait_http(url: str, timeout_s: float) -> None:
             if time.time() - t0 > timeout_s:
                 raise
             time.sleep(1)
+
+
+def test_paper_time_budget_comes_from_the_plan_and_the_dry_run_states_it(tmp_path):
+    """The paper preset's train.time_budget_s is BUDGET_MARGIN x the run's own estimate (not the
+    config's fixed hour); a given budget stands; --dry-run prints the budget the runs get."""
+    from seld.study.cluster import BUDGET_MARGIN, budget_overrides, estimate_run_hours
+
+    cfg = preset_config("paper")
+    plan = plan_cluster(GPU, cfg)
+    n_real = 20_000  # the DCASE2025 development train split: stage 1 alone is hours on one A10G
+    hours = estimate_run_hours(cfg, n_real, 0, plan)
+    budget = budget_overrides("paper", {}, hours)["train.time_budget_s"]
+    assert budget == pytest.approx(BUDGET_MARGIN * hours * 3600, abs=10) and budget > cfg.train.time_budget_s
+    assert budget_overrides("paper", {"train.time_budget_s": 60.0}, hours) == {}
+    assert budget_overrides("local", {}, hours) == {}
+    r = subprocess.run([sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "paper", "--cluster",
+                        str(GPU), "--dry-run", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120, env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": "10.255.255.1:1"})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("time budget per run"))
+    est = float(next(x for x in r.stdout.splitlines() if "est. hours per trial" in x).split(":")[1].split()[0])
+    budget_s = float(line.split(":")[1].split()[0])
+    assert budget_s == pytest.approx(max(1800.0, BUDGET_MARGIN * est * 3600), rel=0.05), r.stdout

@@ -134,6 +134,32 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
         return 2
     if opts.dry_run:
         print(result)
-    else:
-        print(f"results in {Path(result).parent}")
+        return 0
+    print(f"results in {Path(result).parent}")
+    bad = unfinished_runs(Path(result))
+    if bad:
+        # After the tables are written (they list these runs): a non-zero exit is what
+        # `ray job submit`, SLURM and CI see.
+        print(f"{Path(sys.argv[0]).name}: {len(bad)} run(s) failed or truncated: {', '.join(bad)} "
+              f"(see {result})", file=sys.stderr)
+        return 1
     return 0
+
+
+# Statuses of summary.csv (ablation) and trials.csv (sweep) rows that a study counts as finished:
+# a sweep's trials that ASHA stopped or Optuna pruned ended as the sweep intended.
+FINISHED_STATUSES = frozenset({"ok", "finished", "stopped_early", "pruned"})
+
+
+def unfinished_runs(table: Path) -> list[str]:
+    """The runs of a study's summary.csv / trials.csv that failed or were truncated
+    (``variant-sSEED: status`` or ``trial N: status``); empty when every run finished."""
+    import pandas as pd
+
+    rows = pd.read_csv(table)
+    if "status" not in rows.columns:
+        return []
+    bad = rows[~rows["status"].astype(str).isin(FINISHED_STATUSES)]
+    if "variant" in rows.columns:
+        return [f"{r.variant}-s{r.seed}: {r.status}" for r in bad.itertuples()]
+    return [f"trial {r.number}: {r.status}" for r in bad.itertuples()]

@@ -19,11 +19,20 @@ from seld.errors import UserError
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
-# Rough training throughput of one Train worker (5-s clips per second, forward + backward), used
-# only for the dry-run's device-hour estimate. Both are rough assumptions, not measurements: "cpu"
-# for the `local` model on a 2-core machine, "gpu" for the paper-size model on one A10G-class GPU.
-# A finished run records its real throughput as `cost/train_clips_per_s` in summary.csv.
-CLIPS_PER_S = {"cpu": 60.0, "gpu": 400.0}
+# Training throughput of one Train worker (5-s clips per second, forward + backward + step), for
+# the dry-run's estimate and the `paper` runs' time budget. "cpu": the `local` model on the 2-core
+# dev machine, measured in Ray runs at 64-87 clips/s (BENCHMARKS.md), taken low. "gpu": the
+# paper-size model, measured at 921 clips/s on an H100 (bf16, batch 64, BENCHMARKS.md "Models"),
+# scaled to gpu.yaml's A10G by dense bf16 tensor peak (125 vs 989 TFLOP/s) = 116, taken as 100:
+# derived, not measured on an A10G. A finished run records its real throughput as
+# `cost/train_clips_per_s` in summary.csv.
+CLIPS_PER_S = {"cpu": 60.0, "gpu": 100.0}
+# Presets whose `train.time_budget_s` comes from the plan (BUDGET_MARGIN x the run's estimate)
+# unless --time-budget-s or --set train.time_budget_s gives one: the paper preset's runs last hours
+# and their length depends on the data, so a fixed bound would cut them short (issue 17).
+PLANNED_BUDGET_PRESETS = ("paper",)
+BUDGET_MARGIN = 2.0
+MIN_PLANNED_BUDGET_S = 1800.0  # start-up, data reading and scoring besides the training estimate
 # Logical CPUs planned per CPU Train worker (see plan_cluster).
 CPU_TRIAL_FOOTPRINT = 4
 
@@ -216,8 +225,23 @@ def estimate_run_hours(cfg: ExperimentConfig, n_train_real: int, n_train_synth: 
     return clip_epochs / (CLIPS_PER_S[plan.device] * plan.workers_per_trial) / 3600.0
 
 
-def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str) -> str:
-    """Human-readable plan printed by ``--dry-run``."""
+def planned_budget_s(run_hours: float) -> float:
+    """A run's time budget from its estimate: BUDGET_MARGIN x the hours, at least MIN_PLANNED_BUDGET_S."""
+    return max(MIN_PLANNED_BUDGET_S, round(BUDGET_MARGIN * run_hours * 3600.0, -1))
+
+
+def budget_overrides(preset: str, overrides: dict[str, Any], run_hours: float) -> dict[str, Any]:
+    """``{"train.time_budget_s": planned}`` for a run of a PLANNED_BUDGET_PRESETS preset whose
+    overrides set no budget; else nothing (the preset's or the user's budget stands)."""
+    if preset not in PLANNED_BUDGET_PRESETS or "train.time_budget_s" in overrides:
+        return {}
+    return {"train.time_budget_s": planned_budget_s(run_hours)}
+
+
+def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str,
+                budget_s: float | None = None) -> str:
+    """Human-readable plan printed by ``--dry-run``; ``budget_s``: the runs' train.time_budget_s
+    (the largest), stated with whether the plan set it."""
     per_trial = f"{plan.workers_per_trial} worker(s) x ({plan.cpus_per_worker:g} CPU"
     per_trial += f", {plan.gpus_per_worker:g} GPU)" if plan.gpus_per_worker else ")"
     devices = plan.workers_per_trial
@@ -234,6 +258,9 @@ def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str) 
         f"  est. wall time      : {waves * run_hours:.2f} h ({waves} wave(s))",
         f"  est. device-hours   : {n_trials * run_hours * devices:.2f} {plan.device}-hours",
     ]
+    if budget_s is not None:
+        lines.append(f"  time budget per run : {budget_s:.0f} s = {budget_s / 3600:.2f} h (train.time_budget_s; "
+                     "a run that reaches it is recorded as status time_budget)")
     return "\n".join(lines)
 
 

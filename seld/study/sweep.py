@@ -30,7 +30,14 @@ from seld.runfolder import (
     write_json_atomic,
 )
 from seld.study.cli import Options, prepare_out, results_dir
-from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
+from seld.study.cluster import (
+    ClusterPlan,
+    budget_overrides,
+    estimate_run_hours,
+    format_plan,
+    plan_cluster,
+    start_ray,
+)
 from seld.study.prepare import prepare_data, train_counts
 from seld.study.summary import flatten_metrics, write_rows
 from seld.study.tune import error_text, fit_tuner, log_tables_to_wandb, sweep_trainable, trial_env
@@ -161,12 +168,17 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     base = preset_config(sweep.preset, {**sweep.overrides, **opts.sets})
     plan = plan_cluster(opts.cluster, base)
     out = results_dir(opts.out, sweep.name, plan=plan)
+    counts = train_counts(base, opts)
+    hours = estimate_run_hours(base, *counts, plan)
+    overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
+    if opts.time_budget_s:
+        overrides["train.time_budget_s"] = opts.time_budget_s
+    overrides.update(budget_overrides(sweep.preset, overrides, hours))
     if opts.dry_run:
-        n_real, n_synth = train_counts(base, opts)
-        hours = estimate_run_hours(base, n_real, n_synth, plan)
         return format_plan(plan, n_trials, hours, f"sweep {sweep.name!r} (preset {sweep.preset}, "
                                                   f"{len(sweep.space)} parameters, Optuna TPE + ASHA; "
-                                                  "hours assume no early stop)")
+                                                  "hours assume no early stop)",
+                           budget_s=preset_config(sweep.preset, overrides).train.time_budget_s)
     if opts.report_only:
         return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
     prepare_out(out, opts, "optuna.journal")
@@ -178,9 +190,6 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
              max(remaining, 0))
     data = prepare_data(base, opts, out / "_work")
     if remaining > 0:
-        overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
-        if opts.time_budget_s:
-            overrides["train.time_budget_s"] = opts.time_budget_s
         spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
                 "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
                 "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
@@ -386,11 +395,13 @@ def _trial_row(t, params: dict[str, Any], trial_dir: Path | None, tune_log: dict
     status = t.state.name.lower()
     if status == "complete":
         status = "finished" if metrics else "stopped_early"
+        if metrics.get("status", "ok") != "ok":
+            status = metrics["status"]  # "time_budget": the run's budget stopped it, not ASHA
     row = {"number": t.number, "trial_id": trial_dir.name if trial_dir else "", "status": status,
            "error": tl.get("error", ""), "value": t.value, "epochs": n_epochs,
            **{f"param/{k}": v for k, v in params.items()}}
     row.update({k: v for k, v in flatten_metrics(metrics).items() if not k.startswith("classwise")
-                and "/class/" not in k})
+                and "/class/" not in k and k != "status"})
     return row
 
 
