@@ -76,13 +76,17 @@ def default_num_cpus(num_workers: int) -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
-             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True) -> float:
+             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True,
+             env_vars: dict[str, str] | None = None) -> float:
     """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
     place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
 
     A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
     and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
-    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). Returns the seconds it
+    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). `env_vars` go to
+    every task and actor of this job (trials, Train workers) through Ray's runtime environment,
+    merged with a `ray job submit` job's own; they are kept in memory, never written or logged here.
+    `log_to_driver`: worker logs reach this process (and so `ray job logs`). Returns the seconds it
     took (0.0 when Ray was already up).
     """
     # Before Ray is imported: bind and advertise loopback only, write no auth token.
@@ -94,14 +98,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     if ray.is_initialized():
         return 0.0
     t0 = time.perf_counter()
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
     ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
     return time.perf_counter() - t0
 
@@ -376,10 +381,14 @@ class LoopState:
 
 
 # --- The per-worker loop (Ray Train) --------------------------------------------------------------------
-def _worker_threads(cfg: ExperimentConfig, local_world: int) -> int:
+def _worker_threads(cfg: ExperimentConfig) -> int:
+    """Torch threads of one Train worker: ``train.torch_threads``, else the CPUs it reserved
+    (``train.cpus_per_worker``, at least 1). Not the node's core count: on a shared node more
+    threads than reserved CPUs oversubscribe it (BENCHMARKS.md: under contention 1 thread per
+    training process ran 12x faster than 2)."""
     if cfg.train.torch_threads > 0:
         return cfg.train.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+    return max(1, int(cfg.train.cpus_per_worker))
 
 
 def _state_checkpoint(state: LoopState):
@@ -455,7 +464,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     cfg = from_dict(ExperimentConfig, loop_cfg["config"])
     ctx = ray.train.get_context()
-    torch.set_num_threads(_worker_threads(cfg, ctx.get_local_world_size()))
+    torch.set_num_threads(_worker_threads(cfg))
     t_start = time.time()
     data = _read_worker_data(cfg, loop_cfg["rows"], ctx.get_world_rank(), ctx.get_world_size())
     restored = _load_state()

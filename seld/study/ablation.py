@@ -37,6 +37,7 @@ from seld.study.tune import (
     ablation_trainable,
     error_text,
     fit_tuner,
+    forwarded_env,
     log_tables_to_wandb,
     trial_env,
 )
@@ -171,7 +172,7 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
     """One Tune trial per run spec; returns run_id -> error text of the trials that failed."""
     from ray import tune
 
-    start_ray(plan)
+    start_ray(plan, forwarded_env(opts))
     results = fit_tuner(ablation_trainable(specs), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
                         name, opts)
     errors = {}

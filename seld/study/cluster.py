@@ -271,13 +271,15 @@ def plan_storage_named(cluster: Path | None) -> bool:
     return _parse_storage(Path(cluster).read_text().splitlines()) is not None or bool(os.environ.get("SELD_STORAGE"))
 
 
-def start_ray(plan: ClusterPlan) -> None:
+def start_ray(plan: ClusterPlan, env_vars: dict[str, str] | None = None) -> None:
     """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running),
-    through :func:`seld.train.init_ray`."""
+    through :func:`seld.train.init_ray`. Training logs reach this driver (and ``ray job logs``);
+    ``env_vars`` (e.g. :func:`seld.study.tune.forwarded_env`) reach every trial and Train worker
+    through Ray's runtime environment."""
     from seld.train import init_ray
 
     if plan.source != "embedded":
         log.info("Ray cluster of %s", plan.source)
-        init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), env_vars=env_vars)
         return
-    init_ray(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), log_to_driver=False)
+    init_ray(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), env_vars=env_vars)

@@ -40,7 +40,14 @@ from seld.study.cluster import (
 )
 from seld.study.prepare import prepare_data, train_counts
 from seld.study.summary import flatten_metrics, write_rows
-from seld.study.tune import error_text, fit_tuner, log_tables_to_wandb, sweep_trainable, trial_env
+from seld.study.tune import (
+    error_text,
+    fit_tuner,
+    forwarded_env,
+    log_tables_to_wandb,
+    sweep_trainable,
+    trial_env,
+)
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -306,7 +313,7 @@ def point_key(params: dict[str, Any]) -> tuple:
 
 
 def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
-    start_ray(plan)
+    start_ray(plan, forwarded_env(opts))
     cfg = preset_config(sweep.preset, spec["overrides"])
     max_t = cfg.train.max_epochs
     # Optuna ids of earlier trials seed the sampler's RNG offset so a resumed sweep does not

@@ -30,6 +30,39 @@ def trial_env(opts: Options, study: str) -> dict[str, str]:
     return env
 
 
+# W&B settings a trial needs wherever it runs: the key exists only where the user logged in or
+# exported it (the submitting machine, the head), and trials run on other nodes.
+WANDB_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY")
+
+
+def forwarded_env(opts: Options) -> dict[str, str]:
+    """W&B variables of this (submitting) environment that every trial gets through Ray's runtime
+    environment (``env_vars``) when the study logs to W&B; empty otherwise.
+
+    The key is ``WANDB_API_KEY``, else the one ``wandb login`` left in ``~/.netrc`` for the W&B
+    host. Variables a ``ray job submit --runtime-env-json`` already sets are left out (Ray refuses a
+    driver runtime env that sets the same keys as its job's). The values stay in memory: nothing
+    here writes or logs them (tests/test_jobs.py looks for a canary key in every file).
+    """
+    if not opts.wandb:
+        return {}
+    env = {k: os.environ[k] for k in WANDB_FORWARD if os.environ.get(k)}
+    if "WANDB_API_KEY" not in env:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+        try:
+            auth = netrc.netrc().authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            auth = None
+        if auth and auth[2]:
+            env["WANDB_API_KEY"] = auth[2]
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    job_env = ((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
 def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> dict:
     """Body of one Tune trial (runs in the trial's process): train the run, return its metrics.
 
@@ -37,6 +70,8 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     suggested values (dotted keys), applied on top. The Train run reports every epoch to Tune
     through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
     """
+    import ray
+
     from seld.train import run_training
 
     os.environ.update(spec.get("env", {}))
@@ -44,9 +79,13 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / CONFIG_JSON).exists()
+    # Where this attempt's driver ran and which forwarded W&B variables it saw (names only, never
+    # values): what to check when trials on other nodes cannot log, or a node was lost.
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({"start_unix_s": round(time.time(), 3), "resume": resume,
-                            "config_hash": config_hash(cfg)}) + "\n")
+                            "config_hash": config_hash(cfg),
+                            "node_id": ray.get_runtime_context().get_node_id(),
+                            "wandb_env": sorted(k for k in WANDB_FORWARD if os.environ.get(k))}) + "\n")
     if spec.get("wandb"):
         os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
     return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
