@@ -19,6 +19,7 @@ from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
+    check_shared_paths,
     estimate_run_hours,
     format_plan,
     plan_cluster,
@@ -71,7 +72,7 @@ Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
 def run_study(study: Study, opts: Options) -> Path | str:
     """Run an ablation study (or only its report). Returns summary.csv, or the plan text on --dry-run."""
     base = preset_config(study.preset, {**study.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base)
+    plan = plan_cluster(opts.cluster, base, opts.storage)
     out = results_dir(opts.out, study.name, plan=plan)
     if opts.report_only:
         report_from_files(out, study.tables)
@@ -86,6 +87,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
                                                     f"{len(study.variants)} variants x {len(seeds)} seeds)",
                            budget_s=budget)
+    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
     prepare_out(out, opts, "summary.csv")
     work = out / "_work"
     data = prepare_data(base, opts, work)
@@ -173,7 +175,7 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
     from ray import tune
 
     start_ray(plan, forwarded_env(opts))
-    results = fit_tuner(ablation_trainable(specs), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
+    results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
                         name, opts)
     errors = {}
     for res in results:

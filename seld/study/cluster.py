@@ -35,6 +35,17 @@ BUDGET_MARGIN = 2.0
 MIN_PLANNED_BUDGET_S = 1800.0  # start-up, data reading and scoring besides the training estimate
 # Logical CPUs planned per CPU Train worker (see plan_cluster).
 CPU_TRIAL_FOOTPRINT = 4
+# Custom resource of the nodes that are never preempted (the head, or an on-demand node type):
+# where a cluster file advertises it, every trial's driver asks for DRIVER_SHARE of it and no CPU,
+# so drivers (and their Train controllers, which Train V2 pins to the driver's node) never run
+# on spot nodes; a spot loss then takes Train workers only, which Train restores from the last
+# epoch's checkpoint.
+DRIVER_RESOURCE = "seld_driver"
+DRIVER_SHARE = 0.01
+# Train-level restarts of a run from its last checkpoint on a cluster file (spot nodes come and
+# go; one trial may lose its node several times a night); 0 on an embedded Ray, where a failure
+# is a bug to see, not a lost node.
+CLUSTER_TRAIN_MAX_FAILURES = 10
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class NodeType:
     gpus: float
     max_nodes: int
     is_head: bool = False
+    drivers: bool = False  # advertises DRIVER_RESOURCE (not preemptible: trial drivers go here)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,9 @@ class ClusterPlan:
         concurrency: trials that can run at once.
         storage: shared folder for results and checkpoints, or None for the local folder.
         nodes: the node types that run trials.
+        driver_nodes: whether a node type advertises DRIVER_RESOURCE (trial drivers go there).
+        multi_node: the cluster can have more than one node.
+        train_max_failures: Train-level restarts of a run from its last checkpoint.
     """
 
     source: str
@@ -69,6 +84,9 @@ class ClusterPlan:
     concurrency: int
     storage: str | None
     nodes: tuple[NodeType, ...]
+    driver_nodes: bool = False
+    train_max_failures: int = 0
+    multi_node: bool = False  # more than one node: results and caches must be on `storage`
 
     @property
     def device(self) -> str:
@@ -80,7 +98,14 @@ class ClusterPlan:
             "train.num_workers": self.workers_per_trial,
             "train.use_gpu": self.gpus_per_worker > 0,
             "train.cpus_per_worker": self.cpus_per_worker,
+            **({"train.max_failures": self.train_max_failures} if self.train_max_failures else {}),
         }
+
+    def driver_resources(self) -> dict[str, float]:
+        """Resources of one trial's driver process (Tune's ``with_resources``): a sliver of
+        DRIVER_RESOURCE and no CPU where the cluster has driver nodes (their CPUs, if any, are not
+        for trials), else 0.01 CPU (Tune refuses an empty request)."""
+        return {"cpu": 0.0, DRIVER_RESOURCE: DRIVER_SHARE} if self.driver_nodes else {"cpu": 0.01}
 
 
 def _parse_storage(commands: Sequence[str]) -> str | None:
@@ -99,6 +124,20 @@ def _start_flag(commands: Sequence[str], flag: str) -> float | None:
         if m:
             return float(m.group(1))
     return None
+
+
+def _start_resources(commands: Sequence[str]) -> dict[str, float]:
+    """Custom resources of ``ray start --resources='{"name": n}'`` in start commands."""
+    import json
+
+    for cmd in commands:
+        m = re.search(r"--resources[= ]['\"]?(\{[^}]*\})", cmd)
+        if m:
+            try:
+                return {str(k): float(v) for k, v in json.loads(m.group(1)).items()}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
 
 
 def load_launcher_file(path: Path) -> dict[str, Any]:
@@ -133,20 +172,29 @@ def _nodes_from_launcher(cfg: dict[str, Any]) -> tuple[list[NodeType], list[str]
     head = cfg["head_node_type"]
     nodes = []
     if cfg["provider"]["type"] == "local":
-        # The local provider detects resources at `ray start`; read them from the start command.
+        # The local provider detects resources at `ray start`; read them from the start commands
+        # (workers as the head unless their own command says otherwise).
         start = cfg.get("head_start_ray_commands", [])
-        cpus = _start_flag(start, "num-cpus") or float(os.cpu_count() or 1)
+        wstart = cfg.get("worker_start_ray_commands", [])
+        hc = _start_flag(start, "num-cpus")
+        cpus = float(os.cpu_count() or 1) if hc is None else hc
         gpus = _start_flag(start, "num-gpus") or 0.0
         n_workers = len(cfg["provider"].get("worker_ips", []))
-        nodes.append(NodeType(head, cpus, gpus, 1 + n_workers, is_head=True))
+        drivers = DRIVER_RESOURCE in _start_resources(start)
+        wc, wg = _start_flag(wstart, "num-cpus"), _start_flag(wstart, "num-gpus")
+        if n_workers and (wc is not None or wg is not None or drivers):
+            nodes.append(NodeType(head, cpus, gpus, 1, is_head=True, drivers=drivers))
+            nodes.append(NodeType("worker", cpus if wc is None else wc, gpus if wg is None else wg, n_workers))
+        else:
+            nodes.append(NodeType(head, cpus, gpus, 1 + n_workers, is_head=True, drivers=drivers))
         return nodes, setup
     for name, nt in types_.items():
         res = nt.get("resources", {})
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         # The head counts once and is not limited by the global max_workers (workers are).
         n = 1 if name == head else int(nt.get("max_workers", max_total))
-        if cpus > 0 or gpus > 0:
-            nodes.append(NodeType(name, cpus, gpus, n, is_head=name == head))
+        if cpus > 0 or gpus > 0 or DRIVER_RESOURCE in res:
+            nodes.append(NodeType(name, cpus, gpus, n, is_head=name == head, drivers=DRIVER_RESOURCE in res))
     return nodes, setup
 
 
@@ -159,10 +207,50 @@ def _nodes_from_sbatch(path: Path) -> tuple[list[NodeType], list[str]]:
         cpus = float(directives.get("cpus-per-task", "1")) * int(directives.get("ntasks-per-node", "1"))
     except ValueError as e:
         raise UserError(f"{path}: cannot read the #SBATCH resources ({e})") from None
-    return [NodeType("slurm-node", cpus, gpus, n_nodes)], text.splitlines()
+    drivers = DRIVER_RESOURCE in text  # the head's `ray start --resources`
+    return [NodeType("slurm-node", cpus, gpus, n_nodes, drivers=drivers)], text.splitlines()
 
 
-def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
+def storage_path(value: str, source: str = "--storage") -> str:
+    """A study's storage as given (``--storage``, SELD_STORAGE, a cluster file): a filesystem
+    path every node mounts (EFS, NFS, Lustre), expanded. Object-store URIs (``s3://``, ``gs://``)
+    are refused with one line, never turned into a local path (``Path("s3://b")`` is ``s3:/b``):
+    run folders are written with ordinary file I/O by each run's rank-0 worker.
+    """
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+        raise UserError(f"{source} {value}: object-store URIs are not supported yet (run folders are "
+                        "written with file I/O); use a shared filesystem path every node mounts, "
+                        "e.g. EFS or NFS at /mnt/efs/seld")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _is_under(path: Path, root: str) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root))
+
+
+def check_shared_paths(plan: ClusterPlan, paths: dict[str, Path | None]) -> None:
+    """On a multi-node cluster, refuse (one line, before anything runs) a results or cache folder
+    outside the plan's shared storage: trials on other nodes would write run folders where the
+    study driver never looks, or fail reading a feature store that only one node holds.
+
+    Args:
+        paths: option name -> folder (``{"--out": OUT, "--cache-dir": DIR}``), None when not given.
+    """
+    if not plan.multi_node:
+        return
+    for name, path in paths.items():
+        if path is None:
+            continue
+        if not plan.storage:
+            raise UserError(f"{name} {path}: {plan.source} is a multi-node cluster but names no shared "
+                            "storage; pass --storage with a path every node mounts (or set SELD_STORAGE)")
+        if not _is_under(path, plan.storage):
+            raise UserError(f"{name} {path}: not on the shared storage {plan.storage} of the multi-node "
+                            f"cluster {plan.source}; other nodes cannot see it (leave {name} out, or "
+                            f"put it under {plan.storage})")
+
+
+def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None = None) -> ClusterPlan:
     """Per-trial resources and concurrency from a cluster file (or this machine when None).
 
     GPU clusters: one GPU per Train worker, ``cfg.train.num_workers`` workers per trial kept on one
@@ -172,6 +260,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
     ``CPU_TRIAL_FOOTPRINT`` logical CPUs per worker (Train worker, Ray Data tasks, the trial driver:
     a Train run that takes every CPU hangs Ray Data, and on 2 cores a second concurrent trial
     brings no speed-up, notes/ray-2.60.md).
+
+    ``storage`` (``--storage``) overrides the cluster file's shared storage and SELD_STORAGE.
     """
     if path is None:
         import torch
@@ -192,6 +282,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
             launcher = load_launcher_file(path)
             nodes, setup = _nodes_from_launcher(launcher)
             max_total = int(launcher.get("max_workers", 0))
+    drivers = any(n.drivers for n in nodes)
+    nodes = [n for n in nodes if n.cpus > 0 or n.gpus > 0]
     if not nodes:
         raise UserError(f"{source}: no node type offers CPUs or GPUs for trials")
     n_workers = cfg.train.num_workers
@@ -212,9 +304,16 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
                           for n in nodes)
         gpus_per_worker = 0.0
         used_nodes = tuple(nodes)
-    storage = os.environ.get("SELD_STORAGE") if path is not None and os.environ.get("SELD_STORAGE") else _parse_storage(setup)
+    if storage:
+        storage = storage_path(storage)
+    elif path is not None:
+        found = os.environ.get("SELD_STORAGE") or _parse_storage(setup)
+        storage = storage_path(found, f"{source}: SELD_STORAGE") if found else None
+    n_nodes = sum(n.max_nodes for n in nodes) + (1 if drivers and not any(n.is_head for n in nodes) else 0)
     return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, max(1, concurrency),
-                       storage if path is not None else None, used_nodes)
+                       storage, used_nodes, driver_nodes=drivers,
+                       train_max_failures=CLUSTER_TRAIN_MAX_FAILURES if path is not None else 0,
+                       multi_node=path is not None and n_nodes > 1)
 
 
 def estimate_run_hours(cfg: ExperimentConfig, n_train_real: int, n_train_synth: int, plan: ClusterPlan) -> float:
@@ -254,6 +353,9 @@ def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str,
         f"  resources per trial : {per_trial}",
         f"  concurrency         : {plan.concurrency} trials at once",
         f"  storage             : {plan.storage or 'local folder (--out)'}",
+        "  trial drivers       : " + (f"on {DRIVER_RESOURCE} nodes (not preemptible)" if plan.driver_nodes
+                                       else "anywhere (no node advertises " + DRIVER_RESOURCE + ")"),
+        f"  node loss           : Train restores from the last epoch, up to {plan.train_max_failures} times per run",
         f"  est. hours per trial: {run_hours:.2f} (upper bound, {CLIPS_PER_S[plan.device]:g} clips/s per {plan.device} worker)",
         f"  est. wall time      : {waves * run_hours:.2f} h ({waves} wave(s))",
         f"  est. device-hours   : {n_trials * run_hours * devices:.2f} {plan.device}-hours",
@@ -265,7 +367,7 @@ def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str,
 
 
 def plan_storage_named(cluster: Path | None) -> bool:
-    """Whether a cluster file names shared storage (SELD_STORAGE) for the results."""
+    """Whether a cluster file (or SELD_STORAGE) names shared storage for the results."""
     if cluster is None or not Path(cluster).is_file():
         return False
     return _parse_storage(Path(cluster).read_text().splitlines()) is not None or bool(os.environ.get("SELD_STORAGE"))

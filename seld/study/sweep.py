@@ -33,6 +33,7 @@ from seld.study.cli import Options, prepare_out, results_dir
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
+    check_shared_paths,
     estimate_run_hours,
     format_plan,
     plan_cluster,
@@ -173,7 +174,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     config and the plots. Returns trials.csv, or the plan text on --dry-run."""
     n_trials = opts.trials or sweep.n_trials
     base = preset_config(sweep.preset, {**sweep.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base)
+    plan = plan_cluster(opts.cluster, base, opts.storage)
     out = results_dir(opts.out, sweep.name, plan=plan)
     counts = train_counts(base, opts)
     hours = estimate_run_hours(base, *counts, plan)
@@ -188,6 +189,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
                            budget_s=preset_config(sweep.preset, overrides).train.time_budget_s)
     if opts.report_only:
         return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
+    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
     prepare_out(out, opts, "optuna.journal")
     storage = optuna_storage(out / "optuna.journal")
     _fail_interrupted_trials(storage, sweep.name)
@@ -321,7 +323,7 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     n_before = len(_finished_trials(storage, sweep.name))
     searcher = sweep_searcher(sweep, storage, n_before)
     scheduler = sweep_scheduler(sweep, max_t)
-    results = fit_tuner(sweep_trainable(spec), tune_space(sweep.space), plan, out, sweep.name, opts,
+    results = fit_tuner(sweep_trainable(spec, plan), tune_space(sweep.space), plan, out, sweep.name, opts,
                         metric=sweep.metric, mode=sweep.mode, search_alg=searcher, scheduler=scheduler,
                         num_samples=n)
     records = []

@@ -112,21 +112,22 @@ def _sweep_trainable(config: dict, spec: dict) -> None:
     train_trial(spec, params)
 
 
-def ablation_trainable(specs: dict[str, dict]):
-    """The ablation's Tune trainable: one trial per run id (``config["run_id"]``) of ``specs``.
+def ablation_trainable(specs: dict[str, dict], plan: ClusterPlan):
+    """The ablation's Tune trainable: one trial per run id (``config["run_id"]``) of ``specs``,
+    its driver placed as ``plan.driver_resources()`` says (on a non-preemptible node if any).
 
     Ray must be up (:func:`seld.study.cluster.start_ray`): the specs go to its object store.
     """
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), {"cpu": 0.01})
+    return tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), plan.driver_resources())
 
 
-def sweep_trainable(spec: dict):
+def sweep_trainable(spec: dict, plan: ClusterPlan):
     """The sweep's Tune trainable: ``spec`` with the trial's suggested values (Ray must be up)."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), {"cpu": 0.01})
+    return tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), plan.driver_resources())
 
 
 def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Path, name: str,
