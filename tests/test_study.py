@@ -189,3 +189,20 @@ def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(
     assert cells["Baseline-A"] != "–"
     assert cells["Stage 1"] == cells["Stage 2"] == cells["Stage 2 + PP"] == "–"  # no figure from the cut run
     assert "## Failed runs" in md and "| stereo_rcnet | 0 | time_budget |" in md
+
+
+def test_unfinished_runs_names_failed_and_truncated_runs_of_both_tables(tmp_path):
+    """The exit status rule of the study scripts, on an ablation's summary.csv and a sweep's
+    trials.csv: failed and truncated runs count; finished, ASHA-stopped and pruned trials do not."""
+    from seld.study.cli import unfinished_runs
+
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame({"variant": ["a", "b", "c"], "seed": [0, 0, 1],
+                  "status": ["ok", "failed", "time_budget"]}).to_csv(summary, index=False)
+    assert unfinished_runs(summary) == ["b-s0: failed", "c-s1: time_budget"]
+    trials = tmp_path / "trials.csv"
+    pd.DataFrame({"number": [0, 1, 2, 3, 4],
+                  "status": ["finished", "stopped_early", "pruned", "fail", "time_budget"]}).to_csv(trials, index=False)
+    assert unfinished_runs(trials) == ["trial 3: fail", "trial 4: time_budget"]
+    pd.DataFrame({"variant": ["a"], "seed": [0], "status": ["ok"]}).to_csv(summary, index=False)
+    assert unfinished_runs(summary) == []
