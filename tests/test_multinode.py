@@ -32,7 +32,7 @@ from seld.config import preset_config
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "cluster/loopback.yaml"
 CANARY = "canary-wandb-key-0123456789abcdef"
-STAGE1_EPOCHS = 10
+STAGE1_EPOCHS = 20  # enough epochs for three kills, each after a registered checkpoint
 PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 
@@ -245,7 +245,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
     deadline = time.time() + 420
     try:
         while proc.poll() is None and time.time() < deadline:
-            time.sleep(0.3)
+            time.sleep(0.2)
             if target is None:
                 started = sorted((out / "runs").glob("*/metrics.csv")) if (out / "runs").is_dir() else []
                 target = next((p for p in started if _rows(p)), None)

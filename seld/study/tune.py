@@ -20,30 +20,17 @@ from seld.runfolder import ATTEMPTS, CONFIG_JSON
 from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
 
-
-def trial_env(opts: Options, study: str) -> dict[str, str]:
-    """Environment each trial sets in its own process (W&B offline unless the user chose a mode)."""
-    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
-    if opts.wandb:
-        env.update({"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
-                    "WANDB_RUN_GROUP": study})
-    return env
-
-
 # W&B settings a trial needs wherever it runs: the key exists only where the user logged in or
 # exported it (the submitting machine, the head), and trials run on other nodes.
 WANDB_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY")
+# Not through Ray's runtime environment: Ray 2.60's runtime-env agent writes every runtime env it
+# sets up, env_vars included, to logs/runtime_env_agent.log on each node (tests/test_multinode.py
+# found a canary key there).
+SECRET_ENV = ("WANDB_API_KEY",)
 
 
-def forwarded_env(opts: Options) -> dict[str, str]:
-    """W&B variables of this (submitting) environment that every trial gets through Ray's runtime
-    environment (``env_vars``) when the study logs to W&B; empty otherwise.
-
-    The key is ``WANDB_API_KEY``, else the one ``wandb login`` left in ``~/.netrc`` for the W&B
-    host. Variables a ``ray job submit --runtime-env-json`` already sets are left out (Ray refuses a
-    driver runtime env that sets the same keys as its job's). The values stay in memory: nothing
-    here writes or logs them (tests/test_jobs.py looks for a canary key in every file).
-    """
+def _wandb_env(opts: Options) -> dict[str, str]:
+    """The W&B variables of this environment (the key also from ``~/.netrc``), when --wandb."""
     if not opts.wandb:
         return {}
     env = {k: os.environ[k] for k in WANDB_FORWARD if os.environ.get(k)}
@@ -58,9 +45,36 @@ def forwarded_env(opts: Options) -> dict[str, str]:
             auth = None
         if auth and auth[2]:
             env["WANDB_API_KEY"] = auth[2]
+    return env
+
+
+def forwarded_env(opts: Options) -> dict[str, str]:
+    """W&B settings of this (submitting) environment that every trial gets through Ray's runtime
+    environment (``env_vars``) when the study logs to W&B: mode, host, entity; empty otherwise.
+
+    The key is not among them (SECRET_ENV): :func:`trial_env` hands it to each trial in memory.
+    Variables a ``ray job submit --runtime-env-json`` already sets are left out (Ray refuses a
+    driver runtime env that sets the same keys as its job's).
+    """
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
     job_env = ((job.get("runtime_env") or {}).get("env_vars") or {})
-    return {k: v for k, v in env.items() if k not in job_env}
+    return {k: v for k, v in _wandb_env(opts).items() if k not in job_env and k not in SECRET_ENV}
+
+
+def trial_env(opts: Options, study: str) -> dict[str, str]:
+    """Environment each trial sets in its own process (W&B offline unless the user chose a mode).
+
+    With --wandb it carries the W&B key of this environment (``WANDB_API_KEY``, else ``~/.netrc``):
+    it reaches the trial inside its spec (Ray's object store, in memory) and is set in the trial's
+    process only, never written or logged (tests/test_multinode.py looks for a canary key in every
+    file of the storage and of Ray's session folder).
+    """
+    env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
+    if opts.wandb:
+        env.update({"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+                    "WANDB_RUN_GROUP": study})
+        env.update({k: v for k, v in _wandb_env(opts).items() if k in SECRET_ENV})
+    return env
 
 
 def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> dict:
