@@ -365,7 +365,7 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     amp_bf16: bool = True  # bf16 autocast where native: GPUs with bf16, CPUs with AMX (predict.bf16_autocast)
-    torch_threads: int = 0  # 0 = let each worker use its share of the cores
+    torch_threads: int = 0  # 0 = the machine's cores / its workers; cluster plans set the CPUs reserved
     time_budget_s: float = 3600.0  # hard bound for the whole run
     max_failures: int = 0  # Ray Train restarts from the last checkpoint
     val_threshold: float = 0.5  # activity threshold for selection / early stopping

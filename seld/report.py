@@ -563,9 +563,11 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
             md += [f"## {title}", "", _md_table(h, b)]
         failed = rows[rows["status"] != "ok"]
         if len(failed):
+            # Failed and truncated (status time_budget) runs: left out of every row above, listed here.
             md += ["## Failed runs", "", _md_table(
-                ["variant", "seed", "error"],
-                [[str(r.variant), str(r.seed), str(getattr(r, "error", "")).splitlines()[0][:120] if str(getattr(r, "error", "")) else ""]
+                ["variant", "seed", "status", "error"],
+                [[str(r.variant), str(r.seed), str(r.status),
+                  str(getattr(r, "error", "")).splitlines()[0][:120] if str(getattr(r, "error", "")) else ""]
                  for r in failed.itertuples()])]
         paths = {
             "md": out_dir / f"{spec.name}.md",

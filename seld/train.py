@@ -77,13 +77,17 @@ def default_num_cpus(num_workers: int) -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
-             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True) -> float:
+             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True,
+             env_vars: dict[str, str] | None = None) -> float:
     """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
     place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
 
     A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
     and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
-    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). Returns the seconds it
+    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). `env_vars` go to
+    every task and actor of this job (trials, Train workers) through Ray's runtime environment,
+    merged with a `ray job submit` job's own; they are kept in memory, never written or logged here.
+    `log_to_driver`: worker logs reach this process (and so `ray job logs`). Returns the seconds it
     took (0.0 when Ray was already up).
     """
     # Before Ray is imported: bind and advertise loopback only, write no auth token.
@@ -95,14 +99,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     if ray.is_initialized():
         return 0.0
     t0 = time.perf_counter()
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
         return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
     ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
     return time.perf_counter() - t0
 
@@ -322,6 +327,11 @@ class LoopState:
 
 # --- The per-worker loop (Ray Train) --------------------------------------------------------------------
 def _worker_threads(cfg: ExperimentConfig, local_world: int) -> int:
+    """Torch threads of one Train worker: ``train.torch_threads``, else the machine's cores shared
+    among the workers on it. Cluster plans set ``train.torch_threads`` to the CPUs a worker reserved
+    (``seld.study.cluster.ClusterPlan.overrides``): on a shared node more threads than reserved CPUs
+    oversubscribe it (BENCHMARKS.md: under contention 1 thread per training process ran 12x faster
+    than 2); an embedded Ray reserves logical CPUs, not cores, so there the cores are the measure."""
     if cfg.train.torch_threads > 0:
         return cfg.train.torch_threads
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
@@ -490,8 +500,13 @@ def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.Train
         opt.load_state_dict(state.optimizer)
     done = scfg.epochs == 0
     while not done:
-        if _all_reduce(np.array([float(time.time() > w.deadline)]), "max")[0] > 0:
-            log.warning("time budget of %.0f s reached: no new epoch", w.cfg.train.time_budget_s)
+        # The run's first epoch always trains (without one there is no model to score or to mark);
+        # after it the budget is checked before every epoch. A stopped run is recorded as such
+        # (metrics.json `status` = "time_budget", `stages_done`), never as finished.
+        over = state.epoch > 0 and time.time() > w.deadline
+        if _all_reduce(np.array([float(over)]), "max")[0] > 0:
+            log.warning("time budget of %.0f s reached in stage %d after %d epoch(s): the run is "
+                        "recorded as status time_budget", w.cfg.train.time_budget_s, stage, state.epoch)
             return False
         row = _run_epoch(w, state, scfg, tset, opt)
         early = state.end_epoch(row, scfg)
@@ -553,7 +568,8 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
                  if n in ("test", "synth_test") and len(rows)}
         t_fin = time.time()
         final = _finish(w.cfg, w.run_dir, w.net, w.mean, w.std, w.device, w.amp, data.val, tests,
-                        state.history, w.cfg.train.stage_numbers)
+                        state.history, w.cfg.train.stage_numbers,
+                        stages_done=tuple(s for s in w.cfg.train.stage_numbers if not state.pending(s)))
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
         final["data/path"] = "materialised" if data.plan["materialize"] else "streamed"
@@ -565,9 +581,16 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
     ray.train.report({RUN_FINISHED: 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
-def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages) -> dict:
+def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages,
+            stages_done=None) -> dict:
     """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json
-    and the test predictions; returns metrics.json's content (scores + the run's cost)."""
+    and the test predictions; returns metrics.json's content (scores + the run's cost).
+
+    ``stages_done``: the stages that ran all their epochs (or stopped early); default ``stages``.
+    metrics.json's ``status`` is "ok" when every configured stage is done, else "time_budget" (the
+    budget stopped training): its ``test*`` scores are then those of the last stage trained, which
+    ``selected_stage`` names, and the study tables leave the run out.
+    """
 
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ran = [s for s in stages if (ckpt_dir / stage_checkpoint(s)).is_file()]
@@ -581,7 +604,10 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
-    metrics: dict[str, Any] = {"selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
+    done = tuple(stages if stages_done is None else stages_done)
+    status = "ok" if set(done) >= set(stages) else "time_budget"
+    metrics: dict[str, Any] = {"status": status, "stages_done": list(done), "selected_stage": sel_stage,
+                               "selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
                                **scores.metrics}
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GPU, LOCAL, SLURM = ROOT / "cluster/gpu.yaml", ROOT / "cluster/local.yaml", ROOT / "cluster/slurm.sbatch"
 
 
-@pytest.mark.parametrize("path", [GPU, LOCAL])
+@pytest.mark.parametrize("path", [GPU, LOCAL, ROOT / "cluster/loopback.yaml"])
 def test_launcher_files_pass_rays_validation(path):
     cfg = load_launcher_file(path)  # prepare_config + validate_config (ray.autoscaler._private.util)
     assert cfg["head_node_type"] in cfg["available_node_types"]
@@ -27,7 +27,10 @@ def test_launcher_files_pass_rays_validation(path):
 def test_gpu_yaml_head_has_no_trial_resources_and_no_secrets():
     raw = yaml.safe_load(GPU.read_text())
     head = raw["available_node_types"][raw["head_node_type"]]
-    assert head["resources"] == {"CPU": 0}
+    # No CPU for trials on the head, but the trial-driver resource: drivers never run on spot nodes.
+    assert head["resources"]["CPU"] == 0 and head["resources"]["seld_driver"] > 0
+    assert "MarketType" not in str(head["node_config"])
+    assert any("--resources='{\"seld_driver\"" in c for c in raw["head_start_ray_commands"])
     workers = [nt for name, nt in raw["available_node_types"].items() if name != raw["head_node_type"]]
     assert workers and all(nt["resources"].get("GPU", 0) >= 1 and nt["min_workers"] == 0 for nt in workers)
     text = GPU.read_text().lower()
@@ -67,6 +70,12 @@ def test_plans_follow_the_cluster_files():
     assert local.storage == "/tmp/seld-local" and local.overrides()["train.use_gpu"] is False
     # slurm: 2 nodes x 4 GPUs, 32 CPUs each.
     assert (slurm.concurrency, slurm.cpus_per_worker) == (8, 4.0)
+    # Placement: trial drivers on the seld_driver nodes (gpu.yaml's on-demand head, SLURM's head),
+    # Train restores after a lost node on clusters; an embedded Ray keeps the old 0.01 CPU driver.
+    for plan in (gpu, slurm):
+        assert plan.driver_resources() == {"cpu": 0.0, "seld_driver": 0.01} and plan.multi_node
+        assert plan.overrides()["train.max_failures"] >= 3
+    assert local.driver_resources() == {"cpu": 0.01} and not local.multi_node
     # DDP trials of 4 workers fit only the 4-GPU nodes.
     ddp = plan_cluster(GPU, preset_config("paper", {"train.num_workers": 4}))
     assert ddp.concurrency == 2 and [n.name for n in ddp.nodes] == ["worker.gpu4"]
@@ -182,3 +191,50 @@ def _wait_http(url: str, timeout_s: float) -> None:
             if time.time() - t0 > timeout_s:
                 raise
             time.sleep(1)
+
+
+def test_paper_time_budget_comes_from_the_plan_and_the_dry_run_states_it(tmp_path):
+    """The paper preset's train.time_budget_s is BUDGET_MARGIN x the run's own estimate (not the
+    config's fixed hour); a given budget stands; --dry-run prints the budget the runs get."""
+    from seld.study.cluster import BUDGET_MARGIN, budget_overrides, estimate_run_hours
+
+    cfg = preset_config("paper")
+    plan = plan_cluster(GPU, cfg)
+    n_real = 20_000  # the DCASE2025 development train split: stage 1 alone is hours on one A10G
+    hours = estimate_run_hours(cfg, n_real, 0, plan)
+    budget = budget_overrides("paper", {}, hours)["train.time_budget_s"]
+    assert budget == pytest.approx(BUDGET_MARGIN * hours * 3600, abs=10) and budget > cfg.train.time_budget_s
+    assert budget_overrides("paper", {"train.time_budget_s": 60.0}, hours) == {}
+    assert budget_overrides("local", {}, hours) == {}
+    r = subprocess.run([sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "paper", "--cluster",
+                        str(GPU), "--dry-run", "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                       timeout=120, env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": "10.255.255.1:1"})
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("time budget per run"))
+    est = float(next(x for x in r.stdout.splitlines() if "est. hours per trial" in x).split(":")[1].split()[0])
+    budget_s = float(line.split(":")[1].split()[0])
+    assert budget_s == pytest.approx(max(1800.0, BUDGET_MARGIN * est * 3600), rel=0.05), r.stdout
+
+
+def test_storage_uris_and_node_local_paths_on_a_multi_node_cluster_are_refused(tmp_path):
+    """`--storage s3://...` is refused in one line (never made a local path); on a multi-node
+    cluster an --out or --cache-dir outside the shared storage is refused before anything runs."""
+    from seld.study.cluster import check_shared_paths
+
+    cfg = preset_config("smoke")
+    with pytest.raises(UserError, match=r"^--storage s3://bucket/prefix: object-store URIs"):
+        plan_cluster(GPU, cfg, "s3://bucket/prefix")
+    plan = plan_cluster(GPU, cfg, str(tmp_path / "shared"))
+    assert plan.storage == str(tmp_path / "shared")
+    check_shared_paths(plan, {"--out": tmp_path / "shared/results/x", "--cache-dir": None})
+    with pytest.raises(UserError, match=r"^--out /tmp/node-local: not on the shared storage .*shared of the multi-node"):
+        check_shared_paths(plan, {"--out": Path("/tmp/node-local")})
+    check_shared_paths(plan_cluster(LOCAL, cfg), {"--out": Path("/tmp/node-local")})  # one node: fine
+    r = subprocess.run([sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--cluster", str(GPU),
+                        "--storage", str(tmp_path / "shared"), "--out", str(tmp_path / "local-out")],
+                       capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "RAY_ADDRESS": "10.255.255.1:1"})
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]  # (Ray's validator logs INFO)
+    assert r.returncode == 2 and len(errors) == 1, r.stderr
+    assert errors[0].startswith("ablation.py: error: --out ") and "local-out: not on the shared storage" in errors[0]
+    assert not (tmp_path / "local-out").exists()

@@ -280,3 +280,53 @@ def test_report_only_on_a_cluster_reads_the_storage_results(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (out / "table1.md").read_bytes() == (ROOT / "results/ablation/table1.md").read_bytes()
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(tmp_path, cache, ray_session, capsys):
+    """--time-budget-s 1: every run trains its first epoch, then stops at the budget. Baseline-A
+    (stage 1 only, 1 epoch) finishes; Stereo-RCnet stops before stage 2: status time_budget in
+    metrics.json and summary.csv, no Stage 1/Stage 2 figure from it in Table 1, the table lists it,
+    and the study script exits 1 after writing the tables."""
+    import json
+
+    from seld.study import main
+
+    mod = _load_studies()
+    out = tmp_path / "abl"
+    rc = main(mod.STUDIES, ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache),
+                            "--time-budget-s", "1", "--max-retries", "0"], description="", example="")
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "1 run(s) failed or truncated: stereo_rcnet-s0: time_budget" in err
+    rows = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert rows["status"].to_dict() == {"baseline": "ok", "stereo_rcnet": "time_budget"}
+    assert "stage(s) 2 not finished" in rows.loc["stereo_rcnet", "error"]
+    metrics = json.loads((out / rows.loc["stereo_rcnet", "run_dir"] / "metrics.json").read_text())
+    assert (metrics["status"], metrics["stages_done"], metrics["selected_stage"]) == ("time_budget", [1], 1)
+    assert metrics["cost/stage2_epochs"] == 0
+    md = (out / "table1.md").read_text()
+    main_table = md.split("| System |", 1)[1].split("\n\n", 1)[0]  # ours, not the paper's figures
+    cells = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in main_table.splitlines()
+             if line.startswith("| ")}
+    assert cells["Baseline-A"] != "–"
+    assert cells["Stage 1"] == cells["Stage 2"] == cells["Stage 2 + PP"] == "–"  # no figure from the cut run
+    assert "## Failed runs" in md and "| stereo_rcnet | 0 | time_budget |" in md
+
+
+def test_unfinished_runs_names_failed_and_truncated_runs_of_both_tables(tmp_path):
+    """The exit status rule of the study scripts, on an ablation's summary.csv and a sweep's
+    trials.csv: failed and truncated runs count; finished, ASHA-stopped and pruned trials do not."""
+    from seld.study.cli import unfinished_runs
+
+    summary = tmp_path / "summary.csv"
+    pd.DataFrame({"variant": ["a", "b", "c"], "seed": [0, 0, 1],
+                  "status": ["ok", "failed", "time_budget"]}).to_csv(summary, index=False)
+    assert unfinished_runs(summary) == ["b-s0: failed", "c-s1: time_budget"]
+    trials = tmp_path / "trials.csv"
+    pd.DataFrame({"number": [0, 1, 2, 3, 4],
+                  "status": ["finished", "stopped_early", "pruned", "fail", "time_budget"]}).to_csv(trials, index=False)
+    assert unfinished_runs(trials) == ["trial 3: fail", "trial 4: time_budget"]
+    pd.DataFrame({"variant": ["a"], "seed": [0], "status": ["ok"]}).to_csv(summary, index=False)
+    assert unfinished_runs(summary) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from seld.config import BASELINE_OVERRIDES, PRESETS, ExperimentConfig, parse_set_args, preset_config
@@ -72,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = build_config(args)
     wandb = {"project": args.wandb_project, "group": args.wandb_group} if args.wandb else None
     metrics = run_training(cfg, args.store, args.out, resume=args.resume, wandb=wandb)
-    keys = [k for k in ("test/f20", "test/doae_cd", "test/rde_cd", "test_pp/f20", "cost/wall_s") if k in metrics]
+    keys = [k for k in ("status", "test/f20", "test/doae_cd", "test/rde_cd", "test_pp/f20", "cost/wall_s")
+            if k in metrics]
     print(json.dumps({k: metrics[k] for k in keys}))
+    if metrics.get("status", "ok") != "ok":
+        # A truncated run is not a finished one: say so in the exit status (schedulers, CI).
+        print(f"seld train: {args.out}: stopped by train.time_budget_s before stage(s) "
+              f"{sorted(set(cfg.train.stage_numbers) - set(metrics.get('stages_done', [])))} finished "
+              f"(status {metrics['status']})", file=sys.stderr)
+        return 1
     return 0

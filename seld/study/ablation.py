@@ -16,7 +16,15 @@ from seld.config import ExperimentConfig, config_hash, preset_config
 from seld.report import TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_JSON, atomic_write
 from seld.study.cli import Options, final_table, prepare_out, results_dir
-from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
+from seld.study.cluster import (
+    ClusterPlan,
+    budget_overrides,
+    check_shared_paths,
+    estimate_run_hours,
+    format_plan,
+    plan_cluster,
+    start_ray,
+)
 from seld.study.prepare import DataPlan, prepare_data, train_counts
 from seld.study.progress import (
     PlannedRun,
@@ -25,11 +33,19 @@ from seld.study.progress import (
     resources_line,
     study_log,
 )
-from seld.study.summary import SUMMARY_COLUMNS, git_sha, read_curves, summary_row, write_rows
+from seld.study.summary import (
+    SUMMARY_COLUMNS,
+    git_sha,
+    read_curves,
+    run_status,
+    summary_row,
+    write_rows,
+)
 from seld.study.tune import (
     ablation_trainable,
     error_text,
     fit_tuner,
+    forwarded_env,
     log_tables_to_wandb,
     trial_env,
 )
@@ -63,19 +79,22 @@ Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
 def run_study(study: Study, opts: Options) -> Path | str:
     """Run an ablation study (or only its report). Returns summary.csv, or the plan text on --dry-run."""
     base = preset_config(study.preset, {**study.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base)
+    plan = plan_cluster(opts.cluster, base, opts.storage)
     out = results_dir(opts.out, study.name, plan=plan)
     if opts.report_only:
         report_from_files(out, study.tables)
         _paste_readme(study, out, opts)
         return out / "summary.csv"
     seeds = tuple(opts.seeds) if opts.seeds else study.seeds
-    runs = _runs(study, seeds, plan, opts, out)
+    counts = train_counts(base, opts)
+    runs = _runs(study, seeds, plan, opts, out, counts)
     if opts.dry_run:
-        n_real, n_synth = train_counts(base, opts)
-        hours = max(estimate_run_hours(cfg, n_real, n_synth, plan) for _, _, _, cfg, _ in runs)
+        hours = max(estimate_run_hours(cfg, *counts, plan) for _, _, _, cfg, _ in runs)
+        budget = max(cfg.train.time_budget_s for _, _, _, cfg, _ in runs)
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
-                                                    f"{len(study.variants)} variants x {len(seeds)} seeds)")
+                                                    f"{len(study.variants)} variants x {len(seeds)} seeds)",
+                           budget_s=budget)
+    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
     prepare_out(out, opts, "summary.csv")
     with study_log(out) as log_path:
         log.info("study %s (preset %s): %d variants x %d seeds; event lines also in %s", study.name,
@@ -94,17 +113,27 @@ def run_study(study: Study, opts: Options) -> Path | str:
         append_to_log(out, table)
     if opts.wandb:
         log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
+             n_bad, out / "summary.csv")
     return out / "summary.csv"
 
 
-def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options, out: Path) -> list[Run]:
-    """Every (variant, seed) run of the grid, with its overrides, config and run folder."""
+def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options, out: Path,
+          counts: tuple[int, int]) -> list[Run]:
+    """Every (variant, seed) run of the grid, with its overrides, config and run folder.
+
+    ``counts``: (real, synthetic) training clips, for the planned time budget of the `paper` preset
+    (:func:`seld.study.cluster.budget_overrides`).
+    """
     runs = []
     for v in study.variants:
         for seed in seeds:
             overrides = {**study.overrides, **v.overrides, **plan.overrides(), **opts.sets, "seed": seed}
             if opts.time_budget_s:
                 overrides["train.time_budget_s"] = opts.time_budget_s
+            hours = estimate_run_hours(preset_config(study.preset, overrides), *counts, plan)
+            overrides.update(budget_overrides(study.preset, overrides, hours))
             cfg = preset_config(study.preset, overrides)
             run_dir = out / "runs" / f"{v.name}-s{seed}-{config_hash(cfg)[:8]}"
             runs.append((v, seed, overrides, cfg, run_dir))
@@ -143,9 +172,7 @@ def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: 
     rows = []
     for v, seed, _, cfg, run_dir in runs:
         run_id = f"{v.name}-s{seed}"
-        done = (run_dir / METRICS_JSON).exists()
-        status = "ok" if done else "failed"
-        error = "" if done else errors.get(run_id, "no metrics.json (interrupted?)")
+        status, error = run_status(run_dir, cfg, errors.get(run_id))
         rows.append(summary_row(study.name, v.name, seed, cfg, run_dir, out, data, sha, status, error, {}))
     write_rows(rows, out / "summary.csv", SUMMARY_COLUMNS)
     curves = read_curves([(v.name, seed, run_dir) for v, seed, _, _, run_dir in runs])
@@ -169,11 +196,11 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
     of the trials that failed."""
     from ray import tune
 
-    start_ray(plan)
+    start_ray(plan, forwarded_env(opts))
     log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan.workers_per_trial,
                                   plan.cpus_per_worker, plan.gpus_per_worker))
-    results = fit_tuner(ablation_trainable(specs), {"run_id": tune.grid_search(sorted(specs))}, plan, out,
-                        name, opts, callbacks=[progress])
+    results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(sorted(specs))}, plan,
+                        out, name, opts, callbacks=[progress])
     errors = {}
     for res in results:
         run_id = (res.config or {}).get("run_id")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from seld.cli import configure_logging
 from seld.config import ConfigError, parse_set_args
 from seld.errors import UserError
-from seld.study.cluster import ClusterPlan, plan_storage_named
+from seld.study.cluster import ClusterPlan, plan_storage_named, storage_path
 
 if TYPE_CHECKING:  # the runners import this module; main imports them when it runs
     from seld.study.ablation import Study
@@ -36,6 +36,7 @@ class Options:
     data_root: Path | None = None
     synth_root: Path | None = None
     cluster: Path | None = None
+    storage: str | None = None  # shared storage every node mounts (default: the cluster file's)
     dry_run: bool = False
     wandb: bool = False
     resume: bool = False
@@ -52,16 +53,20 @@ class Options:
 
 
 def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
-                plan: ClusterPlan | None = None) -> Path:
-    """Where study ``name`` writes: ``--out`` when given; else ``<storage>/results/<name>`` on a
-    cluster whose file or $SELD_STORAGE names shared storage, else ``results/<name>``.
+                plan: ClusterPlan | None = None, storage: str | None = None) -> Path:
+    """Where study ``name`` writes: ``--out`` when given; else ``<storage>/results/<name>`` with
+    ``--storage``, or on a cluster whose file or $SELD_STORAGE names shared storage, else
+    ``results/<name>``.
 
     Args:
         out: ``--out`` (None when not given, on the command line), or ``Options.out``.
         cluster: ``--cluster``; with ``out`` None, a cluster that names storage gives
             DEFAULT_OUT_SENTINEL, which ``plan`` (the study's cluster plan) resolves.
+        storage: ``--storage`` (checked by :func:`seld.study.cluster.storage_path`).
     """
     if out is None:
+        if storage:
+            return Path(storage_path(storage)) / "results" / name
         return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
     if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
         return Path(plan.storage) / "results" / name
@@ -84,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--data-root", type=Path, help="real data in the DCASE2025 layout (default: the generated dataset)")
     parser.add_argument("--synth-root", type=Path, help="extra synthetic stereo data (dev-train-synth) to add in stage 1")
     parser.add_argument("--cluster", type=Path, help="Ray cluster launcher YAML or SLURM sbatch file to size trials from")
+    parser.add_argument("--storage", help="shared storage every node mounts, for results, run folders, "
+                        "checkpoints and caches (default: the cluster file's SELD_STORAGE)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, device-hours) and exit")
     parser.add_argument("--wandb", action="store_true", help="log every trial to W&B (offline unless WANDB_MODE is set)")
     parser.add_argument("--resume", action="store_true", help="continue a killed study without rerunning finished runs")
@@ -107,8 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
 
 def options_from_args(args: argparse.Namespace, name: str) -> Options:
     return Options(
-        out=results_dir(args.out, name, cluster=args.cluster),
+        out=results_dir(args.out, name, cluster=args.cluster, storage=args.storage),
         preset=args.preset, data_root=args.data_root, synth_root=args.synth_root, cluster=args.cluster,
+        storage=args.storage,
         dry_run=args.dry_run, wandb=args.wandb, resume=args.resume, report_only=args.report_only,
         seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
         max_retries=args.max_retries, trials=getattr(args, "trials", None),
@@ -130,8 +138,8 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
     args = parser.parse_args(argv)
     configure_logging(args.verbose, brief=True)
     decl = declarations[args.preset]
-    opts = options_from_args(args, decl.name)
     try:
+        opts = options_from_args(args, decl.name)
         result = run_sweep(decl, opts) if isinstance(decl, Sweep) else run_study(decl, opts)
     except (UserError, ConfigError) as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
@@ -144,6 +152,13 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
     if table:
         print(table)
     print(f"results in {out}")
+    bad = unfinished_runs(Path(result))
+    if bad:
+        # After the tables are written (they list these runs): a non-zero exit is what
+        # `ray job submit`, SLURM and CI see.
+        print(f"{Path(sys.argv[0]).name}: {len(bad)} run(s) failed or truncated: {', '.join(bad)} "
+              f"(see {result})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -171,3 +186,22 @@ def final_table(decl: Study | Sweep, out: Path) -> str:
         return ""
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return "\n".join([title, *lines[start:end]])
+
+
+# Statuses of summary.csv (ablation) and trials.csv (sweep) rows that a study counts as finished:
+# a sweep's trials that ASHA stopped or Optuna pruned ended as the sweep intended.
+FINISHED_STATUSES = frozenset({"ok", "finished", "stopped_early", "pruned"})
+
+
+def unfinished_runs(table: Path) -> list[str]:
+    """The runs of a study's summary.csv / trials.csv that failed or were truncated
+    (``variant-sSEED: status`` or ``trial N: status``); empty when every run finished."""
+    import pandas as pd
+
+    rows = pd.read_csv(table)
+    if "status" not in rows.columns:
+        return []
+    bad = rows[~rows["status"].astype(str).isin(FINISHED_STATUSES)]
+    if "variant" in rows.columns:
+        return [f"{r.variant}-s{r.seed}: {r.status}" for r in bad.itertuples()]
+    return [f"trial {r.number}: {r.status}" for r in bad.itertuples()]

@@ -19,13 +19,33 @@ from seld.errors import UserError
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
-# Rough training throughput of one Train worker (5-s clips per second, forward + backward), used
-# only for the dry-run's device-hour estimate. Both are rough assumptions, not measurements: "cpu"
-# for the `local` model on a 2-core machine, "gpu" for the paper-size model on one A10G-class GPU.
-# A finished run records its real throughput as `cost/train_clips_per_s` in summary.csv.
-CLIPS_PER_S = {"cpu": 60.0, "gpu": 400.0}
+# Training throughput of one Train worker (5-s clips per second, forward + backward + step), for
+# the dry-run's estimate and the `paper` runs' time budget. "cpu": the `local` model on the 2-core
+# dev machine, measured in Ray runs at 64-87 clips/s (BENCHMARKS.md), taken low. "gpu": the
+# paper-size model, measured at 921 clips/s on an H100 (bf16, batch 64, BENCHMARKS.md "Models"),
+# scaled to gpu.yaml's A10G by dense bf16 tensor peak (125 vs 989 TFLOP/s) = 116, taken as 100:
+# derived, not measured on an A10G. A finished run records its real throughput as
+# `cost/train_clips_per_s` in summary.csv.
+CLIPS_PER_S = {"cpu": 60.0, "gpu": 100.0}
+# Presets whose `train.time_budget_s` comes from the plan (BUDGET_MARGIN x the run's estimate)
+# unless --time-budget-s or --set train.time_budget_s gives one: the paper preset's runs last hours
+# and their length depends on the data, so a fixed bound would cut them short (issue 17).
+PLANNED_BUDGET_PRESETS = ("paper",)
+BUDGET_MARGIN = 2.0
+MIN_PLANNED_BUDGET_S = 1800.0  # start-up, data reading and scoring besides the training estimate
 # Logical CPUs planned per CPU Train worker (see plan_cluster).
 CPU_TRIAL_FOOTPRINT = 4
+# Custom resource of the nodes that are never preempted (the head, or an on-demand node type):
+# where a cluster file advertises it, every trial's driver asks for DRIVER_SHARE of it and no CPU,
+# so drivers (and their Train controllers, which Train V2 pins to the driver's node) never run
+# on spot nodes; a spot loss then takes Train workers only, which Train restores from the last
+# epoch's checkpoint.
+DRIVER_RESOURCE = "seld_driver"
+DRIVER_SHARE = 0.01
+# Train-level restarts of a run from its last checkpoint on a cluster file (spot nodes come and
+# go; one trial may lose its node several times a night); 0 on an embedded Ray, where a failure
+# is a bug to see, not a lost node.
+CLUSTER_TRAIN_MAX_FAILURES = 10
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,7 @@ class NodeType:
     gpus: float
     max_nodes: int
     is_head: bool = False
+    drivers: bool = False  # advertises DRIVER_RESOURCE (not preemptible: trial drivers go here)
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,9 @@ class ClusterPlan:
         concurrency: trials that can run at once.
         storage: shared folder for results and checkpoints, or None for the local folder.
         nodes: the node types that run trials.
+        driver_nodes: whether a node type advertises DRIVER_RESOURCE (trial drivers go there).
+        multi_node: the cluster can have more than one node.
+        train_max_failures: Train-level restarts of a run from its last checkpoint.
     """
 
     source: str
@@ -60,6 +84,9 @@ class ClusterPlan:
     concurrency: int
     storage: str | None
     nodes: tuple[NodeType, ...]
+    driver_nodes: bool = False
+    train_max_failures: int = 0
+    multi_node: bool = False  # more than one node: results and caches must be on `storage`
 
     @property
     def device(self) -> str:
@@ -71,7 +98,17 @@ class ClusterPlan:
             "train.num_workers": self.workers_per_trial,
             "train.use_gpu": self.gpus_per_worker > 0,
             "train.cpus_per_worker": self.cpus_per_worker,
+            **({"train.max_failures": self.train_max_failures} if self.train_max_failures else {}),
+            # On a cluster a worker's torch threads are the CPUs it reserved (more would oversubscribe a
+            # shared node); an embedded Ray keeps the default (the machine's cores / its workers).
+            **({"train.torch_threads": max(1, int(self.cpus_per_worker))} if self.source != "embedded" else {}),
         }
+
+    def driver_resources(self) -> dict[str, float]:
+        """Resources of one trial's driver process (Tune's ``with_resources``): a sliver of
+        DRIVER_RESOURCE and no CPU where the cluster has driver nodes (their CPUs, if any, are not
+        for trials), else 0.01 CPU (Tune refuses an empty request)."""
+        return {"cpu": 0.0, DRIVER_RESOURCE: DRIVER_SHARE} if self.driver_nodes else {"cpu": 0.01}
 
 
 def _parse_storage(commands: Sequence[str]) -> str | None:
@@ -90,6 +127,20 @@ def _start_flag(commands: Sequence[str], flag: str) -> float | None:
         if m:
             return float(m.group(1))
     return None
+
+
+def _start_resources(commands: Sequence[str]) -> dict[str, float]:
+    """Custom resources of ``ray start --resources='{"name": n}'`` in start commands."""
+    import json
+
+    for cmd in commands:
+        m = re.search(r"--resources[= ]['\"]?(\{[^}]*\})", cmd)
+        if m:
+            try:
+                return {str(k): float(v) for k, v in json.loads(m.group(1)).items()}
+            except (ValueError, AttributeError):
+                return {}
+    return {}
 
 
 def load_launcher_file(path: Path) -> dict[str, Any]:
@@ -124,20 +175,29 @@ def _nodes_from_launcher(cfg: dict[str, Any]) -> tuple[list[NodeType], list[str]
     head = cfg["head_node_type"]
     nodes = []
     if cfg["provider"]["type"] == "local":
-        # The local provider detects resources at `ray start`; read them from the start command.
+        # The local provider detects resources at `ray start`; read them from the start commands
+        # (workers as the head unless their own command says otherwise).
         start = cfg.get("head_start_ray_commands", [])
-        cpus = _start_flag(start, "num-cpus") or float(os.cpu_count() or 1)
+        wstart = cfg.get("worker_start_ray_commands", [])
+        hc = _start_flag(start, "num-cpus")
+        cpus = float(os.cpu_count() or 1) if hc is None else hc
         gpus = _start_flag(start, "num-gpus") or 0.0
         n_workers = len(cfg["provider"].get("worker_ips", []))
-        nodes.append(NodeType(head, cpus, gpus, 1 + n_workers, is_head=True))
+        drivers = DRIVER_RESOURCE in _start_resources(start)
+        wc, wg = _start_flag(wstart, "num-cpus"), _start_flag(wstart, "num-gpus")
+        if n_workers and (wc is not None or wg is not None or drivers):
+            nodes.append(NodeType(head, cpus, gpus, 1, is_head=True, drivers=drivers))
+            nodes.append(NodeType("worker", cpus if wc is None else wc, gpus if wg is None else wg, n_workers))
+        else:
+            nodes.append(NodeType(head, cpus, gpus, 1 + n_workers, is_head=True, drivers=drivers))
         return nodes, setup
     for name, nt in types_.items():
         res = nt.get("resources", {})
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         # The head counts once and is not limited by the global max_workers (workers are).
         n = 1 if name == head else int(nt.get("max_workers", max_total))
-        if cpus > 0 or gpus > 0:
-            nodes.append(NodeType(name, cpus, gpus, n, is_head=name == head))
+        if cpus > 0 or gpus > 0 or DRIVER_RESOURCE in res:
+            nodes.append(NodeType(name, cpus, gpus, n, is_head=name == head, drivers=DRIVER_RESOURCE in res))
     return nodes, setup
 
 
@@ -150,10 +210,50 @@ def _nodes_from_sbatch(path: Path) -> tuple[list[NodeType], list[str]]:
         cpus = float(directives.get("cpus-per-task", "1")) * int(directives.get("ntasks-per-node", "1"))
     except ValueError as e:
         raise UserError(f"{path}: cannot read the #SBATCH resources ({e})") from None
-    return [NodeType("slurm-node", cpus, gpus, n_nodes)], text.splitlines()
+    drivers = DRIVER_RESOURCE in text  # the head's `ray start --resources`
+    return [NodeType("slurm-node", cpus, gpus, n_nodes, drivers=drivers)], text.splitlines()
 
 
-def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
+def storage_path(value: str, source: str = "--storage") -> str:
+    """A study's storage as given (``--storage``, SELD_STORAGE, a cluster file): a filesystem
+    path every node mounts (EFS, NFS, Lustre), expanded. Object-store URIs (``s3://``, ``gs://``)
+    are refused with one line, never turned into a local path (``Path("s3://b")`` is ``s3:/b``):
+    run folders are written with ordinary file I/O by each run's rank-0 worker.
+    """
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
+        raise UserError(f"{source} {value}: object-store URIs are not supported yet (run folders are "
+                        "written with file I/O); use a shared filesystem path every node mounts, "
+                        "e.g. EFS or NFS at /mnt/efs/seld")
+    return os.path.expanduser(os.path.expandvars(value))
+
+
+def _is_under(path: Path, root: str) -> bool:
+    return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(root))
+
+
+def check_shared_paths(plan: ClusterPlan, paths: dict[str, Path | None]) -> None:
+    """On a multi-node cluster, refuse (one line, before anything runs) a results or cache folder
+    outside the plan's shared storage: trials on other nodes would write run folders where the
+    study driver never looks, or fail reading a feature store that only one node holds.
+
+    Args:
+        paths: option name -> folder (``{"--out": OUT, "--cache-dir": DIR}``), None when not given.
+    """
+    if not plan.multi_node:
+        return
+    for name, path in paths.items():
+        if path is None:
+            continue
+        if not plan.storage:
+            raise UserError(f"{name} {path}: {plan.source} is a multi-node cluster but names no shared "
+                            "storage; pass --storage with a path every node mounts (or set SELD_STORAGE)")
+        if not _is_under(path, plan.storage):
+            raise UserError(f"{name} {path}: not on the shared storage {plan.storage} of the multi-node "
+                            f"cluster {plan.source}; other nodes cannot see it (leave {name} out, or "
+                            f"put it under {plan.storage})")
+
+
+def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None = None) -> ClusterPlan:
     """Per-trial resources and concurrency from a cluster file (or this machine when None).
 
     GPU clusters: one GPU per Train worker, ``cfg.train.num_workers`` workers per trial kept on one
@@ -163,6 +263,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
     ``CPU_TRIAL_FOOTPRINT`` logical CPUs per worker (Train worker, Ray Data tasks, the trial driver:
     a Train run that takes every CPU hangs Ray Data, and on 2 cores a second concurrent trial
     brings no speed-up, notes/ray-2.60.md).
+
+    ``storage`` (``--storage``) overrides the cluster file's shared storage and SELD_STORAGE.
     """
     if path is None:
         import torch
@@ -183,6 +285,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
             launcher = load_launcher_file(path)
             nodes, setup = _nodes_from_launcher(launcher)
             max_total = int(launcher.get("max_workers", 0))
+    drivers = any(n.drivers for n in nodes)
+    nodes = [n for n in nodes if n.cpus > 0 or n.gpus > 0]
     if not nodes:
         raise UserError(f"{source}: no node type offers CPUs or GPUs for trials")
     n_workers = cfg.train.num_workers
@@ -203,9 +307,16 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig) -> ClusterPlan:
                           for n in nodes)
         gpus_per_worker = 0.0
         used_nodes = tuple(nodes)
-    storage = os.environ.get("SELD_STORAGE") if path is not None and os.environ.get("SELD_STORAGE") else _parse_storage(setup)
+    if storage:
+        storage = storage_path(storage)
+    elif path is not None:
+        found = os.environ.get("SELD_STORAGE") or _parse_storage(setup)
+        storage = storage_path(found, f"{source}: SELD_STORAGE") if found else None
+    n_nodes = sum(n.max_nodes for n in nodes) + (1 if drivers and not any(n.is_head for n in nodes) else 0)
     return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, max(1, concurrency),
-                       storage if path is not None else None, used_nodes)
+                       storage, used_nodes, driver_nodes=drivers,
+                       train_max_failures=CLUSTER_TRAIN_MAX_FAILURES if path is not None else 0,
+                       multi_node=path is not None and n_nodes > 1)
 
 
 def estimate_run_hours(cfg: ExperimentConfig, n_train_real: int, n_train_synth: int, plan: ClusterPlan) -> float:
@@ -216,8 +327,23 @@ def estimate_run_hours(cfg: ExperimentConfig, n_train_real: int, n_train_synth: 
     return clip_epochs / (CLIPS_PER_S[plan.device] * plan.workers_per_trial) / 3600.0
 
 
-def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str) -> str:
-    """Human-readable plan printed by ``--dry-run``."""
+def planned_budget_s(run_hours: float) -> float:
+    """A run's time budget from its estimate: BUDGET_MARGIN x the hours, at least MIN_PLANNED_BUDGET_S."""
+    return max(MIN_PLANNED_BUDGET_S, round(BUDGET_MARGIN * run_hours * 3600.0, -1))
+
+
+def budget_overrides(preset: str, overrides: dict[str, Any], run_hours: float) -> dict[str, Any]:
+    """``{"train.time_budget_s": planned}`` for a run of a PLANNED_BUDGET_PRESETS preset whose
+    overrides set no budget; else nothing (the preset's or the user's budget stands)."""
+    if preset not in PLANNED_BUDGET_PRESETS or "train.time_budget_s" in overrides:
+        return {}
+    return {"train.time_budget_s": planned_budget_s(run_hours)}
+
+
+def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str,
+                budget_s: float | None = None) -> str:
+    """Human-readable plan printed by ``--dry-run``; ``budget_s``: the runs' train.time_budget_s
+    (the largest), stated with whether the plan set it."""
     per_trial = f"{plan.workers_per_trial} worker(s) x ({plan.cpus_per_worker:g} CPU"
     per_trial += f", {plan.gpus_per_worker:g} GPU)" if plan.gpus_per_worker else ")"
     devices = plan.workers_per_trial
@@ -230,27 +356,35 @@ def format_plan(plan: ClusterPlan, n_trials: int, run_hours: float, title: str) 
         f"  resources per trial : {per_trial}",
         f"  concurrency         : {plan.concurrency} trials at once",
         f"  storage             : {plan.storage or 'local folder (--out)'}",
+        "  trial drivers       : " + (f"on {DRIVER_RESOURCE} nodes (not preemptible)" if plan.driver_nodes
+                                       else "anywhere (no node advertises " + DRIVER_RESOURCE + ")"),
+        f"  node loss           : Train restores from the last epoch, up to {plan.train_max_failures} times per run",
         f"  est. hours per trial: {run_hours:.2f} (upper bound, {CLIPS_PER_S[plan.device]:g} clips/s per {plan.device} worker)",
         f"  est. wall time      : {waves * run_hours:.2f} h ({waves} wave(s))",
         f"  est. device-hours   : {n_trials * run_hours * devices:.2f} {plan.device}-hours",
     ]
+    if budget_s is not None:
+        lines.append(f"  time budget per run : {budget_s:.0f} s = {budget_s / 3600:.2f} h (train.time_budget_s; "
+                     "a run that reaches it is recorded as status time_budget)")
     return "\n".join(lines)
 
 
 def plan_storage_named(cluster: Path | None) -> bool:
-    """Whether a cluster file names shared storage (SELD_STORAGE) for the results."""
+    """Whether a cluster file (or SELD_STORAGE) names shared storage for the results."""
     if cluster is None or not Path(cluster).is_file():
         return False
     return _parse_storage(Path(cluster).read_text().splitlines()) is not None or bool(os.environ.get("SELD_STORAGE"))
 
 
-def start_ray(plan: ClusterPlan) -> None:
+def start_ray(plan: ClusterPlan, env_vars: dict[str, str] | None = None) -> None:
     """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running),
-    through :func:`seld.train.init_ray`."""
+    through :func:`seld.train.init_ray`. Training logs reach this driver (and ``ray job logs``);
+    ``env_vars`` (e.g. :func:`seld.study.tune.forwarded_env`) reach every trial and Train worker
+    through Ray's runtime environment."""
     from seld.train import init_ray
 
     if plan.source != "embedded":
         log.info("Ray cluster of %s", plan.source)
-        init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+        init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), env_vars=env_vars)
         return
-    init_ray(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), log_to_driver=False)
+    init_ray(num_cpus=int(plan.nodes[0].cpus), num_gpus=int(plan.nodes[0].gpus), env_vars=env_vars)

@@ -66,6 +66,23 @@ def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def run_status(run_dir: Path, cfg: ExperimentConfig, error: str | None) -> tuple[str, str]:
+    """(status, error) of a run from its folder: "ok"; "time_budget" when metrics.json says the
+    budget stopped it (the error names the stages left); "failed" without metrics.json (``error``:
+    Tune's one-line cause, if any).
+    """
+    path = run_dir / METRICS_JSON
+    if not path.exists():
+        return "failed", error or "no metrics.json (interrupted?)"
+    metrics = json.loads(path.read_text())
+    status = metrics.get("status", "ok")
+    if status == "time_budget":
+        left = sorted(set(cfg.train.stage_numbers) - set(metrics.get("stages_done", [])))
+        return status, (f"train.time_budget_s={cfg.train.time_budget_s:g} s reached; stage(s) "
+                        f"{', '.join(map(str, left))} not finished")
+    return status, ""
+
+
 def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_dir: Path, out: Path,
          data: DataPlan | None, sha: str, status: str, error: str, extra: dict[str, Any]) -> dict[str, Any]:
     attempts_file = run_dir / ATTEMPTS
@@ -80,7 +97,8 @@ def summary_row(study: str, variant: str, seed: int, cfg: ExperimentConfig, run_
     metrics_path = run_dir / METRICS_JSON
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
-        row.update(flatten_metrics(metrics))
+        # The row's status is the study's verdict (run_status), not metrics.json's own field.
+        row.update({k: v for k, v in flatten_metrics(metrics).items() if k != "status"})
         row["wall_s"] = metrics.get("cost/wall_s")
         if row["wall_s"] is None and attempts:
             # Driver-side wall time of the run that finished: its last start to its metrics.json.

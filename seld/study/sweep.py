@@ -30,11 +30,26 @@ from seld.runfolder import (
     write_json_atomic,
 )
 from seld.study.cli import Options, prepare_out, results_dir
-from seld.study.cluster import ClusterPlan, estimate_run_hours, format_plan, plan_cluster, start_ray
+from seld.study.cluster import (
+    ClusterPlan,
+    budget_overrides,
+    check_shared_paths,
+    estimate_run_hours,
+    format_plan,
+    plan_cluster,
+    start_ray,
+)
 from seld.study.prepare import prepare_data, train_counts
 from seld.study.progress import progress_callback, resources_line, study_log
 from seld.study.summary import flatten_metrics, write_rows
-from seld.study.tune import error_text, fit_tuner, log_tables_to_wandb, sweep_trainable, trial_env
+from seld.study.tune import (
+    error_text,
+    fit_tuner,
+    forwarded_env,
+    log_tables_to_wandb,
+    sweep_trainable,
+    trial_env,
+)
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -160,16 +175,22 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     config and the plots. Returns trials.csv, or the plan text on --dry-run."""
     n_trials = opts.trials or sweep.n_trials
     base = preset_config(sweep.preset, {**sweep.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base)
+    plan = plan_cluster(opts.cluster, base, opts.storage)
     out = results_dir(opts.out, sweep.name, plan=plan)
+    counts = train_counts(base, opts)
+    hours = estimate_run_hours(base, *counts, plan)
+    overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
+    if opts.time_budget_s:
+        overrides["train.time_budget_s"] = opts.time_budget_s
+    overrides.update(budget_overrides(sweep.preset, overrides, hours))
     if opts.dry_run:
-        n_real, n_synth = train_counts(base, opts)
-        hours = estimate_run_hours(base, n_real, n_synth, plan)
         return format_plan(plan, n_trials, hours, f"sweep {sweep.name!r} (preset {sweep.preset}, "
                                                   f"{len(sweep.space)} parameters, Optuna TPE + ASHA; "
-                                                  "hours assume no early stop)")
+                                                  "hours assume no early stop)",
+                           budget_s=preset_config(sweep.preset, overrides).train.time_budget_s)
     if opts.report_only:
         return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
+    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
     prepare_out(out, opts, "optuna.journal")
     with study_log(out) as log_path:
         storage = optuna_storage(out / "optuna.journal")
@@ -180,9 +201,6 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
                  len(done), n_trials, max(remaining, 0), log_path)
         data = prepare_data(base, opts, out / "_work")
         if remaining > 0:
-            overrides = {**sweep.overrides, **plan.overrides(), **opts.sets, "seed": sweep.seed}
-            if opts.time_budget_s:
-                overrides["train.time_budget_s"] = opts.time_budget_s
             spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
                     "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
                     "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
@@ -299,7 +317,7 @@ def point_key(params: dict[str, Any]) -> tuple:
 
 
 def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
-    start_ray(plan)
+    start_ray(plan, forwarded_env(opts))
     cfg = preset_config(sweep.preset, spec["overrides"])
     max_t = cfg.train.max_epochs
     # Optuna ids of earlier trials seed the sampler's RNG offset so a resumed sweep does not
@@ -311,7 +329,7 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     log.info("%s", resources_line(concurrency, plan.workers_per_trial, plan.cpus_per_worker, plan.gpus_per_worker))
     progress = progress_callback({}, n_total=n_before + n, n_done_before=n_before, concurrency=concurrency,
                                  max_retries=opts.max_retries, default_epochs=max_t)
-    results = fit_tuner(sweep_trainable(spec), tune_space(sweep.space), plan, out, sweep.name, opts,
+    results = fit_tuner(sweep_trainable(spec, plan), tune_space(sweep.space), plan, out, sweep.name, opts,
                         callbacks=[progress], metric=sweep.metric, mode=sweep.mode, search_alg=searcher,
                         scheduler=scheduler, num_samples=n)
     records = []
@@ -392,11 +410,13 @@ def _trial_row(t, params: dict[str, Any], trial_dir: Path | None, tune_log: dict
     status = t.state.name.lower()
     if status == "complete":
         status = "finished" if metrics else "stopped_early"
+        if metrics.get("status", "ok") != "ok":
+            status = metrics["status"]  # "time_budget": the run's budget stopped it, not ASHA
     row = {"number": t.number, "trial_id": trial_dir.name if trial_dir else "", "status": status,
            "error": tl.get("error", ""), "value": t.value, "epochs": n_epochs,
            **{f"param/{k}": v for k, v in params.items()}}
     row.update({k: v for k, v in flatten_metrics(metrics).items() if not k.startswith("classwise")
-                and "/class/" not in k})
+                and "/class/" not in k and k != "status"})
     return row
 
 

@@ -21,13 +21,60 @@ from seld.runfolder import ATTEMPTS, CONFIG_JSON
 from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
 
+# W&B settings a trial needs wherever it runs: the key exists only where the user logged in or
+# exported it (the submitting machine, the head), and trials run on other nodes.
+WANDB_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY")
+# Not through Ray's runtime environment: Ray 2.60's runtime-env agent writes every runtime env it
+# sets up, env_vars included, to logs/runtime_env_agent.log on each node (tests/test_multinode.py
+# found a canary key there).
+SECRET_ENV = ("WANDB_API_KEY",)
+
+
+def _wandb_env(opts: Options) -> dict[str, str]:
+    """The W&B variables of this environment (the key also from ``~/.netrc``), when --wandb."""
+    if not opts.wandb:
+        return {}
+    env = {k: os.environ[k] for k in WANDB_FORWARD if os.environ.get(k)}
+    if "WANDB_API_KEY" not in env:
+        import netrc
+        from urllib.parse import urlparse
+
+        host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+        try:
+            auth = netrc.netrc().authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            auth = None
+        if auth and auth[2]:
+            env["WANDB_API_KEY"] = auth[2]
+    return env
+
+
+def forwarded_env(opts: Options) -> dict[str, str]:
+    """W&B settings of this (submitting) environment that every trial gets through Ray's runtime
+    environment (``env_vars``) when the study logs to W&B: mode, host, entity; empty otherwise.
+
+    The key is not among them (SECRET_ENV): :func:`trial_env` hands it to each trial in memory.
+    Variables a ``ray job submit --runtime-env-json`` already sets are left out (Ray refuses a
+    driver runtime env that sets the same keys as its job's).
+    """
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    job_env = ((job.get("runtime_env") or {}).get("env_vars") or {})
+    return {k: v for k, v in _wandb_env(opts).items() if k not in job_env and k not in SECRET_ENV}
+
 
 def trial_env(opts: Options, study: str) -> dict[str, str]:
-    """Environment each trial sets in its own process (W&B offline unless the user chose a mode)."""
+    """Environment each trial sets in its own process (W&B offline unless the user chose a mode).
+
+    With --wandb it carries the W&B key of this environment (``WANDB_API_KEY``, else ``~/.netrc``):
+    it reaches the trial inside its spec (Ray's object store, in memory) and is set in the trial's
+    process only, never written or logged (tests/test_multinode.py looks for a canary key in every
+    file of the storage and of Ray's session folder).
+    """
     env = {"RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0"}
     if opts.wandb:
         env.update({"WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
                     "WANDB_RUN_GROUP": study})
+        env.update({k: v for k, v in _wandb_env(opts).items() if k in SECRET_ENV})
     return env
 
 
@@ -38,6 +85,8 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     suggested values (dotted keys), applied on top. The Train run reports every epoch to Tune
     through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
     """
+    import ray
+
     from seld.train import run_training
 
     os.environ.update(spec.get("env", {}))
@@ -45,9 +94,13 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / CONFIG_JSON).exists()
+    # Where this attempt's driver ran and which forwarded W&B variables it saw (names only, never
+    # values): what to check when trials on other nodes cannot log, or a node was lost.
     with open(run_dir / ATTEMPTS, "a") as f:
         f.write(json.dumps({"start_unix_s": round(time.time(), 3), "resume": resume,
-                            "config_hash": config_hash(cfg)}) + "\n")
+                            "config_hash": config_hash(cfg),
+                            "node_id": ray.get_runtime_context().get_node_id(),
+                            "wandb_env": sorted(k for k in WANDB_FORWARD if os.environ.get(k))}) + "\n")
     if spec.get("wandb"):
         os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
     return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
@@ -74,21 +127,22 @@ def _sweep_trainable(config: dict, spec: dict) -> None:
     train_trial(spec, params)
 
 
-def ablation_trainable(specs: dict[str, dict]):
-    """The ablation's Tune trainable: one trial per run id (``config["run_id"]``) of ``specs``.
+def ablation_trainable(specs: dict[str, dict], plan: ClusterPlan):
+    """The ablation's Tune trainable: one trial per run id (``config["run_id"]``) of ``specs``,
+    its driver placed as ``plan.driver_resources()`` says (on a non-preemptible node if any).
 
     Ray must be up (:func:`seld.study.cluster.start_ray`): the specs go to its object store.
     """
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), {"cpu": 0.01})
+    return tune.with_resources(tune.with_parameters(_ablation_trainable, specs=specs), plan.driver_resources())
 
 
-def sweep_trainable(spec: dict):
+def sweep_trainable(spec: dict, plan: ClusterPlan):
     """The sweep's Tune trainable: ``spec`` with the trial's suggested values (Ray must be up)."""
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), {"cpu": 0.01})
+    return tune.with_resources(tune.with_parameters(_sweep_trainable, spec=spec), plan.driver_resources())
 
 
 def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Path, name: str,
