@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,7 +43,12 @@ def runs(smoke_store, tmp_path_factory):
         run = base / "run"
         cmd = [str(Path(sys.executable).parent / "seld"), "train", str(store), "--preset", "smoke", "--out", str(run),
                "--workers", "2", "--set", "train.stages=stage1", "--set", "train.torch_threads=1"]
-        res = cost.run_measured(cmd, interval=0.25, env={**os.environ, "RAY_ADDRESS": ""})
+        # Its own Ray, apart from the session's: no address, its own temp folder (a shared RAY_TMPDIR
+        # lets `ray.init()` find the session's Ray and connect to it), its own process group.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="seldm-")  # short: socket paths must fit 107 bytes
+        res = cost.run_measured(cmd, interval=0.25, env=env, start_new_session=True)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
         assert res["rc"] == 0, res
         out[n] = (store, run, res)
     return out
