@@ -61,3 +61,10 @@ def ray_session(tmp_path_factory):
     init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that start Ray clusters of their own (several nodes, or `seld train` with its own Ray)
+    run last, after every test that uses the session's Ray."""
+    own = ("test_multinode.py", "test_scale.py")
+    items.sort(key=lambda item: item.path.name in own)
