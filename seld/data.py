@@ -80,16 +80,17 @@ def shard_paths(store: str | Path, features_cfg=None) -> list[Path]:
     return paths
 
 
-def read_index(store: str | Path, features_cfg=None):
+def read_index(store: str | Path, features_cfg=None, layout: StoreLayout | None = None):
     """The store's index: clip, split, domain, role, site, room, and where each row lives (`shard`:
-    position in :func:`store_layout`'s shards, `row`: row within the shard). No features are read.
+    position in :func:`store_layout`'s shards, `row`: row within the shard). No features are read;
+    `layout`: the store's layout when the caller has it (else read and checked here).
 
     Raises:
         DataError: a shard disagrees with the manifest (row count, feature size), naming the shard.
     """
     import pandas as pd
 
-    layout = store_layout(store, features_cfg)
+    layout = layout or store_layout(store, features_cfg)
     frames = []
     for i, p in enumerate(layout.shards):
         frame = pq.read_table(p, columns=list(INDEX_COLUMNS)).to_pandas()
@@ -218,9 +219,10 @@ def row_set(index, clips) -> RowSet:
     """The index rows of `clips`, sorted by clip id (every clip must be in the index)."""
     by_clip = index.set_index("clip", drop=False)
     wanted = sorted(str(c) for c in clips)
-    missing = [c for c in wanted[:5] if c not in by_clip.index]
+    missing = sorted(set(wanted) - set(by_clip.index))
     if missing:
-        raise DataError(f"clips {missing} are not in the store")
+        raise DataError(f"{len(missing)} planned clip(s) are not in the store's index, e.g. {missing[:5]} "
+                        "(store changed since the run was planned?)")
     sub = by_clip.loc[wanted] if wanted else by_clip.iloc[:0]
     return RowSet(sub["clip"].to_numpy().astype(str), sub["split"].to_numpy().astype(str),
                   sub["domain"].to_numpy().astype(str), sub["shard"].to_numpy().astype(np.int32),
@@ -629,7 +631,7 @@ def plan_run(cfg: ExperimentConfig, store: str | Path) -> dict:
     the config needs is empty.
     """
     layout = store_layout(store, cfg.features)
-    index = read_index(store, cfg.features)
+    index = read_index(store, cfg.features, layout)  # the footers are read once
     try:
         rows = plan_rows(index, cfg)
     except DataError as e:
