@@ -212,6 +212,7 @@ class RunScores:
     metrics: dict[str, Any]
     thresholds: np.ndarray
     predictions: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    counters: dict[str, np.ndarray] = field(default_factory=dict)  # prefix -> (n_test, 13, K), test order
 
 
 def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: dict[str, ClipBatch],
@@ -240,6 +241,7 @@ def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: di
     fmt, t05, bs = cfg.model.output_format, cfg.train.val_threshold, cfg.train.batch_size
     test = tests["test"]
     metrics: dict[str, Any] = {}
+    counters: dict[str, np.ndarray] = {}
 
     def outputs_of(blob: dict, name: str, sets: list[ClipBatch]) -> list[np.ndarray]:
         net.load_state_dict(blob["model"])
@@ -248,7 +250,9 @@ def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: di
 
     if stage1 is not None:
         (out1,) = outputs_of(stage1, "stage1", [test])
-        metrics.update(flat_scores(score_outputs(out1, test.events, fmt, t05)[0], "stage1_test"))
+        s_stage1 = score_outputs(out1, test.events, fmt, t05)[0]
+        metrics.update(flat_scores(s_stage1, "stage1_test"))
+        counters["stage1_test"] = s_stage1.counters
     out_val, out_test = outputs_of(selected, "selected", [val, test])
     metrics.update(flat_scores(score_outputs(out_val, val.events, fmt, t05)[0], "val"))
     thr = np.asarray(fit_thresholds(out_val, val.events, fmt), dtype=np.float64)
@@ -263,6 +267,7 @@ def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: di
     s_pp, preds_pp = score_outputs(out_test, test.events, fmt, thr)
     metrics.update(flat_scores(s_test, "test"))
     metrics.update(flat_scores(s_pp, "test_pp"))
+    counters["test"], counters["test_pp"] = s_test.counters, s_pp.counters
     metrics.update(score_breakdowns(test.events, preds_pp, test.splits,
                                     [prediction_csv_name(c) for c in test.clips],
                                     counters=s_pp.counters, prefix="test_pp"))
@@ -272,7 +277,7 @@ def evaluate_run(net: torch.nn.Module, selected: dict, val: ClipBatch, tests: di
     metrics["thresholds"] = [float(t) for t in np.broadcast_to(thr, (13,))]
     metrics["classwise"] = {"test": s_test.to_dict().get("classwise", []),
                             "test_pp": s_pp.to_dict().get("classwise", [])}
-    return RunScores(metrics, thr, {PREDICTIONS: preds_pp, PREDICTIONS_T05: preds05})
+    return RunScores(metrics, thr, {PREDICTIONS: preds_pp, PREDICTIONS_T05: preds05}, counters)
 
 
 __all__ = ["BREAKDOWN_METRICS", "DISTANCE_BINS_M", "SCALAR_KEYS", "RunScores", "evaluate_run",

@@ -358,17 +358,31 @@ def jackknife_intervals(counters: np.ndarray, significance_level: float = 0.05
     totals = counters.sum(axis=0)
     global_values = _summary_metrics(totals)
     partial = _summary_metrics(totals[None] - counters)
+    return {name: jackknife_from_partials(float(global_values[name]), pe, significance_level)
+            for name, pe in partial.items()}
+
+
+def jackknife_from_partials(global_value: float, partial: np.ndarray, significance_level: float = 0.05
+                            ) -> dict[str, float]:
+    """The official jackknife from a statistic on all n files and its n leave-one-out values:
+    bias = (n-1)(mean(partial) - global), std_err = sqrt((n-1) mean((partial - mean)^2)),
+    estimate = global - bias, interval = estimate +- t * std_err (Student's t, n-1 degrees of freedom).
+    """
+    pe = np.asarray(partial, dtype=np.float64)
+    n = len(pe)
     t_value = float(stats.t.ppf(1 - significance_level / 2, n - 1))
-    out = {}
-    for name, pe in partial.items():
-        mean = float(np.mean(pe))
-        g = float(global_values[name])
-        bias = (n - 1) * (mean - g)
-        std_err = float(np.sqrt((n - 1) * np.mean((pe - mean) ** 2)))
-        est = g - bias
-        out[name] = {"global": g, "estimate": est, "bias": bias, "std_err": std_err,
-                     "low": est - t_value * std_err, "high": est + t_value * std_err}
-    return out
+    mean = float(np.mean(pe))
+    g = float(global_value)
+    bias = (n - 1) * (mean - g)
+    std_err = float(np.sqrt((n - 1) * np.mean((pe - mean) ** 2)))
+    est = g - bias
+    return {"global": g, "estimate": est, "bias": bias, "std_err": std_err,
+            "low": est - t_value * std_err, "high": est + t_value * std_err}
+
+
+def summary_metrics(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """F20 (%), DOAE_CD, RDE_CD and DistE_CD from pooled counters (..., 13, K) -> arrays (...)."""
+    return _summary_metrics(np.asarray(totals, dtype=np.float64))
 
 
 def score_events(refs: Sequence[np.ndarray], preds: Sequence[np.ndarray],

@@ -36,6 +36,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
 # ``test_pp/site/tau/f20``; shown for the row marked ``breakdowns=True``.
 BREAKDOWN_GROUPS: tuple[str, ...] = ("site", "distance", "polyphony")
 REQUIRED_COLUMNS: tuple[str, ...] = ("variant", "seed", "status")
+COUNTERS_NPZ = "counters.npz"  # a study's per-test-file counters of its runs (seld.paired)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,18 @@ class TableRow:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A paired difference between two rows of a table (by label): ``a`` - ``b``.
+
+    ``verdict``: show the better / no difference detected / worse column (seld.paired.verdict).
+    """
+
+    a: str
+    b: str
+    verdict: bool = False
+
+
+@dataclass(frozen=True)
 class TableSpec:
     """A table: its file stem, caption, rows and (optionally) the paper's own figures.
 
@@ -72,6 +85,7 @@ class TableSpec:
     paper: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     paper_source: str = ""
     domain_gap_prefix: str = "synth_test"
+    comparisons: tuple[Comparison, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,90 @@ def _domain_gap(rows: pd.DataFrame, spec: TableSpec, stats_: list[_RowStats]) ->
     for _, h, _ in METRICS:
         header += [f"{h} real", f"{h} synthetic"]
     return header + ["seeds"], body
+
+
+def _signed(x: float, dec: int) -> str:
+    return f"{x:+.{dec}f}"
+
+
+def _fmt_diff(iv, dec: int) -> str:
+    """"+3.2 [+1.1, +5.3]"; the estimate alone when the interval is undefined; "–" without data."""
+    if iv is None or iv.n == 0 or not np.isfinite(iv.estimate):
+        return "–"
+    if not iv.defined:
+        return _signed(iv.estimate, dec)
+    return f"{_signed(iv.estimate, dec)} [{_signed(iv.lo, dec)}, {_signed(iv.hi, dec)}]"
+
+
+def _seed_values(rows: pd.DataFrame, row: TableRow, metric: str) -> dict[int, float]:
+    runs = _ok(rows, row.variant)
+    key = f"{row.prefix}/{metric}"
+    if key not in runs.columns:
+        return {}
+    vals = pd.to_numeric(runs[key], errors="coerce")
+    return {int(s): float(v) for s, v in zip(runs["seed"], vals, strict=True) if np.isfinite(v)}
+
+
+def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray] | None
+            ) -> tuple[list[str], list[list[str]], pd.DataFrame] | None:
+    """The table's paired differences (``spec.comparisons``): markdown header and body, and the
+    long-format records of ``<table>_paired.csv``."""
+    from seld.paired import (
+        HIGHER_IS_BETTER,
+        paired_file_jackknife,
+        paired_t,
+        run_counters_key,
+        verdict,
+    )
+
+    if not spec.comparisons:
+        return None
+    by_label = {r.label: r for r in spec.rows}
+    with_verdict = any(c.verdict for c in spec.comparisons)
+    header = ["Comparison (A − B)", "Δ F20 (pp), seeds", "Δ F20 (pp), files", "Δ DOAE_CD (°), seeds",
+              "Δ RDE_CD, seeds", "seeds"] + (["verdict (F20)"] if with_verdict else [])
+    body, recs = [], []
+    for comp in spec.comparisons:
+        a, b = by_label[comp.a], by_label[comp.b]
+        seeds_iv, files_iv = {}, {}
+        for m, _, _ in METRICS:
+            va, vb = _seed_values(rows, a, m), _seed_values(rows, b, m)
+            seeds_iv[m] = paired_t(va, vb)
+            files_iv[m] = None
+            common = sorted(set(va) & set(vb))
+            keys = [(run_counters_key(a.variant, s, a.prefix), run_counters_key(b.variant, s, b.prefix))
+                    for s in common]
+            if counters and keys and all(ka in counters and kb in counters for ka, kb in keys):
+                files_iv[m] = paired_file_jackknife(np.stack([counters[ka] for ka, _ in keys]),
+                                                    np.stack([counters[kb] for _, kb in keys]), m)
+        v = verdict(seeds_iv["f20"], files_iv["f20"], HIGHER_IS_BETTER["f20"]) if comp.verdict else ""
+        cells = [f"{comp.a} − {comp.b}", _fmt_diff(seeds_iv["f20"], 1), _fmt_diff(files_iv["f20"], 1),
+                 _fmt_diff(seeds_iv["doae_cd"], 1), _fmt_diff(seeds_iv["rde_cd"], 3),
+                 str(seeds_iv["f20"].n)]
+        body.append(cells + ([v] if with_verdict else []))
+        for m, _, _ in METRICS:
+            fi = files_iv[m]
+            recs.append({
+                "a": comp.a, "b": comp.b, "metric": m,
+                "seeds_estimate": seeds_iv[m].estimate, "seeds_lo": seeds_iv[m].lo,
+                "seeds_hi": seeds_iv[m].hi, "n_seeds": seeds_iv[m].n,
+                "files_estimate": fi.estimate if fi else math.nan, "files_lo": fi.lo if fi else math.nan,
+                "files_hi": fi.hi if fi else math.nan, "n_files": fi.n if fi else 0,
+                "verdict": verdict(seeds_iv[m], fi, HIGHER_IS_BETTER[m]) if comp.verdict else "",
+            })
+    return header, body, pd.DataFrame.from_records(recs)
+
+
+PAIRED_NOTE = (
+    "Each cell is the mean difference A − B and its 95 % interval. *Seeds*: the paired Student-t "
+    "interval of the per-seed differences (rows trained with the same seed; the stage rows of one "
+    "training), which holds training randomness. *Files*: the leave-one-file-out jackknife of the "
+    "seed-mean difference, the same test file left out of both rows (the official metric's jackknife "
+    "applied to the difference), which holds the choice of test clips; `–` where the runs' per-file "
+    "counters are not recorded. Verdict on F20 at 95 %: *better* or *worse* only when every defined "
+    "interval (seeds, files) excludes 0 on the same side, else *no difference detected*; with one seed "
+    "the file interval alone decides."
+)
 
 
 def _tex_escape(text: str) -> str:
@@ -524,7 +622,8 @@ def _curves_png(path: Path, curves: pd.DataFrame, rows: pd.DataFrame | None = No
 
 # --- Entry point -----------------------------------------------------------------------------------
 def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
-                 curves: pd.DataFrame | None = None) -> list[Path]:
+                 curves: pd.DataFrame | None = None,
+                 counters: dict[str, np.ndarray] | None = None) -> list[Path]:
     """Write every table and plot of a study from its rows.
 
     Args:
@@ -533,6 +632,8 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
         out_dir: folder for the outputs (usually ``results/<study>``).
         tables: what to tabulate (declared by the study script).
         curves: per-epoch rows (``curves.csv``: variant, seed, epoch, ``val/f20`` ...), optional.
+        counters: per-test-file counters of the runs (``counters.npz``: ``variant|seed|prefix`` ->
+            (n_files, 13, K)), optional: the paired differences' file intervals.
 
     Returns:
         The paths written, in order. Deterministic: the same rows give the same bytes.
@@ -556,6 +657,9 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
                 _md_table(["System (paper, real data)", *[h for _, h, _ in METRICS]],
                           [[label, f"{f:.2f}", f"{d:.1f}", f"{r:.2f}"] for label, (f, d, r) in spec.paper.items()]),
             ]
+        paired = _paired(rows, spec, counters)
+        if paired:
+            md += ["## Paired differences", "", PAIRED_NOTE, "", _md_table(paired[0], paired[1])]
         gap = _domain_gap(rows, spec, stats_)
         if gap:
             md += ["## Domain gap: the synthetic-domain test split (dev-test-synth)", "", _md_table(*gap)]
@@ -583,6 +687,11 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
             tmp.write_text("".join(tex), encoding="utf-8")
         _bars_png(paths["png"], spec, stats_)
         written += list(paths.values())
+        if paired:
+            ppath = out_dir / f"{spec.name}_paired.csv"
+            with atomic_write(ppath) as tmp:
+                paired[2].to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+            written.append(ppath)
         cw = out_dir / f"{spec.name}_classwise.png"
         if _classwise_png(cw, rows, stats_):
             written.append(cw)
@@ -594,7 +703,10 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
 
 
 def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path]:
-    """`--report-only`: read ``summary.csv`` (and ``curves.csv`` if present) and write the report."""
+    """`--report-only`: read ``summary.csv`` (and ``curves.csv``, ``counters.npz`` if present) and
+    write the report."""
+    from seld.paired import load_counters
+
     study_dir = Path(study_dir)
     summary = study_dir / "summary.csv"
     if not summary.is_file():
@@ -602,7 +714,9 @@ def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path
     rows = pd.read_csv(summary)
     curves_path = study_dir / "curves.csv"
     curves = pd.read_csv(curves_path) if curves_path.is_file() else None
-    return write_report(rows, study_dir, tables, curves)
+    counters_path = study_dir / COUNTERS_NPZ
+    counters = load_counters(counters_path)[1] if counters_path.is_file() else None
+    return write_report(rows, study_dir, tables, curves, counters)
 
 
 def paste_into_readme(readme: Path, table_md: Path, marker: str) -> bool:

@@ -28,6 +28,7 @@ CHECKPOINT_DIR = "checkpoints"  # model files: stage<k>_best.pt and SELECTED
 SELECTED = "selected.pt"  # copy of the checkpoint chosen on validation
 PREDICTIONS = "predictions"  # test CSVs at the fitted thresholds
 PREDICTIONS_T05 = "predictions_t05"  # test CSVs at the default threshold 0.5
+TEST_COUNTERS = "test_counters.npz"  # per-test-file metric counters of each scored set (seld/paired.py)
 ATTEMPTS = "attempts.jsonl"  # one line per start of the run by a study
 WANDB_DIR = "wandb"  # W&B's offline log (wandb.init(dir=run folder) makes it)
 RAY_SUBDIR = "ray"  # Ray Train storage (per-epoch resume states)

@@ -38,6 +38,7 @@ from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
 from seld.errors import UserError
 from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
 from seld.metrics import score_counters
+from seld.paired import save_counters
 from seld.postprocess import decode_outputs
 from seld.predict import bf16_autocast, infer, load_weights, prepare_batch
 from seld.runfolder import (
@@ -50,6 +51,7 @@ from seld.runfolder import (
     RUN_FINISHED,
     SELECTED,
     SHARES_DIR,
+    TEST_COUNTERS,
     THRESHOLDS,
     atomic_write,
     read_model_file,
@@ -604,6 +606,8 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
+    # Per-test-file counters of every scored test set: the study's paired file-level intervals.
+    save_counters(run_dir / TEST_COUNTERS, tests["test"].clips, scores.counters)
     done = tuple(stages if stages_done is None else stages_done)
     status = "ok" if set(done) >= set(stages) else "time_budget"
     metrics: dict[str, Any] = {"status": status, "stages_done": list(done), "selected_stage": sel_stage,

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from seld.config import BASELINE_OVERRIDES
-from seld.report import TableRow, TableSpec
+from seld.config import baseline_overrides
+from seld.report import Comparison, TableRow, TableSpec
 from seld.study import Study, Variant, main
 
-# Table 1 of the paper: Baseline-A, and Stereo-RCnet's stages from the same two-stage trainings.
-TABLE1_VARIANTS = (
-    Variant("baseline", dict(BASELINE_OVERRIDES)),
-    Variant("stereo_rcnet", {}),
-)
+
+def table1_variants(preset: str) -> tuple[Variant, ...]:
+    """Table 1 of the paper: Baseline-A (its official recipe under the preset's fair policy), and
+    Stereo-RCnet's stages from the same two-stage trainings."""
+    return (Variant("baseline", baseline_overrides(preset)), Variant("stereo_rcnet", {}))
+
 TABLE1 = TableSpec(
     name="table1",
     title="Table 1: audio-only stereo SELD on the development test split",
@@ -34,6 +35,13 @@ TABLE1 = TableSpec(
         "Stage 2 + PP": (42.5, 15.0, 0.30),
     },
     paper_source="Stereo-RCnet paper, Table 1",
+    # Paired: the stage rows share trainings, Baseline-A and Stereo-RCnet share seeds and test files.
+    comparisons=(
+        Comparison("Stage 2", "Stage 1"),
+        Comparison("Stage 2 + PP", "Stage 2"),
+        Comparison("Stage 1", "Baseline-A"),
+        Comparison("Stage 2 + PP", "Baseline-A"),
+    ),
 )
 
 # What the paper claims but does not isolate: each a dotted-key override of Stereo-RCnet.
@@ -61,14 +69,29 @@ EXTENDED = TableSpec(
     name="extended",
     title="Extended ablation: Stereo-RCnet variants (Stage 2 + PP, test split)",
     rows=tuple(TableRow(v.name, v.name, "test_pp") for v in EXTENDED_VARIANTS),
+    comparisons=tuple(Comparison(v.name, "stereo_rcnet", verdict=True) for v in EXTENDED_VARIANTS[1:]),
+)
+# What Baseline-A's width costs: the `local` sizes against the official ones, same recipe and policy.
+BASELINE_WIDTH = TableSpec(
+    name="baseline_width",
+    title="Baseline-A at the local width and at the official width (threshold 0.5, test split)",
+    rows=(TableRow("baseline", "baseline", "test"),
+          TableRow("baseline_official_width", "baseline_official_width", "test")),
+    comparisons=(Comparison("baseline_official_width", "baseline", verdict=True),),
 )
 
+
+def extended_variants(preset: str) -> tuple[Variant, ...]:
+    return (*EXTENDED_VARIANTS, Variant("baseline", baseline_overrides(preset)),
+            Variant("baseline_official_width", baseline_overrides(preset, official_width=True)))
+
+
 STUDIES = {
-    "local": Study("ablation", "local", TABLE1_VARIANTS, seeds=(0, 1, 2), tables=(TABLE1,)),
-    "smoke": Study("ablation", "smoke", TABLE1_VARIANTS, seeds=(0,), tables=(TABLE1,)),
-    "local-extended": Study("ablation-extended", "local-extended", EXTENDED_VARIANTS, seeds=(0,),
-                            tables=(EXTENDED,)),
-    "paper": Study("ablation", "paper", TABLE1_VARIANTS, seeds=(0, 1, 2), tables=(TABLE1,)),
+    "local": Study("ablation", "local", table1_variants("local"), seeds=(0, 1, 2), tables=(TABLE1,)),
+    "smoke": Study("ablation", "smoke", table1_variants("smoke"), seeds=(0,), tables=(TABLE1,)),
+    "local-extended": Study("ablation-extended", "local-extended", extended_variants("local-extended"),
+                            seeds=(0, 1, 2), tables=(EXTENDED, BASELINE_WIDTH)),
+    "paper": Study("ablation", "paper", table1_variants("paper"), seeds=(0, 1, 2), tables=(TABLE1,)),
 }
 
 if __name__ == "__main__":

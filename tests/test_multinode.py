@@ -229,7 +229,9 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
            "WANDB_DIR": str(storage / "wandb")}
     study = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--cluster", str(LOOPBACK),
              "--storage", str(storage), "--cache-dir", str(cache), "--max-retries", "1",
-             "--set", f"train.stage1.epochs={STAGE1_EPOCHS}", "--set", "train.stage2.epochs=1"]
+             "--set", f"train.stage1.epochs={STAGE1_EPOCHS}", "--set", "train.stage2.epochs=1",
+             # A fixed number of epochs (no early stopping): the kills are timed by epoch.
+             "--set", "train.stage1.patience=none"]
     bad = subprocess.run([*study, "--out", str(tmp_path / "node-local")], env=env, capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 2 and "node-local: not on the shared storage" in bad.stderr, bad.stderr[-2000:]

@@ -219,6 +219,13 @@ def test_smoke_ablation_end_to_end_report_only_and_resume(tmp_path, cache, ray_s
     for label in ("Baseline-A", "Stage 1", "Stage 2", "Stage 2 + PP"):
         line = next(x for x in md.splitlines() if x.startswith(f"| {label} |"))
         assert "–" not in line.split("|")[2], line  # a number in the F20 cell
+    # Paired differences from the runs' per-file counters (gathered into counters.npz): both the
+    # seed column (one seed: the estimate alone) and the file interval are filled.
+    assert all((d / "test_counters.npz").is_file() for d in (out / "runs").iterdir())
+    assert (out / "counters.npz").is_file() and (out / "table1_paired.csv").is_file()
+    paired = next(x for x in md.splitlines() if x.startswith("| Stage 2 − Stage 1 |")).split(" | ")
+    assert re.fullmatch(r"[+-]\d+\.\d", paired[1]) and re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]",
+                                                                    paired[2]), paired
     _check_study_wandb(out, smoke.name, rows)
     outputs = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv", ".tex", ".png")}
     assert {"table1.md", "table1.csv", "table1.tex", "table1.png", "curves.png", "summary.csv"} <= set(outputs)
@@ -296,7 +303,10 @@ def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(
     mod = _load_studies()
     out = tmp_path / "abl"
     rc = main(mod.STUDIES, ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache),
-                            "--time-budget-s", "1", "--max-retries", "0"], description="", example="")
+                            "--time-budget-s", "1", "--max-retries", "0",
+                            # Baseline-A's one stage to 1 epoch (the fair policy gives it the 2 of
+                            # Stereo-RCnet's two stages): the budget then stops only Stereo-RCnet.
+                            "--set", "train.stage1.epochs=1"], description="", example="")
     err = capsys.readouterr().err
     assert rc == 1, err
     assert "1 run(s) failed or truncated: stereo_rcnet-s0: time_budget" in err

@@ -13,6 +13,8 @@ import pytest
 
 from seld.config import preset_config
 from seld.errors import UserError
+
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
 from seld.train import default_num_cpus, prepare_run_dir, run_training
 
 
@@ -61,6 +63,17 @@ def test_worker_killed_after_an_epoch_restores_from_its_checkpoint(smoke_store, 
     epochs = [int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())]
     assert epochs == list(range(4))  # every epoch exactly once
     assert result["cost/epochs"] == 4
+    # The restored run is the run without the kill (CPU, one worker): same epochs, same scores.
+    straight = run_training(cfg, smoke_store, tmp_path / "straight")
+
+    def table(path):
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS}
+                for r in csv.DictReader((path / "metrics.csv").open())]
+
+    assert table(run) == table(tmp_path / "straight")
+    scores = [k for k in straight if k.split("/")[0] in ("val", "val_pp", "test", "test_pp", "stage1_test")]
+    assert scores and {k: result[k] for k in scores} == {k: straight[k] for k in scores}
+    assert (run / "thresholds.json").read_text() == (tmp_path / "straight" / "thresholds.json").read_text()
 
 
 @pytest.mark.ray

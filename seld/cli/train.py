@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from seld.config import BASELINE_OVERRIDES, PRESETS, ExperimentConfig, parse_set_args, preset_config
+from seld.config import PRESETS, ExperimentConfig, baseline_overrides, parse_set_args, preset_config
 
 NAME = "train"
 HELP = "two-stage training (Ray Train) from a feature store into a run folder"
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     """The run's config from the preset, --baseline, the flags and --set (in that order)."""
-    overrides: dict = dict(BASELINE_OVERRIDES) if args.baseline else {}
+    overrides: dict = baseline_overrides(args.preset) if args.baseline else {}
     for key, value in (("train.stages", args.stages), ("train.num_workers", args.workers),
                        ("seed", args.seed),
                        ("train.init_checkpoint", str(args.init_checkpoint) if args.init_checkpoint else None)):

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from seld.config import ExperimentConfig, config_hash, preset_config
-from seld.report import TableSpec, paste_into_readme, report_from_files
+from seld.paired import gather_study_counters
+from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_JSON, atomic_write
 from seld.study.cli import Options, final_table, prepare_out, results_dir
 from seld.study.cluster import (
@@ -175,6 +176,10 @@ def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: 
         status, error = run_status(run_dir, cfg, errors.get(run_id))
         rows.append(summary_row(study.name, v.name, seed, cfg, run_dir, out, data, sha, status, error, {}))
     write_rows(rows, out / "summary.csv", SUMMARY_COLUMNS)
+    # Per-test-file counters of the finished runs: the tables' paired file intervals (--report-only).
+    ok = [(v.name, seed, run_dir) for (v, seed, _, _, run_dir), r in zip(runs, rows, strict=True)
+          if r["status"] == "ok"]
+    gather_study_counters(out / COUNTERS_NPZ, ok)
     curves = read_curves([(v.name, seed, run_dir) for v, seed, _, _, run_dir in runs])
     if curves is not None:
         with atomic_write(out / "curves.csv") as tmp:
