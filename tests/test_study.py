@@ -21,13 +21,18 @@ from seld.study.summary import git_sha
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_studies():
+def _load_script(name: str):
+    """A study script of studies/ as a module (its __main__ block not run)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ablation_study", ROOT / "studies/ablation.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_study", ROOT / f"studies/{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_studies():
+    return _load_script("ablation")
 
 
 @pytest.fixture(scope="module")
@@ -340,3 +345,26 @@ def test_unfinished_runs_names_failed_and_truncated_runs_of_both_tables(tmp_path
     assert unfinished_runs(trials) == ["trial 3: fail", "trial 4: time_budget"]
     pd.DataFrame({"variant": ["a"], "seed": [0], "status": ["ok"]}).to_csv(summary, index=False)
     assert unfinished_runs(summary) == []
+
+
+def test_confirmation_study_reads_the_sweeps_best_config(tmp_path):
+    """studies/confirm.py: the tuned variant is the sweep's best overrides (its dry run plans the
+    default and the tuned runs); a missing or malformed best_config.json is one line naming it."""
+    import json
+
+    best = tmp_path / "best_config.json"
+    best.write_text(json.dumps({"overrides": {"loss.beta": 3.5, "model.n_conformer_layers": 1}}))
+    env = {**os.environ, "SELD_SWEEP_BEST": str(best), "RAY_ADDRESS": "10.255.255.1:1"}
+    cmd = [sys.executable, str(ROOT / "studies/confirm.py"), "--preset", "smoke", "--out", str(tmp_path / "cf")]
+    r = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "study 'sweep-confirm' (preset smoke, 2 variants x 1 seeds)" in r.stdout
+    spec = _load_script("confirm").studies(best)["local"]
+    assert [v.name for v in spec.variants] == ["default", "tuned"] and spec.seeds == (0, 1, 2)
+    assert spec.variants[1].overrides == {"loss.beta": 3.5, "model.n_conformer_layers": 1}
+    best.write_text("{not json")
+    bad = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and f"{best}: not a sweep's best_config.json" in bad.stderr
+    env["SELD_SWEEP_BEST"] = str(tmp_path / "none.json")
+    missing = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "none.json: no best_config.json; run `python studies/sweep.py` first" in missing.stderr
