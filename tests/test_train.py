@@ -13,9 +13,9 @@ import pytest
 
 from seld.config import preset_config
 from seld.errors import UserError
+from seld.train import default_num_cpus, prepare_run_dir, run_training
 
 TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
-from seld.train import default_num_cpus, prepare_run_dir, run_training
 
 
 def test_ray_gets_more_cpus_than_train_reserves():
