@@ -81,6 +81,9 @@ def test_plans_follow_the_cluster_files():
     assert ddp.concurrency == 2 and [n.name for n in ddp.nodes] == ["worker.gpu4"]
     assert format_plan(gpu, 6, 1.0, "x") != format_plan(local, 6, 1.0, "x")
     assert "6.00 gpu-hours" in format_plan(gpu, 6, 1.0, "x")
+    # --concurrency overrides the plan's trials at once (and the dry run's waves).
+    two = plan_cluster(LOCAL, cfg, max_concurrent=2)
+    assert two.concurrency == 2 and "3 wave(s)" in format_plan(two, 6, 1.0, "x")
 
 
 def test_dry_run_cli_prints_different_plans_without_connecting(tmp_path):

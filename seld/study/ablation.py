@@ -80,7 +80,7 @@ Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
 def run_study(study: Study, opts: Options) -> Path | str:
     """Run an ablation study (or only its report). Returns summary.csv, or the plan text on --dry-run."""
     base = preset_config(study.preset, {**study.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base, opts.storage)
+    plan = plan_cluster(opts.cluster, base, opts.storage, max_concurrent=opts.concurrency)
     out = results_dir(opts.out, study.name, plan=plan)
     if opts.report_only:
         report_from_files(out, study.tables)
@@ -146,7 +146,7 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
     """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed."""
     pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()]
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
-             len(runs), len(runs) - len(pending), len(pending), plan.concurrency)
+             len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
     errors: dict[str, str] = {}
     if pending:
         env = trial_env(opts, study.name)

@@ -253,7 +253,8 @@ def check_shared_paths(plan: ClusterPlan, paths: dict[str, Path | None]) -> None
                             f"put it under {plan.storage})")
 
 
-def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None = None) -> ClusterPlan:
+def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None = None,
+                 max_concurrent: int | None = None) -> ClusterPlan:
     """Per-trial resources and concurrency from a cluster file (or this machine when None).
 
     GPU clusters: one GPU per Train worker, ``cfg.train.num_workers`` workers per trial kept on one
@@ -264,7 +265,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
     a Train run that takes every CPU hangs Ray Data, and on 2 cores a second concurrent trial
     brings no speed-up, notes/ray-2.60.md).
 
-    ``storage`` (``--storage``) overrides the cluster file's shared storage and SELD_STORAGE.
+    ``storage`` (``--storage``) overrides the cluster file's shared storage and SELD_STORAGE;
+    ``max_concurrent`` (``--concurrency``): the trials at once (the dry run's waves and wall time too).
     """
     if path is None:
         import torch
@@ -313,6 +315,7 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
         found = os.environ.get("SELD_STORAGE") or _parse_storage(setup)
         storage = storage_path(found, f"{source}: SELD_STORAGE") if found else None
     n_nodes = sum(n.max_nodes for n in nodes) + (1 if drivers and not any(n.is_head for n in nodes) else 0)
+    concurrency = concurrency if max_concurrent is None else max_concurrent
     return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, max(1, concurrency),
                        storage, used_nodes, driver_nodes=drivers,
                        train_max_failures=CLUSTER_TRAIN_MAX_FAILURES if path is not None else 0,

@@ -175,7 +175,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
     config and the plots. Returns trials.csv, or the plan text on --dry-run."""
     n_trials = opts.trials or sweep.n_trials
     base = preset_config(sweep.preset, {**sweep.overrides, **opts.sets})
-    plan = plan_cluster(opts.cluster, base, opts.storage)
+    plan = plan_cluster(opts.cluster, base, opts.storage, max_concurrent=opts.concurrency)
     out = results_dir(opts.out, sweep.name, plan=plan)
     counts = train_counts(base, opts)
     hours = estimate_run_hours(base, *counts, plan)
