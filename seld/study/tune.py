@@ -29,6 +29,9 @@ WANDB_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY"
 # sets up, env_vars included, to logs/runtime_env_agent.log on each node (tests/test_multinode.py
 # found a canary key there).
 SECRET_ENV = ("WANDB_API_KEY",)
+# AWS keys that Ray Tune 2.60 copies from the driver's environment into each trial's runtime env
+# (ray/tune/execution/class_cache.py), and so into that log.
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
 def _wandb_env(opts: Options) -> dict[str, str]:
@@ -196,7 +199,16 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
             verbose=1 if opts.verbose else 0,
         ),
     )
-    return tuner.fit()
+    # Tune copies these from the driver's environment into every trial's runtime environment, which
+    # Ray 2.60's runtime-env agent writes to logs/runtime_env_agent.log (found by the canary key in
+    # tests/test_storage.py). With an object store the trials need none of them (the storage's
+    # filesystem object carries them, in memory): hidden from Tune while it runs.
+    hidden = {k: os.environ.pop(k) for k in TUNE_PROPAGATED_SECRETS if k in os.environ} \
+        if is_uri(plan.storage) else {}
+    try:
+        return tuner.fit()
+    finally:
+        os.environ.update(hidden)
 
 
 def _not_the_failed_trials_list(record: logging.LogRecord) -> bool:
