@@ -161,7 +161,14 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         while time.monotonic() < deadline and proc.poll() is None:
             objects = results.remote_files()
             stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
-            if stereo and _csv_epochs(_read_object(results, stereo[0])):
+            # Ray Train's controller registers a reported checkpoint in its snapshot a moment after
+            # the report: a kill before that retrains the epoch (still recorded once).
+            snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
+                    and k.endswith("/ray/train/checkpoint_manager_snapshot.json")]
+            ckpts = [t for k, (_, t) in objects.items() if k.startswith("runs/stereo_rcnet-s0-")
+                     and "/ray/train/checkpoint_2" in k]
+            if (stereo and snap and ckpts and objects[snap[0]][1] >= max(ckpts)
+                    and _csv_epochs(_read_object(results, stereo[0]))):
                 killed_at = _read_object(results, stereo[0])
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
