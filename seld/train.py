@@ -46,6 +46,7 @@ from seld.runfolder import (
     CONFIG_JSON,
     METRICS_CSV,
     METRICS_JSON,
+    MIRROR_SKIP,
     NORM,
     RAY_SUBDIR,
     RUN_FINISHED,
@@ -62,6 +63,7 @@ from seld.runfolder import (
     write_json_atomic,
     write_text_atomic,
 )
+from seld.storage import Mirror
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +402,7 @@ class _Worker:
     std: np.ndarray | None
     t_start: float  # unix time the worker started
     deadline: float  # unix time after which no new epoch starts
+    mirror: Mirror | None = None  # the run folder's object store (rank 0 pushes to it), if any
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
@@ -415,8 +418,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     torch.set_num_threads(_worker_threads(cfg, ctx.get_local_world_size()))
     t_start = time.time()
+    mirror = loop_cfg.get("mirror")
+    if mirror is not None and ctx.get_world_rank() == 0:
+        # This node may not have the run folder (a restart on another node): the stage model
+        # files written before are needed to score the run at the end.
+        mirror.pull(skip=MIRROR_SKIP)
     data = _read_worker_data(cfg, loop_cfg["plan"], ctx.get_world_rank(), ctx.get_world_size(),
-                             Path(loop_cfg["run_dir"]))
+                             Path(loop_cfg["run_dir"]), mirror)
     restored = _load_state()
     w = _start_worker(cfg, loop_cfg, ctx, data, restored, t_start)
     state = restored or LoopState(stage=cfg.train.stage_numbers[0])
@@ -429,10 +437,12 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     _finish_worker(w, data, state)
 
 
-def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, run_dir: Path) -> _WorkerData:
+def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, run_dir: Path,
+                      mirror: Mirror | None = None) -> _WorkerData:
     """This worker's training rows (per stage, its share: held once or streamed, as the driver
     chose), its slice of the validation set (rank 0: all of it). Writes RUN/data/worker-<rank>.json:
-    the clips of each of its stages, how they are held and how many bytes."""
+    the clips of each of its stages, how they are held and how many bytes (pushed to ``mirror``,
+    the run folder's object store, if any)."""
     t0 = time.perf_counter()
     train_sets, val, val_mine, reader = seld_data.worker_sets(cfg, plan, rank, world)
     held = next(iter(train_sets.values())).held
@@ -442,6 +452,8 @@ def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, 
               **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in train_sets.items()}}
     (run_dir / SHARES_DIR).mkdir(exist_ok=True)
     write_json_atomic(run_dir / SHARES_DIR / f"worker-{rank}.json", record)
+    if mirror is not None:
+        mirror.push(only=[f"{SHARES_DIR}/worker-{rank}.json"])
     log.info("rank %d: data ready in %.1f s (%s; %s; val %d, mine %d)", rank, ready_s, record["path"],
              {k: len(v.rows) for k, v in train_sets.items()}, len(plan["sets"]["val"]), len(val_mine))
     return _WorkerData(train_sets, val, val_mine, reader, plan, ready_s)
@@ -484,7 +496,7 @@ def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
                    net=net, model=ray.train.torch.prepare_model(net) if world > 1 else net,
                    loss_fn=build_loss(cfg.loss, cfg.model.output_format).to(device),
                    augment=Augmenter(cfg.augment), val_mine=data.val_mine, mean=mean, std=std, t_start=t_start,
-                   deadline=float(loop_cfg["deadline"]))
+                   deadline=float(loop_cfg["deadline"]), mirror=loop_cfg.get("mirror"))
 
 
 def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.TrainSet) -> bool:
@@ -558,6 +570,10 @@ def _save_epoch(w: _Worker, state: LoopState, opt, row: dict) -> None:
     ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)}, checkpoint=ckpt)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
+    if w.mirror is not None and w.rank == 0:
+        # After the report: Ray has stored the epoch's resume state, so the store's metrics.csv
+        # never lists an epoch that a restart would train again.
+        w.mirror.push(skip=MIRROR_SKIP)
 
 
 def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
@@ -578,6 +594,8 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
         final["data/held_gib"] = round(data.plan["held_bytes"] / 2**30, 4) if data.plan["materialize"] else 0.0
         final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
         write_json_atomic(w.run_dir / METRICS_JSON, final)
+        if w.mirror is not None:
+            w.mirror.push(skip=MIRROR_SKIP)
     # The final report carries the test figures. Its marker is not called "done": Tune reads a
     # "done" key as "end this trial now" and would kill it before the run's files are written.
     ray.train.report({RUN_FINISHED: 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
@@ -680,7 +698,7 @@ def choose_data_path(cfg: ExperimentConfig, plan: dict) -> dict:
 
 def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *,
                   run_callbacks=(), storage_path: str | None = None, name: str | None = None,
-                  plan: dict | None = None):
+                  plan: dict | None = None, mirror: Mirror | None = None):
     """A TorchTrainer for one run (does not start it; Ray must be initialised).
 
     Args:
@@ -693,6 +711,9 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         plan: the run's data plan (`seld.data.plan_run`), made here when not given. Each worker gets
             the plan and reads only its share from the store; whether it holds the share or
             streams it is decided here unless the plan has it (:func:`choose_data_path`).
+        mirror: the run folder's object store (``--storage s3://...``): Ray keeps the resume states
+            there (RUN_URI/ray/train, through the mirror's filesystem) and rank 0 pushes the run
+            folder to it after every epoch and at the end.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -704,24 +725,28 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
                                       resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
     run_config = ray.train.RunConfig(
         name=name or RAY_RUN_NAME,
-        storage_path=str(storage_path or run_dir / RAY_SUBDIR),
+        storage_path=(storage_path or mirror.path(RAY_SUBDIR)) if mirror is not None
+        else str(storage_path or run_dir / RAY_SUBDIR),
+        storage_filesystem=mirror.fs if mirror is not None else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         callbacks=list(run_callbacks) or None,
     )
     loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "plan": plan,
-                "deadline": time.time() + cfg.train.time_budget_s}
+                "deadline": time.time() + cfg.train.time_budget_s, **({"mirror": mirror} if mirror else {})}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
                         run_config=run_config)
 
 
 def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *, resume: bool = False,
-                 wandb: dict | None = None, run_callbacks=()) -> dict:
+                 wandb: dict | None = None, run_callbacks=(), mirror: Mirror | None = None) -> dict:
     """Train one run end to end and return the content of RUN/metrics.json.
 
     Args:
         wandb: None, or {"project": str, "group": str | None}: log config, per-epoch rows, final
             metrics and the per-class table to one W&B run in RUN/wandb (offline unless WANDB_MODE).
+        mirror: the run folder's object store, ``run_dir`` being its staging folder (already
+            pulled by the caller): pushed after config.json is written and at the end.
     """
     import ray.train
 
@@ -734,9 +759,11 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     plan = choose_data_path(cfg, plan)  # a forced materialise that cannot fit fails here, before any file
     run_dir.mkdir(parents=True, exist_ok=True)
     prepare_run_dir(cfg, run_dir, resume)
+    if mirror is not None:
+        mirror.push(skip=MIRROR_SKIP)
     logger = _WandbLogger(cfg, run_dir, wandb) if wandb else None
     try:
-        trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan)
+        trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan, mirror=mirror)
         try:
             trainer.fit()
         except ray.train.TrainingFailedError as e:
@@ -746,6 +773,8 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
                     # Same class as the worker's error (DataError stays DataError), one line.
                     raise type(cause)(f"{str(cause).strip().splitlines()[-1]} (training run {run_dir} stopped)") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
+        if mirror is not None and not (run_dir / METRICS_JSON).is_file():
+            mirror.pull(skip=MIRROR_SKIP)  # rank 0 ran on another node
         metrics = json.loads((run_dir / METRICS_JSON).read_text())
         metrics["cost/wall_s"] = round(time.time() - t0, 2)
         # What small runs cost besides training: starting Ray here, then everything between the
@@ -759,6 +788,8 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     finally:
         if logger:
             logger.close()
+        if mirror is not None:
+            mirror.push(skip=(f"{RAY_SUBDIR}/*",))  # metrics.json's costs, the W&B offline run
 
 
 class _WandbLogger:

@@ -68,3 +68,43 @@ def pytest_collection_modifyitems(config, items):
     run last, after every test that uses the session's Ray."""
     own = ("test_multinode.py", "test_scale.py")
     items.sort(key=lambda item: item.path.name in own)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) on 127.0.0.1 for the session; yields its endpoint URL, stopped at the end."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS variables pointing at the session's S3 server (a canary secret key, which
+    must appear in no file or log); yields a function that creates a bucket and returns its name."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    env = {"AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing-key",
+           "AWS_SECRET_ACCESS_KEY": "canary-secret-4f1c9e", "AWS_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+    def make_bucket(prefix: str = "seld") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        host = s3_server.split("://", 1)[1]
+        fs = pafs.S3FileSystem(endpoint_override=host, scheme="http", region="us-east-1", access_key="testing-key",
+                               secret_key=env["AWS_SECRET_ACCESS_KEY"], allow_bucket_creation=True)
+        fs.create_dir(name)
+        return name
+
+    make_bucket.env = env
+    return make_bucket

@@ -220,13 +220,15 @@ def test_paper_time_budget_comes_from_the_plan_and_the_dry_run_states_it(tmp_pat
 
 
 def test_storage_uris_and_node_local_paths_on_a_multi_node_cluster_are_refused(tmp_path):
-    """`--storage s3://...` is refused in one line (never made a local path); on a multi-node
-    cluster an --out or --cache-dir outside the shared storage is refused before anything runs."""
+    """`--storage s3://...` stays a URI (never made a local path; tests/test_storage.py covers it);
+    `--storage http://...` is refused in one line; on a multi-node cluster an --out or --cache-dir
+    outside the shared storage is refused before anything runs."""
     from seld.study.cluster import check_shared_paths
 
     cfg = preset_config("smoke")
-    with pytest.raises(UserError, match=r"^--storage s3://bucket/prefix: object-store URIs"):
-        plan_cluster(GPU, cfg, "s3://bucket/prefix")
+    assert plan_cluster(GPU, cfg, "s3://bucket/prefix").storage == "s3://bucket/prefix"
+    with pytest.raises(UserError, match=r"^--storage http://bucket/prefix: unsupported storage URI scheme"):
+        plan_cluster(GPU, cfg, "http://bucket/prefix")
     plan = plan_cluster(GPU, cfg, str(tmp_path / "shared"))
     assert plan.storage == str(tmp_path / "shared")
     check_shared_paths(plan, {"--out": tmp_path / "shared/results/x", "--cache-dir": None})

@@ -16,7 +16,16 @@ from seld.config import ExperimentConfig, config_hash, preset_config
 from seld.paired import gather_study_counters
 from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_JSON, atomic_write
-from seld.study.cli import Options, final_table, prepare_out, results_dir
+from seld.storage import Mirror
+from seld.study.cli import (
+    DRIVER_PULL_SKIP,
+    Options,
+    final_table,
+    mirrored,
+    prepare_out,
+    results_dir,
+    study_mirror,
+)
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
@@ -82,9 +91,11 @@ def run_study(study: Study, opts: Options) -> Path | str:
     base = preset_config(study.preset, {**study.overrides, **opts.sets})
     plan = plan_cluster(opts.cluster, base, opts.storage, max_concurrent=opts.concurrency)
     out = results_dir(opts.out, study.name, plan=plan)
+    mirror = study_mirror(out, study.name, plan)  # an object-store storage: `out` is its staging folder
     if opts.report_only:
-        report_from_files(out, study.tables)
-        _paste_readme(study, out, opts)
+        with mirrored(mirror):
+            report_from_files(out, study.tables)
+            _paste_readme(study, out, opts)
         return out / "summary.csv"
     seeds = tuple(opts.seeds) if opts.seeds else study.seeds
     counts = train_counts(base, opts)
@@ -95,23 +106,28 @@ def run_study(study: Study, opts: Options) -> Path | str:
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
                                                     f"{len(study.variants)} variants x {len(seeds)} seeds)",
                            budget_s=budget)
-    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
-    prepare_out(out, opts, "summary.csv")
-    with study_log(out) as log_path:
-        log.info("study %s (preset %s): %d variants x %d seeds; event lines also in %s", study.name,
-                 study.preset, len(study.variants), len(seeds), log_path)
-        work = out / "_work"
-        data = prepare_data(base, opts, work)
-        errors = _train_pending(study, runs, data, plan, out, opts)
-        rows = _write_summary(study, runs, errors, data, out)
-        paths = report_from_files(out, study.tables)
-        _paste_readme(study, out, opts)
-        n_failed = sum(r["status"] != "ok" for r in rows)
-        log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
-                 out / "summary.csv")
-    table = final_table(study, out)
-    if table:
-        append_to_log(out, table)
+    check_shared_paths(plan, {"--out": None if mirror else out, "--cache-dir": opts.cache_dir})
+    with mirrored(mirror):
+        prepare_out(out, opts, "summary.csv")
+        with study_log(out) as log_path:
+            log.info("study %s (preset %s): %d variants x %d seeds; event lines also in %s", study.name,
+                     study.preset, len(study.variants), len(seeds), log_path)
+            if mirror is not None:
+                log.info("storage %s: results, run folders and checkpoints (staged in %s)", mirror.uri, out)
+            work = out / "_work"
+            data = prepare_data(base, opts, work)
+            errors = _train_pending(study, runs, data, plan, out, opts, mirror)
+            if mirror is not None:  # what the trials pushed (their rank 0 may have run on other nodes)
+                mirror.pull(skip=DRIVER_PULL_SKIP)
+            rows = _write_summary(study, runs, errors, data, out)
+            paths = report_from_files(out, study.tables)
+            _paste_readme(study, out, opts)
+            n_failed = sum(r["status"] != "ok" for r in rows)
+            log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
+                     out / "summary.csv")
+        table = final_table(study, out)
+        if table:
+            append_to_log(out, table)
     if opts.wandb:
         log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
     n_bad = sum(r["status"] != "ok" for r in rows)
@@ -142,8 +158,9 @@ def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options
 
 
 def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterPlan, out: Path,
-                   opts: Options) -> dict[str, str]:
-    """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed."""
+                   opts: Options, mirror: Mirror | None = None) -> dict[str, str]:
+    """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed.
+    ``mirror``: the study folder's object store (each trial gets its run folder's)."""
     pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()]
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
@@ -155,6 +172,7 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
                 "preset": study.preset, "overrides": overrides, "store": str(data.store),
                 "run_dir": str(run_dir.resolve()), "tags": [study.name, v.name, f"seed{seed}"],
                 "wandb": {"project": "seld", "group": study.name} if opts.wandb else None, "env": env,
+                **({"mirror": mirror.child(f"runs/{run_dir.name}")} if mirror is not None else {}),
             }
             for v, seed, overrides, _, run_dir in pending
         }

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from seld.cli import configure_logging
 from seld.config import ConfigError, parse_set_args
 from seld.errors import UserError
+from seld.storage import Mirror, is_uri, join, staging_dir
 from seld.study.cluster import ClusterPlan, plan_storage_named, storage_path
 
 if TYPE_CHECKING:  # the runners import this module; main imports them when it runs
@@ -25,6 +27,12 @@ if TYPE_CHECKING:  # the runners import this module; main imports them when it r
 # --out of a study on a cluster whose file or $SELD_STORAGE names shared storage, until the plan
 # turns it into <storage>/results/<study> (see results_dir).
 DEFAULT_OUT_SENTINEL = Path("results/__default__")
+# With an object-store storage, what the study driver pulls from a study folder before it works (the
+# small files the summary, the report and a resume read: no model files, predictions, W&B logs or
+# Ray state) and what it pushes back at the end (its own outputs: trials push their run folders).
+DRIVER_PULL_SKIP = ("_work/*", "runs/*/checkpoints/*", "runs/*/predictions*", "runs/*/wandb/*",
+                    "runs/*/ray/*", "runs/*/data/*")
+DRIVER_PUSH_SKIP = ("_work/*", "runs/*", "wandb/*")
 
 
 @dataclass
@@ -56,7 +64,9 @@ def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
                 plan: ClusterPlan | None = None, storage: str | None = None) -> Path:
     """Where study ``name`` writes: ``--out`` when given; else ``<storage>/results/<name>`` with
     ``--storage``, or on a cluster whose file or $SELD_STORAGE names shared storage, else
-    ``results/<name>``.
+    ``results/<name>``. With an object-store storage (``s3://...``) this is the local staging folder
+    of ``<storage>/results/<name>`` (:func:`study_mirror`): ``--out`` when given, else
+    :func:`seld.storage.staging_dir`.
 
     Args:
         out: ``--out`` (None when not given, on the command line), or ``Options.out``.
@@ -66,11 +76,40 @@ def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
     """
     if out is None:
         if storage:
-            return Path(storage_path(storage)) / "results" / name
+            return _storage_results(storage_path(storage), name)
         return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
     if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
-        return Path(plan.storage) / "results" / name
+        return _storage_results(plan.storage, name)
     return Path(out)
+
+
+def _storage_results(storage: str, name: str) -> Path:
+    return staging_dir(join(storage, "results", name)) if is_uri(storage) else Path(storage) / "results" / name
+
+
+def study_mirror(out: Path, name: str, plan: ClusterPlan) -> Mirror | None:
+    """With an object-store storage, the mirror of ``<storage>/results/<name>`` staged in ``out``;
+    None for a filesystem storage (or none)."""
+    if not is_uri(plan.storage):
+        return None
+    return Mirror(Path(out).resolve(), join(plan.storage, "results", name))
+
+
+@contextmanager
+def mirrored(mirror: Mirror | None) -> Iterator[None]:
+    """Around a study driver's work on its folder: reach the store first (one line naming the URI
+    when it cannot be reached or written, before anything runs), pull the study folder's small
+    files (DRIVER_PULL_SKIP), and push the driver's outputs when the block ends, also when it fails
+    (study.log then says why). Nothing happens without a mirror."""
+    if mirror is None:
+        yield
+        return
+    mirror.check()
+    mirror.pull(skip=DRIVER_PULL_SKIP)
+    try:
+        yield
+    finally:
+        mirror.push(skip=DRIVER_PUSH_SKIP)
 
 
 def prepare_out(out: Path, opts: Options, marker: str) -> None:
@@ -90,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--synth-root", type=Path, help="extra synthetic stereo data (dev-train-synth) to add in stage 1")
     parser.add_argument("--cluster", type=Path, help="Ray cluster launcher YAML or SLURM sbatch file to size trials from")
     parser.add_argument("--storage", help="shared storage every node mounts, for results, run folders, "
-                        "checkpoints and caches (default: the cluster file's SELD_STORAGE)")
+                        "checkpoints and caches, or an object store (s3://bucket/prefix, gs://...) "
+                        "for results, run folders and checkpoints (default: the cluster file's SELD_STORAGE)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, device-hours) and exit")
     parser.add_argument("--wandb", action="store_true", help="log every trial to W&B (offline unless WANDB_MODE is set)")
     parser.add_argument("--resume", action="store_true", help="continue a killed study without rerunning finished runs")
@@ -151,7 +191,8 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
     table = final_table(decl, out)
     if table:
         print(table)
-    print(f"results in {out}")
+    uri = storage_path(opts.storage) if opts.storage else None
+    print(f"results in {join(uri, 'results', decl.name)} (staged in {out})" if is_uri(uri) else f"results in {out}")
     bad = unfinished_runs(Path(result))
     if bad:
         # After the tables are written (they list these runs): a non-zero exit is what

@@ -16,6 +16,7 @@ from typing import Any
 
 from seld.config import ExperimentConfig
 from seld.errors import UserError
+from seld.storage import check_uri, is_uri
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -216,14 +217,13 @@ def _nodes_from_sbatch(path: Path) -> tuple[list[NodeType], list[str]]:
 
 def storage_path(value: str, source: str = "--storage") -> str:
     """A study's storage as given (``--storage``, SELD_STORAGE, a cluster file): a filesystem
-    path every node mounts (EFS, NFS, Lustre), expanded. Object-store URIs (``s3://``, ``gs://``)
-    are refused with one line, never turned into a local path (``Path("s3://b")`` is ``s3:/b``):
-    run folders are written with ordinary file I/O by each run's rank-0 worker.
+    path every node mounts (EFS, NFS, Lustre), expanded; or an object-store URI (``s3://bucket/prefix``,
+    ``gs://...``), checked for its form and kept as a URI (never turned into a local path:
+    ``Path("s3://b")`` is ``s3:/b``). Run folders are then written in a node-local staging folder
+    and mirrored to the URI (:mod:`seld.storage`).
     """
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", value):
-        raise UserError(f"{source} {value}: object-store URIs are not supported yet (run folders are "
-                        "written with file I/O); use a shared filesystem path every node mounts, "
-                        "e.g. EFS or NFS at /mnt/efs/seld")
+    if is_uri(value):
+        return check_uri(value, source)
     return os.path.expanduser(os.path.expandvars(value))
 
 
@@ -240,6 +240,14 @@ def check_shared_paths(plan: ClusterPlan, paths: dict[str, Path | None]) -> None
         paths: option name -> folder (``{"--out": OUT, "--cache-dir": DIR}``), None when not given.
     """
     if not plan.multi_node:
+        return
+    if is_uri(plan.storage):
+        # Results go to the object store from each node's staging folder; the feature store is read
+        # with file I/O by every Train worker, so it must be on a path every node mounts.
+        if paths.get("--cache-dir") is None:
+            raise UserError(f"--storage {plan.storage}: on the multi-node cluster {plan.source} the feature "
+                            "store must be on a path every node mounts (an object store holds results, run "
+                            "folders and checkpoints only); pass --cache-dir on a shared filesystem")
         return
     for name, path in paths.items():
         if path is None:

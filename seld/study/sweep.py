@@ -29,7 +29,14 @@ from seld.runfolder import (
     atomic_write,
     write_json_atomic,
 )
-from seld.study.cli import Options, prepare_out, results_dir
+from seld.study.cli import (
+    DRIVER_PULL_SKIP,
+    Options,
+    mirrored,
+    prepare_out,
+    results_dir,
+    study_mirror,
+)
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
@@ -188,25 +195,31 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
                                                   f"{len(sweep.space)} parameters, Optuna TPE + ASHA; "
                                                   "hours assume no early stop)",
                            budget_s=preset_config(sweep.preset, overrides).train.time_budget_s)
+    mirror = study_mirror(out, sweep.name, plan)  # an object-store storage: `out` is its staging folder
     if opts.report_only:
-        return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
-    check_shared_paths(plan, {"--out": out, "--cache-dir": opts.cache_dir})
-    prepare_out(out, opts, "optuna.journal")
-    with study_log(out) as log_path:
-        storage = optuna_storage(out / "optuna.journal")
-        _fail_interrupted_trials(storage, sweep.name)
-        done = _finished_trials(storage, sweep.name)
-        remaining = n_trials - len(done)
-        log.info("sweep %s: %d of %d trials finished before, %d to run; event lines also in %s", sweep.name,
-                 len(done), n_trials, max(remaining, 0), log_path)
-        data = prepare_data(base, opts, out / "_work")
-        if remaining > 0:
-            spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
-                    "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
-                    "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
-                    "env": trial_env(opts, sweep.name)}
-            _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
-        trials = _sweep_outputs(sweep, out, storage)
+        with mirrored(mirror):
+            return _sweep_outputs(sweep, out, optuna_storage(out / "optuna.journal"))
+    check_shared_paths(plan, {"--out": None if mirror else out, "--cache-dir": opts.cache_dir})
+    with mirrored(mirror):
+        prepare_out(out, opts, "optuna.journal")
+        with study_log(out) as log_path:
+            storage = optuna_storage(out / "optuna.journal")
+            _fail_interrupted_trials(storage, sweep.name)
+            done = _finished_trials(storage, sweep.name)
+            remaining = n_trials - len(done)
+            log.info("sweep %s: %d of %d trials finished before, %d to run; event lines also in %s", sweep.name,
+                     len(done), n_trials, max(remaining, 0), log_path)
+            data = prepare_data(base, opts, out / "_work")
+            if remaining > 0:
+                spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
+                        "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
+                        "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
+                        "env": trial_env(opts, sweep.name),
+                        **({"mirror": mirror.child("runs")} if mirror is not None else {})}
+                _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
+                if mirror is not None:  # what the trials pushed (their rank 0 may have run on other nodes)
+                    mirror.pull(skip=DRIVER_PULL_SKIP)
+            trials = _sweep_outputs(sweep, out, storage)
     if opts.wandb:
         log_tables_to_wandb(sweep.name, out, [trials, *sorted(out.glob("*.png")), log_path])
     return trials

@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from seld.config import config_hash, preset_config
-from seld.runfolder import ATTEMPTS, CONFIG_JSON
+from seld.runfolder import ATTEMPTS, CONFIG_JSON, MIRROR_SKIP
+from seld.storage import is_uri
 from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
 
@@ -28,6 +29,9 @@ WANDB_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY"
 # sets up, env_vars included, to logs/runtime_env_agent.log on each node (tests/test_multinode.py
 # found a canary key there).
 SECRET_ENV = ("WANDB_API_KEY",)
+# AWS keys that Ray Tune 2.60 copies from the driver's environment into each trial's runtime env
+# (ray/tune/execution/class_cache.py), and so into that log.
+TUNE_PROPAGATED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
 def _wandb_env(opts: Options) -> dict[str, str]:
@@ -81,8 +85,11 @@ def trial_env(opts: Options, study: str) -> dict[str, str]:
 def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> dict:
     """Body of one Tune trial (runs in the trial's process): train the run, return its metrics.
 
-    ``spec``: preset, overrides, store, run_dir, wandb options, tags. ``params``: the sweep's
-    suggested values (dotted keys), applied on top. The Train run reports every epoch to Tune
+    ``spec``: preset, overrides, store, run_dir, wandb options, tags, and with an object-store
+    storage ``mirror`` (:class:`seld.storage.Mirror` of the run folder, ``run_dir`` its staging
+    folder): the trial first pulls the run folder from the store, so a restarted trial (or one on
+    another node) resumes from the store's state. ``params``: the sweep's suggested values (dotted
+    keys), applied on top. The Train run reports every epoch to Tune
     through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
     """
     import ray
@@ -93,6 +100,9 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     cfg = preset_config(spec["preset"], {**spec["overrides"], **(params or {})})
     run_dir = Path(spec["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
+    mirror = spec.get("mirror")
+    if mirror is not None:
+        mirror.pull(skip=MIRROR_SKIP)
     resume = (run_dir / CONFIG_JSON).exists()
     # Where this attempt's driver ran and which forwarded W&B variables it saw (names only, never
     # values): what to check when trials on other nodes cannot log, or a node was lost.
@@ -104,7 +114,7 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     if spec.get("wandb"):
         os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
     return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
-                        run_callbacks=[_tune_report_callback()])
+                        run_callbacks=[_tune_report_callback()], mirror=mirror)
 
 
 def _tune_report_callback():
@@ -123,6 +133,8 @@ def _sweep_trainable(config: dict, spec: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     spec = {**spec, "run_dir": str(Path(spec["run_dir"]) / trial_id),
             "tags": [*spec["tags"], trial_id]}
+    if spec.get("mirror") is not None:
+        spec["mirror"] = spec["mirror"].child(trial_id)
     params = {k: v for k, v in config.items() if "." in k}
     train_trial(spec, params)
 
@@ -149,7 +161,8 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
               opts: Options, callbacks: Sequence[Any] = (), **tune_config: Any):
     """Run a study's trials through one Tune run and return its results (a ``ResultGrid``).
 
-    Tune's state goes to ``<storage>/ray`` (the plan's shared storage) or ``OUT/_work/ray``, in a
+    Tune's state goes to ``<storage>/ray`` (the plan's shared storage) or ``OUT/_work/ray`` (also
+    with an object-store storage: a study resumes from its run folders, not from Tune's state), in a
     run named ``<name>-<YYYYmmdd-HHMMSS>``; a failing trial is retried ``opts.max_retries`` times;
     at most ``opts.concurrency`` (default: the plan's) trials run at once. Tune's own status table
     and its tracebacks of failed trials are printed only with ``opts.verbose`` (``-v``); the study's
@@ -171,7 +184,8 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
     tune_log = logging.getLogger("ray.tune.tune")
     (tune_log.removeFilter if opts.verbose else tune_log.addFilter)(_not_the_failed_trials_list)
 
-    storage = Path(plan.storage) / "ray" if plan.storage else (out / "_work" / "ray").resolve()
+    shared = plan.storage and not is_uri(plan.storage)
+    storage = Path(plan.storage) / "ray" if shared else (out / "_work" / "ray").resolve()
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
@@ -185,7 +199,16 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
             verbose=1 if opts.verbose else 0,
         ),
     )
-    return tuner.fit()
+    # Tune copies these from the driver's environment into every trial's runtime environment, which
+    # Ray 2.60's runtime-env agent writes to logs/runtime_env_agent.log (found by the canary key in
+    # tests/test_storage.py). With an object store the trials need none of them (the storage's
+    # filesystem object carries them, in memory): hidden from Tune while it runs.
+    hidden = {k: os.environ.pop(k) for k in TUNE_PROPAGATED_SECRETS if k in os.environ} \
+        if is_uri(plan.storage) else {}
+    try:
+        return tuner.fit()
+    finally:
+        os.environ.update(hidden)
 
 
 def _not_the_failed_trials_list(record: logging.LogRecord) -> bool:

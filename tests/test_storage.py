@@ -1,0 +1,245 @@
+"""Object-store storage (seld/storage.py) against a local S3 server (moto on 127.0.0.1): URIs, the
+staging folder, a mirror's pull and push, one-line errors for a bad URI or an unreachable store."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from seld.errors import UserError
+from seld.storage import Mirror, is_uri, join, staging_dir
+from seld.study.cluster import check_shared_paths, plan_cluster, storage_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_uris_are_checked_and_kept_as_uris(tmp_path, monkeypatch):
+    assert is_uri("s3://b/p") and is_uri("gs://b") and not is_uri("/mnt/efs") and not is_uri(None)
+    assert storage_path("s3://bucket/prefix/") == "s3://bucket/prefix"
+    assert storage_path("gs://bucket") == "gs://bucket"
+    for bad, why in (("http://host/x", "unsupported storage URI scheme"), ("s3://", "expected s3://bucket/prefix"),
+                     ("s3://b/p?endpoint_override=x", "expected s3://bucket/prefix")):
+        with pytest.raises(UserError, match=why) as e:
+            storage_path(bad)
+        assert str(e.value).startswith(f"--storage {bad}:") and "\n" not in str(e.value)
+    assert join("s3://b/p/", "results", "abl") == "s3://b/p/results/abl"
+    monkeypatch.setenv("SELD_STAGING_DIR", str(tmp_path))
+    assert staging_dir("s3://b/p/results/abl") == tmp_path / "s3" / "b" / "p" / "results" / "abl"
+
+
+def test_results_of_an_object_store_study_are_staged_locally(tmp_path, monkeypatch):
+    from seld.config import preset_config
+    from seld.study.cli import results_dir, study_mirror
+
+    monkeypatch.setenv("SELD_STAGING_DIR", str(tmp_path))
+    out = results_dir(None, "ablation", storage="s3://b/p")
+    assert out == tmp_path / "s3/b/p/results/ablation"
+    assert results_dir(tmp_path / "mine", "ablation", storage="s3://b/p") == tmp_path / "mine"
+    plan = plan_cluster(None, preset_config("smoke"), "s3://b/p")
+    assert plan.storage == "s3://b/p"
+    assert study_mirror(out, "ablation", plan).uri == "s3://b/p/results/ablation"
+    assert study_mirror(out, "ablation", plan_cluster(None, preset_config("smoke"))) is None
+
+
+def test_multi_node_with_an_object_store_needs_a_shared_cache_dir(tmp_path):
+    from seld.config import preset_config
+
+    plan = plan_cluster(ROOT / "cluster/loopback.yaml", preset_config("smoke"), "s3://b/p")
+    assert plan.multi_node
+    with pytest.raises(UserError, match="--storage s3://b/p: on the multi-node cluster .* pass --cache-dir"):
+        check_shared_paths(plan, {"--out": None, "--cache-dir": None})
+    check_shared_paths(plan, {"--out": None, "--cache-dir": tmp_path})
+
+
+def test_mirror_pushes_new_and_changed_files_and_pulls_them_back(tmp_path, s3_env):
+    bucket = s3_env()
+    local = tmp_path / "a"
+    (local / "checkpoints").mkdir(parents=True)
+    (local / "metrics.csv").write_text("epoch\n0\n")
+    (local / "checkpoints/stage1_best.pt").write_bytes(b"\0" * 3_000_000)  # a multipart-sized object
+    (local / ".metrics.csv.tmp-1-2").write_text("half")  # an atomic writer's temporary: never pushed
+    (local / "ray").mkdir()
+    (local / "ray/state").write_text("x")
+    mirror = Mirror(local, f"s3://{bucket}/prefix/run")
+    mirror.check()
+    assert mirror.push(skip=("ray/*",)) == ["checkpoints/stage1_best.pt", "metrics.csv"]
+    assert mirror.push() == ["ray/state"]  # only what is new
+    time.sleep(0.01)
+    (local / "metrics.csv").write_text("epoch\n0\n1\n")
+    assert mirror.push() == ["metrics.csv"]  # only what changed
+    assert sorted(mirror.remote_files()) == ["checkpoints/stage1_best.pt", "metrics.csv", "ray/state"]
+
+    # Another node (an empty staging folder) pulls it; the mirror travels pickled (its filesystem
+    # with it: a Ray trial or Train worker gets it this way).
+    other = pickle.loads(pickle.dumps(Mirror(tmp_path / "b", f"s3://{bucket}/prefix")))
+    got = other.child("run").pull(skip=("ray/*",))
+    assert got == ["checkpoints/stage1_best.pt", "metrics.csv"]
+    assert (tmp_path / "b/run/metrics.csv").read_text() == "epoch\n0\n1\n"
+    assert (tmp_path / "b/run/checkpoints/stage1_best.pt").stat().st_size == 3_000_000
+    assert other.child("run").pull(skip=("ray/*",)) == []  # nothing newer
+
+
+def test_a_missing_bucket_or_an_unreachable_store_is_one_line(tmp_path, s3_env, monkeypatch):
+    with pytest.raises(UserError, match=r"^s3://no-such-bucket/x: bucket 'no-such-bucket' not found"):
+        Mirror(tmp_path, "s3://no-such-bucket/x").check()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"^s3://b/x: cannot write to the storage \(endpoint unreachable") as e:
+        Mirror(tmp_path, "s3://b/x").check()
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 30
+
+
+def test_the_study_script_refuses_a_missing_bucket_before_anything_runs(tmp_path, s3_env):
+    """`ablation.py --storage s3://missing/...`: exit 2 and one line naming the URI; nothing is staged."""
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--storage", "s3://missing-bkt/p",
+           "--out", str(tmp_path / "staging")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == ("ablation.py: error: s3://missing-bkt/p/results/ablation: bucket 'missing-bkt' "
+                                   "not found (create it first, or check AWS_ENDPOINT_URL / the project)")
+    assert not (tmp_path / "staging").exists()
+
+
+def _read_object(mirror: Mirror, rel: str) -> bytes:
+    with mirror.fs.open_input_stream(f"{mirror.root}/{rel}") as f:
+        return f.read()
+
+
+def _run_folder(objects, variant: str) -> str:
+    return next(k.split("/")[1] for k in objects if k.startswith(f"runs/{variant}-s0-"))
+
+
+def _csv_epochs(blob: bytes) -> list[int]:
+    return [int(line.split(",")[0]) for line in blob.decode().splitlines()[1:]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
+        tmp_path, tmp_path_factory, ray_session, smoke_data, smoke_store, s3_env):
+    """The smoke ablation with --storage s3://bucket/prefix on a local S3 server: checkpoints, run
+    folders and summary.csv land in the bucket; a study killed (SIGKILL of the script's process
+    group) after its second run's first epoch is in the bucket resumes with --resume from the bucket
+    alone (an empty staging folder): the finished run is not retrained, the killed one continues
+    from its epoch, every epoch once; --report-only from the bucket alone redoes the tables byte for
+    byte; the secret key is in no object, staged file or Ray log."""
+    import json
+    import os
+    import shutil
+    import signal
+
+    import pandas as pd
+
+    from seld.config import preset_config
+    from seld.study import Options, run_study
+    from seld.synth import dataset_hash
+
+    bucket = s3_env("study")
+    uri = f"s3://{bucket}/prefix"
+    results = Mirror(tmp_path / "probe", f"{uri}/results/ablation")
+    cache = tmp_path / "cache"  # the session's dataset and a copy of its store: nothing extracted again
+    h = dataset_hash(preset_config("smoke").synth)
+    cache.mkdir()
+    (cache / f"synth-{h}").symlink_to(smoke_data, target_is_directory=True)
+    shutil.copytree(smoke_store.parent, cache / f"store-{h}", symlinks=True)
+    staging = tmp_path / "staging" / "ablation"
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--storage", uri,
+           "--out", str(staging), "--cache-dir", str(cache), "--max-retries", "0",
+           "--set", "train.stage1.epochs=2"]  # Stereo-RCnet: 3 epochs, time to kill it after its first
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+
+    # 1. Killed mid-study: Baseline-A finished, Stereo-RCnet's first epoch in the bucket.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline, killed_at = time.monotonic() + 420, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            objects = results.remote_files()
+            stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
+            # Ray Train's controller registers a reported checkpoint in its snapshot a moment after
+            # the report: a kill before that retrains the epoch (still recorded once).
+            snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
+                    and k.endswith("/ray/train/checkpoint_manager_snapshot.json")]
+            ckpts = [t for k, (_, t) in objects.items() if k.startswith("runs/stereo_rcnet-s0-")
+                     and "/ray/train/checkpoint_2" in k]
+            if (stereo and snap and ckpts and objects[snap[0]][1] >= max(ckpts)
+                    and _csv_epochs(_read_object(results, stereo[0]))):
+                killed_at = _read_object(results, stereo[0])
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.25)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert killed_at is not None, proc.stdout.read().decode()[-3000:]
+    objects = results.remote_files()
+    base_run, stereo_run = _run_folder(objects, "baseline"), _run_folder(objects, "stereo_rcnet")
+    assert f"runs/{base_run}/metrics.json" in objects and f"runs/{base_run}/checkpoints/selected.pt" in objects
+    assert f"runs/{stereo_run}/metrics.json" not in objects, "the run finished before the kill"
+    assert any(k.startswith(f"runs/{stereo_run}/ray/train/checkpoint_") for k in objects)  # Ray's resume state
+    assert "summary.csv" not in objects
+
+    # 2. --resume from the bucket alone.
+    shutil.rmtree(staging.parent)
+    time.sleep(2)  # the killed job's Ray workers are being torn down
+    done = subprocess.run([*cmd, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"results in {uri}/results/ablation (staged in {staging})" in done.stdout
+    objects = results.remote_files()
+    for name in ("summary.csv", "curves.csv", "table1.md", "table1.csv", "table1.tex", "table1.png", "study.log"):
+        assert name in objects, name
+    for run in (base_run, stereo_run):
+        for rel in ("config.json", "metrics.json", "metrics.csv", "attempts.jsonl", "thresholds.json",
+                    "checkpoints/stage1_best.pt", "checkpoints/selected.pt", "data/worker-0.json"):
+            assert f"runs/{run}/{rel}" in objects, (run, rel)
+    assert f"runs/{stereo_run}/checkpoints/stage2_best.pt" in objects
+    rows = pd.read_csv(staging / "summary.csv").set_index("variant")
+    assert rows["status"].to_dict() == {"baseline": "ok", "stereo_rcnet": "ok"}
+    assert rows["attempts"].to_dict() == {"baseline": 1, "stereo_rcnet": 2}  # the finished run not retrained
+    resumed = json.loads(_read_object(results, f"runs/{stereo_run}/attempts.jsonl").decode().splitlines()[-1])
+    assert resumed["resume"] is True
+    stereo_csv = _read_object(results, f"runs/{stereo_run}/metrics.csv")
+    assert _csv_epochs(stereo_csv) == [0, 1, 2]  # every epoch once
+    assert _csv_epochs(_read_object(results, f"runs/{base_run}/metrics.csv")) == [0, 1]
+    # Continued, not retrained: the epochs recorded before the kill are the same rows, byte for byte.
+    assert stereo_csv.startswith(killed_at), f"before the kill:\n{killed_at.decode()}\nafter:\n{stereo_csv.decode()}"
+
+    # 3. --report-only from the bucket alone: the tables (deleted from the bucket too) come back the same.
+    tables = {name: _read_object(results, name) for name in objects
+              if "/" not in name and name.split(".")[-1] in ("md", "csv", "tex", "png")
+              and name not in ("summary.csv", "curves.csv")}
+    assert {"table1.md", "table1.csv", "table1.tex", "table1.png", "curves.png"} <= set(tables)
+    for name in tables:
+        results.fs.delete_file(f"{results.root}/{name}")
+    shutil.rmtree(staging.parent)
+    smoke = _load_study()
+    run_study(smoke, Options(out=staging, preset="smoke", storage=uri, report_only=True))
+    for name, blob in tables.items():
+        assert (staging / name).read_bytes() == blob, name
+        assert _read_object(results, name) == blob, name
+    assert not (staging / "runs").exists() or not list(staging.glob("runs/*/checkpoints/*"))
+
+    # 4. The secret key is in no object, no staged or cached file and no log of Ray's session.
+    secret = s3_env.env["AWS_SECRET_ACCESS_KEY"].encode()
+    everything = Mirror(tmp_path / "probe", uri)
+    assert not [k for k in everything.remote_files() if secret in _read_object(everything, k)]
+    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
+    for root in (tmp_path, session / "logs"):
+        leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                  and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
+        assert not leaked, leaked
+
+
+def _load_study():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ablation_study", ROOT / "studies/ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.STUDIES["smoke"]
