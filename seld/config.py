@@ -699,3 +699,23 @@ def config_hash(cfg: Any, length: int = 12) -> str:
     """Stable short hash of a config (sorted-key JSON)."""
     blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
+
+
+# Settings that bound a run without changing what it trains: a run stopped by its time budget and
+# continued under another budget is the same run (the same folder, `--resume` accepts the change).
+RUN_BOUNDS = ("train.time_budget_s",)
+
+
+def run_config_dict(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
+    """The config (or its JSON form, e.g. a run's config.json) without :data:`RUN_BOUNDS`: what
+    makes two runs the same run."""
+    blob = json.loads(json.dumps(cfg)) if isinstance(cfg, dict) else to_dict(cfg)
+    for key in RUN_BOUNDS:
+        section, name = key.split(".")
+        blob[section].pop(name, None)
+    return blob
+
+
+def run_hash(cfg: ExperimentConfig, length: int = 12) -> str:
+    """Stable short hash of a run's identity (:func:`run_config_dict`): study run folders are named by it."""
+    return hashlib.sha256(json.dumps(run_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:length]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from seld import data as seld_data
-from seld.config import ExperimentConfig, StageConfig, from_dict, to_dict
+from seld.config import ExperimentConfig, StageConfig, from_dict, run_config_dict, to_dict
 from seld.errors import UserError
 from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
 from seld.metrics import score_counters
@@ -649,15 +649,18 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
 
 # --- Driver side ------------------------------------------------------------------------------------
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
-    """Create the run folder and its config.json; refuse to mix runs (resume needs the same config)."""
+    """Create the run folder and its config.json; refuse to mix runs (resume needs the same config,
+    bounds such as the time budget aside)."""
     cfg_path = run_dir / CONFIG_JSON
     if cfg_path.exists():
         if not resume:
             raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it or choose "
                             "another --out")
-        old = json.loads(cfg_path.read_text())
-        if old != to_dict(cfg):
-            diff = sorted(k for k in set(old) | set(to_dict(cfg)) if old.get(k) != to_dict(cfg).get(k))
+        # Only a bound may differ (RUN_BOUNDS: a run stopped by its time budget continues under
+        # another); config.json then records this attempt's bound.
+        old, new = run_config_dict(json.loads(cfg_path.read_text())), run_config_dict(cfg)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise UserError(f"{cfg_path}: --resume with another config (sections differ: {diff})")
     elif resume:
         raise UserError(f"{run_dir}: nothing to resume (no config.json)")

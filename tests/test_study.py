@@ -296,11 +296,13 @@ def test_report_only_on_a_cluster_reads_the_storage_results(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(tmp_path, cache, ray_session, capsys):
+def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(tmp_path, cache, ray_session, capsys,
+                                                                              caplog):
     """--time-budget-s 1: every run trains its first epoch, then stops at the budget. Baseline-A
     (stage 1 only, 1 epoch) finishes; Stereo-RCnet stops before stage 2: status time_budget in
     metrics.json and summary.csv, no Stage 1/Stage 2 figure from it in Table 1, the table lists it,
-    and the study script exits 1 after writing the tables."""
+    and the study script exits 1 after writing the tables. --resume with a larger budget then
+    continues the cut run in its folder from its last epoch, to status ok."""
     import json
 
     from seld.study import main
@@ -328,6 +330,31 @@ def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(
     assert cells["Baseline-A"] != "–"
     assert cells["Stage 1"] == cells["Stage 2"] == cells["Stage 2 + PP"] == "–"  # no figure from the cut run
     assert "## Failed runs" in md and "| stereo_rcnet | 0 | time_budget |" in md
+
+    # --resume under a larger budget continues the cut run in its own folder from its last epoch:
+    # stage 2 trains, every epoch appears once, the run is ok and in the table; the finished
+    # Baseline-A is not retrained.
+    cut = out / rows.loc["stereo_rcnet", "run_dir"]
+    before = (cut / "metrics.csv").read_text()
+    rc = main(mod.STUDIES, ["--preset", "smoke", "--out", str(out), "--cache-dir", str(cache),
+                            "--time-budget-s", "600", "--max-retries", "0", "--resume",
+                            "--set", "train.stage1.epochs=1"], description="", example="")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "stereo_rcnet seed 0: stopped by its time budget before; continued from its last epoch" in caplog.text
+    rows = pd.read_csv(out / "summary.csv").set_index("variant")
+    assert rows["status"].to_dict() == {"baseline": "ok", "stereo_rcnet": "ok"}
+    assert rows["attempts"].to_dict() == {"baseline": 1, "stereo_rcnet": 2}
+    assert out / rows.loc["stereo_rcnet", "run_dir"] == cut
+    after = (cut / "metrics.csv").read_text()
+    assert after.startswith(before) and after != before  # continued, not retrained
+    epochs = [int(r["epoch"]) for r in pd.read_csv(cut / "metrics.csv").to_dict("records")]
+    assert epochs == list(range(len(epochs)))  # every epoch once
+    metrics = json.loads((cut / "metrics.json").read_text())
+    assert (metrics["status"], metrics["stages_done"], metrics["selected_stage"]) == ("ok", [1, 2], 2)
+    assert json.loads((cut / "config.json").read_text())["train"]["time_budget_s"] == 600
+    md = (out / "table1.md").read_text()
+    assert "## Failed runs" not in md
 
 
 def test_unfinished_runs_names_failed_and_truncated_runs_of_both_tables(tmp_path):

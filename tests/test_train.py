@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from seld.config import preset_config
+from seld.config import config_hash, preset_config, run_hash
 from seld.errors import UserError
 from seld.train import default_num_cpus, prepare_run_dir, run_training
 
@@ -33,6 +34,13 @@ def test_run_folder_rules(tmp_path):
     prepare_run_dir(cfg, tmp_path / "a", resume=True)
     with pytest.raises(UserError, match="another config.*model"):
         prepare_run_dir(preset_config("smoke", {"model.d_model": 64}), tmp_path / "a", resume=True)
+    # A bound is not the run's identity: --resume may change the time budget (config.json then
+    # records the new one), and the run hash, which names study run folders, stays the same.
+    longer = preset_config("smoke", {"train.time_budget_s": 7200})
+    prepare_run_dir(longer, tmp_path / "a", resume=True)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["time_budget_s"] == 7200
+    assert run_hash(longer) == run_hash(cfg) and config_hash(longer) != config_hash(cfg)
+    assert run_hash(preset_config("smoke", {"train.stage1.lr": 1e-4})) != run_hash(cfg)
 
 
 @pytest.mark.ray

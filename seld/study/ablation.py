@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from seld.config import ExperimentConfig, config_hash, preset_config
+from seld.config import ExperimentConfig, preset_config, run_hash
 from seld.paired import gather_study_counters
 from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_JSON, atomic_write
@@ -152,7 +152,9 @@ def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options
             hours = estimate_run_hours(preset_config(study.preset, overrides), *counts, plan)
             overrides.update(budget_overrides(study.preset, overrides, hours))
             cfg = preset_config(study.preset, overrides)
-            run_dir = out / "runs" / f"{v.name}-s{seed}-{config_hash(cfg)[:8]}"
+            # Named by the run's identity, not its bounds: a run its time budget stopped keeps its
+            # folder under another --time-budget-s, and --resume continues it there.
+            run_dir = out / "runs" / f"{v.name}-s{seed}-{run_hash(cfg)[:8]}"
             runs.append((v, seed, overrides, cfg, run_dir))
     return runs
 
@@ -161,9 +163,13 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
                    opts: Options, mirror: Mirror | None = None) -> dict[str, str]:
     """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed.
     ``mirror``: the study folder's object store (each trial gets its run folder's)."""
-    pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()]
+    truncated = [r for r in runs if run_status(r[4], r[3], None)[0] == "time_budget"]
+    pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()] + truncated
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
+    for v, seed, _, cfg, _dir in truncated:
+        log.info("%s seed %d: stopped by its time budget before; continued from its last epoch "
+                 "(train.time_budget_s=%g s for this attempt)", v.name, seed, cfg.train.time_budget_s)
     errors: dict[str, str] = {}
     if pending:
         env = trial_env(opts, study.name)
