@@ -243,3 +243,30 @@ def _load_study():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.STUDIES["smoke"]
+
+
+def test_a_sweep_pushes_its_optuna_journal_at_every_trial_event(tmp_path, s3_env):
+    """With an object store, the sweep's resume state (its Optuna journal, study.log) reaches the
+    bucket when a trial starts, completes or fails, not only when the driver ends: a driver killed
+    mid-sweep resumes from the bucket with the trials finished so far."""
+    from seld.study.sweep import SWEEP_STATE, journal_push_callback
+
+    bucket = s3_env()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    mirror = Mirror(staging, f"s3://{bucket}/results/sweep")
+    mirror.check()
+    callback = journal_push_callback(mirror)
+    (staging / "optuna.journal").write_text('{"op_code": 0}\n')
+    (staging / "study.log").write_text("trial 1 started\n")
+    (staging / "trials.csv").write_text("number\n")  # not sweep state: written at the end only
+    callback.on_trial_start(iteration=1, trials=[], trial=None)
+    assert sorted(mirror.remote_files()) == sorted(SWEEP_STATE)
+    for event, line in (("on_trial_complete", '{"op_code": 6}\n'), ("on_trial_error", '{"op_code": 7}\n')):
+        time.sleep(0.01)
+        with open(staging / "optuna.journal", "a") as f:
+            f.write(line)
+        getattr(callback, event)(iteration=2, trials=[], trial=None)
+        other = Mirror(tmp_path / f"other-{event}", f"s3://{bucket}/results/sweep")
+        other.pull()
+        assert (other.local / "optuna.journal").read_text() == (staging / "optuna.journal").read_text()

@@ -29,6 +29,7 @@ from seld.runfolder import (
     atomic_write,
     write_json_atomic,
 )
+from seld.storage import Mirror
 from seld.study.cli import (
     DRIVER_PULL_SKIP,
     Options,
@@ -216,7 +217,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
                         "wandb": {"project": "seld", "group": sweep.name} if opts.wandb else None,
                         "env": trial_env(opts, sweep.name),
                         **({"mirror": mirror.child("runs")} if mirror is not None else {})}
-                _tune_sweep(sweep, spec, storage, remaining, plan, out, opts)
+                _tune_sweep(sweep, spec, storage, remaining, plan, out, opts, mirror)
                 if mirror is not None:  # what the trials pushed (their rank 0 may have run on other nodes)
                     mirror.pull(skip=DRIVER_PULL_SKIP)
             trials = _sweep_outputs(sweep, out, storage)
@@ -329,7 +330,35 @@ def point_key(params: dict[str, Any]) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
-def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options) -> None:
+# The sweep's state a --resume reads: pushed to an object store at every trial event, so a driver
+# killed mid-sweep (SIGKILL: no `finally`) loses at most the trial in flight, not the search.
+SWEEP_STATE = ("optuna.journal", "study.log")
+
+
+def journal_push_callback(mirror: Mirror):
+    """A Tune callback that pushes :data:`SWEEP_STATE` to ``mirror`` when a trial starts, completes
+    or fails. Tune's controller runs the searcher (which appends to the journal) and the callbacks
+    in one thread, so a push never reads a half-written journal line."""
+    from ray.tune import Callback
+
+    class JournalPush(Callback):
+        def _push(self) -> None:
+            mirror.push(only=SWEEP_STATE)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self._push()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            self._push()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._push()
+
+    return JournalPush()
+
+
+def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options,
+                mirror: Mirror | None = None) -> None:
     start_ray(plan, forwarded_env(opts))
     cfg = preset_config(sweep.preset, spec["overrides"])
     max_t = cfg.train.max_epochs
@@ -343,7 +372,8 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     progress = progress_callback({}, n_total=n_before + n, n_done_before=n_before, concurrency=concurrency,
                                  max_retries=opts.max_retries, default_epochs=max_t)
     results = fit_tuner(sweep_trainable(spec, plan), tune_space(sweep.space), plan, out, sweep.name, opts,
-                        callbacks=[progress], metric=sweep.metric, mode=sweep.mode, search_alg=searcher,
+                        callbacks=[progress, *([journal_push_callback(mirror)] if mirror is not None else [])],
+                        metric=sweep.metric, mode=sweep.mode, search_alg=searcher,
                         scheduler=scheduler, num_samples=n)
     records = []
     for res in results:
