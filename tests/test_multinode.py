@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "cluster/loopback.yaml"
 CANARY = "canary-wandb-key-0123456789abcdef"
 STAGE1_EPOCHS = 20  # enough epochs for three kills, each after a registered checkpoint
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
 PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 
@@ -310,6 +311,22 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
         for f in root.rglob("*"):
             if f.is_file() and not f.is_symlink() and f.stat().st_size < 200 << 20:
                 assert CANARY.encode() not in f.read_bytes(), f
+
+    # The killed study equals one without a kill (CPU, one worker each, the same seeds): the same
+    # study run straight on the same cluster gives the same epochs and the same scores.
+    straight_out = storage / "results" / "straight"
+    done = subprocess.run([*study, "--out", str(straight_out)], env=env, capture_output=True, text=True,
+                          timeout=420, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def table(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in _rows(path)]
+
+    assert table(target) == table(straight_out / "runs" / run_dir.name / "metrics.csv")
+    score = [c for c in rows.columns if c.split("/")[0] in ("val", "val_pp", "test", "test_pp", "stage1_test")]
+    straight_rows = pd.read_csv(straight_out / "summary.csv")
+    assert score and rows[["variant", *score]].equals(straight_rows[["variant", *score]])
+
     report = {"kill_to_new_epoch_s": [k["again_s"] for k in kills], "epochs_lost": lost,
               "restored_after_epoch": restored, "rows_at_kill": [k["rows"] for k in kills]}
     print("node-loss figures:", json.dumps(report))
