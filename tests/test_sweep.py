@@ -257,3 +257,28 @@ def test_asha_never_stops_a_run_at_its_final_report():
     final = {"training_iteration": 3, "val/f20": 12.0}
     assert sched.on_trial_result(None, good, {**final, RUN_FINISHED: 1}) == cont
     assert sched.on_trial_result(None, good, final) == stop  # any other report at max_t: ASHA's STOP
+
+
+def test_the_committed_sweep_regenerates_byte_for_byte_with_report_only(tmp_path):
+    """results/sweep (the `local` sweep, committed with its Optuna journal and its run folders'
+    records, no models) gives the same trials.csv, best_config.json and plots through
+    `sweep.py --report-only`: the committed findings are what the recorded trials say."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "sweep"
+    shutil.copytree(root / "results" / "sweep", out)
+    outputs = {p.name: p.read_bytes() for p in out.iterdir()
+               if p.suffix in (".csv", ".json", ".png") and p.name != "tune_trials.jsonl"}
+    assert {"trials.csv", "best_config.json"} <= set(outputs) and any(n.endswith(".png") for n in outputs)
+    for name in outputs:
+        (out / name).unlink()
+    done = subprocess.run([sys.executable, str(root / "studies/sweep.py"), "--report-only", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, blob in outputs.items():
+        assert (out / name).read_bytes() == blob, name
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 24 and trials["test/f20"].notna().sum() >= 1
