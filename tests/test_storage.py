@@ -3,6 +3,7 @@ staging folder, a mirror's pull and push, one-line errors for a bad URI or an un
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -110,6 +111,17 @@ def _read_object(mirror: Mirror, rel: str) -> bytes:
         return f.read()
 
 
+def _snapshot_epoch(mirror: Mirror, rel: str) -> int | None:
+    """The epoch of the latest checkpoint in Ray Train's checkpoint-manager snapshot (None if unreadable:
+    the object may be mid-write)."""
+    try:
+        latest = json.loads(_read_object(mirror, rel)).get("latest_checkpoint_result") or {}
+    except (OSError, ValueError):
+        return None
+    epoch = latest.get("metrics", {}).get("epoch")
+    return None if epoch is None else int(epoch)
+
+
 def _run_folder(objects, variant: str) -> str:
     return next(k.split("/")[1] for k in objects if k.startswith(f"runs/{variant}-s0-"))
 
@@ -128,7 +140,6 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     alone (an empty staging folder): the finished run is not retrained, the killed one continues
     from its epoch, every epoch once; --report-only from the bucket alone redoes the tables byte for
     byte; the secret key is in no object, staged file or Ray log."""
-    import json
     import os
     import shutil
     import signal
@@ -162,14 +173,14 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
             objects = results.remote_files()
             stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
             # Ray Train's controller registers a reported checkpoint in its snapshot a moment after
-            # the report: a kill before that retrains the epoch (still recorded once).
+            # the report: a kill before that retrains the epoch (still recorded once, timings new).
+            # So kill once the snapshot's latest checkpoint is the last epoch metrics.csv lists.
             snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
                     and k.endswith("/ray/train/checkpoint_manager_snapshot.json")]
-            ckpts = [t for k, (_, t) in objects.items() if k.startswith("runs/stereo_rcnet-s0-")
-                     and "/ray/train/checkpoint_2" in k]
-            if (stereo and snap and ckpts and objects[snap[0]][1] >= max(ckpts)
-                    and _csv_epochs(_read_object(results, stereo[0]))):
-                killed_at = _read_object(results, stereo[0])
+            blob = _read_object(results, stereo[0]) if stereo else b""
+            epochs = _csv_epochs(blob) if blob else []
+            if epochs and snap and _snapshot_epoch(results, snap[0]) == epochs[-1]:
+                killed_at = blob
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.25)
