@@ -112,8 +112,10 @@ def _read_object(mirror: Mirror, rel: str) -> bytes:
 
 
 def _snapshot_epoch(mirror: Mirror, rel: str) -> int | None:
-    """The epoch of the latest checkpoint in Ray Train's checkpoint-manager snapshot (None if unreadable:
-    the object may be mid-write)."""
+    """The epoch of the latest checkpoint in Ray Train's checkpoint-manager snapshot, or None if the
+    object went between the listing and the read. The snapshot's layout is Ray Train V2's own
+    (`latest_checkpoint_result.metrics`, ray 2.60 as pinned): if a Ray upgrade changes it, this stays
+    None, no kill point is ever seen, and the test fails saying so."""
     try:
         latest = json.loads(_read_object(mirror, rel)).get("latest_checkpoint_result") or {}
     except (OSError, ValueError):
@@ -167,7 +169,7 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     # 1. Killed mid-study: Baseline-A finished, Stereo-RCnet's first epoch in the bucket.
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline, killed_at = time.monotonic() + 420, None
+    deadline, killed_at, seen = time.monotonic() + 420, None, None
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             objects = results.remote_files()
@@ -179,7 +181,8 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
                     and k.endswith("/ray/train/checkpoint_manager_snapshot.json")]
             blob = _read_object(results, stereo[0]) if stereo else b""
             epochs = _csv_epochs(blob) if blob else []
-            if epochs and snap and _snapshot_epoch(results, snap[0]) == epochs[-1]:
+            seen = (epochs, _snapshot_epoch(results, snap[0]) if snap else None)
+            if epochs and seen[1] == epochs[-1]:
                 killed_at = blob
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
@@ -188,7 +191,8 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         if proc.poll() is None and killed_at is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert killed_at is not None, proc.stdout.read().decode()[-3000:]
+    assert killed_at is not None, (f"no kill point: last (metrics.csv epochs, snapshot epoch) seen {seen}\n"
+                                   + proc.stdout.read().decode()[-3000:])
     objects = results.remote_files()
     base_run, stereo_run = _run_folder(objects, "baseline"), _run_folder(objects, "stereo_rcnet")
     assert f"runs/{base_run}/metrics.json" in objects and f"runs/{base_run}/checkpoints/selected.pt" in objects
