@@ -15,7 +15,7 @@ from typing import Any
 from seld.config import ExperimentConfig, preset_config, run_hash
 from seld.paired import gather_study_counters
 from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
-from seld.runfolder import METRICS_JSON, atomic_write
+from seld.runfolder import METRICS_CSV, METRICS_JSON, atomic_write
 from seld.storage import Mirror
 from seld.study.cli import (
     DRIVER_PULL_SKIP,
@@ -165,6 +165,10 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
     ``mirror``: the study folder's object store (each trial gets its run folder's)."""
     truncated = [r for r in runs if run_status(r[4], r[3], None)[0] == "time_budget"]
     pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()] + truncated
+    # Runs an earlier sitting started (they have epochs) go first, then the study's declared order
+    # (variants, then seeds), so the reference variant trains before the ones compared with it and
+    # a sitting stopped part-way leaves finished comparisons, not scattered half-runs.
+    pending.sort(key=lambda r: not (r[4] / METRICS_CSV).exists())
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
     for v, seed, _, cfg, _dir in truncated:
@@ -228,7 +232,8 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
     start_ray(plan, forwarded_env(opts))
     log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan.workers_per_trial,
                                   plan.cpus_per_worker, plan.gpus_per_worker))
-    results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(sorted(specs))}, plan,
+    # Trials start in the order of ``specs`` (see _train_pending), not alphabetically.
+    results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(list(specs))}, plan,
                         out, name, opts, callbacks=[progress])
     errors = {}
     for res in results:
