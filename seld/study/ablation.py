@@ -159,16 +159,20 @@ def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options
     return runs
 
 
+def training_order(pending: list[Run]) -> list[Run]:
+    """The order a sitting trains ``pending`` runs in: those an earlier sitting started (they have
+    epochs in metrics.csv) first, then the study's declared order (variants, then seeds). The
+    reference variant is declared first, so it trains before the variants compared with it, and a
+    sitting stopped part-way leaves whole comparisons rather than scattered half-runs."""
+    return sorted(pending, key=lambda r: not (r[4] / METRICS_CSV).exists())  # stable: declared order kept
+
+
 def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterPlan, out: Path,
                    opts: Options, mirror: Mirror | None = None) -> dict[str, str]:
     """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed.
     ``mirror``: the study folder's object store (each trial gets its run folder's)."""
     truncated = [r for r in runs if run_status(r[4], r[3], None)[0] == "time_budget"]
-    pending = [r for r in runs if not (r[4] / METRICS_JSON).exists()] + truncated
-    # Runs an earlier sitting started (they have epochs) go first, then the study's declared order
-    # (variants, then seeds), so the reference variant trains before the ones compared with it and
-    # a sitting stopped part-way leaves finished comparisons, not scattered half-runs.
-    pending.sort(key=lambda r: not (r[4] / METRICS_CSV).exists())
+    pending = training_order([r for r in runs if not (r[4] / METRICS_JSON).exists()] + truncated)
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
     for v, seed, _, cfg, _dir in truncated:
