@@ -52,3 +52,11 @@ def test_sweep_confirmation_regenerates_byte_for_byte_with_report_only(tmp_path)
     paired = pd.read_csv(tmp_path / "sweep-confirm" / "confirmation_paired.csv")
     assert set(paired["verdict"]) <= {"better", "no difference detected", "worse"}
     assert (paired.loc[paired["metric"] == "f20", "verdict"] == "better").all()  # the finding the README states
+
+
+def test_extended_ablation_regenerates_byte_for_byte_with_report_only(tmp_path):
+    """results/ablation-extended: 17 Stereo-RCnet variants and Baseline-A at two widths, 3 seeds each."""
+    _regenerated("ablation.py", "local-extended", "ablation-extended", tmp_path, n_runs=57,
+                 tables={"extended", "baseline_width"})
+    paired = pd.read_csv(tmp_path / "ablation-extended" / "extended_paired.csv")
+    assert len(set(paired["a"])) == 16 and set(paired["verdict"]) <= {"better", "no difference detected", "worse"}
