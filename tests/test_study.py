@@ -396,6 +396,7 @@ def test_confirmation_study_reads_the_sweeps_best_config(tmp_path):
     missing = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "none.json: no best_config.json; run `python studies/sweep.py` first" in missing.stderr
 
+
 def test_a_sitting_trains_started_runs_first_then_the_declared_order(tmp_path):
     """A resumed study finishes the runs an earlier sitting started, then trains in the study's
     declared order (the reference variant first), not alphabetically: stopped part-way, it leaves
