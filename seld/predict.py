@@ -118,6 +118,36 @@ def bf16_autocast(device, wanted: bool = True) -> bool:
     return False
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() elsewhere), or "unknown"."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_record(device) -> dict[str, str]:
+    """What the numbers of a run depend on beyond its config, seed and data: the device, and on
+    CPU the instruction set ATen's vectorised kernels were dispatched to. Float32 kernels round
+    differently across instruction sets and devices, so one config and seed trained on two kinds of
+    machine agree to about 5 digits at first and drift apart over epochs (README, Reproducibility).
+    Recorded in metrics.json as ``machine/*``; ``machine/kind`` is the one-line summary the study
+    tables quote (no commas: a caption lists kinds comma-separated)."""
+    dev = torch.device(device)
+    cpu = _cpu_model()
+    capability = torch.backends.cpu.get_cpu_capability()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    kind = f"{name} / " if dev.type == "cuda" else ""
+    kind += f"{capability} {cpu} / torch {torch.__version__}"
+    return {"machine/device": name, "machine/cpu": cpu, "machine/cpu_capability": capability,
+            "machine/torch": torch.__version__, "machine/kind": kind.replace(",", " ")}
+
+
 def prepare_batch(features: np.ndarray, mean, std, device) -> torch.Tensor:
     """Store-dtype features (B, 2, T, n_mels) -> normalised float32 tensor on `device`."""
     x = torch.from_numpy(np.ascontiguousarray(features)).to(device=device).float()

@@ -192,6 +192,7 @@ def _context(rows: pd.DataFrame) -> dict[str, str]:
         "dataset": one("dataset", "generated"),
         "protocol": one("protocol", "dcase"),
         "precision": one("precision", ""),
+        "machine": one("machine/kind", ""),
         "git_sha": one("git_sha", ""),
     }
 
@@ -214,6 +215,14 @@ def _caption(spec: TableSpec, ctx: dict[str, str], stats_: list[_RowStats]) -> s
     )
     if ctx["precision"]:
         caption += f" Training precision: {ctx['precision']} (`train.amp_bf16`: bf16 autocast where native)."
+    if ctx["machine"]:  # summaries from before metrics.json recorded the machine have no column
+        kinds = ctx["machine"].split(", ")
+        if len(kinds) == 1:
+            caption += f" Machine: {kinds[0]}."
+        else:
+            caption += (f" **Trained on {len(kinds)} kinds of machine** ({'; '.join(kinds)}): float32 "
+                        "kernels round differently on each, so a run repeated on another kind differs "
+                        "in its last digits.")
     if ctx["git_sha"]:
         shas = ctx["git_sha"].split(", ")
         if any(sha.endswith("-dirty") or sha == "unknown" for sha in shas) or len(shas) > 1:

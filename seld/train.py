@@ -40,7 +40,7 @@ from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_pred
 from seld.metrics import score_counters
 from seld.paired import save_counters
 from seld.postprocess import decode_outputs
-from seld.predict import bf16_autocast, infer, load_weights, prepare_batch
+from seld.predict import bf16_autocast, infer, load_weights, machine_record, prepare_batch
 from seld.runfolder import (
     CHECKPOINT_DIR,
     CONFIG_JSON,
@@ -635,6 +635,7 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({
         "precision": "bf16" if amp else "float32",
+        **machine_record(device),  # rank 0's machine at the end (a restored run may have moved)
         "cost/epochs": len(history),
         "cost/stage1_epochs": sum(1 for r in history if r["stage"] == 1),
         "cost/stage2_epochs": sum(1 for r in history if r["stage"] == 2),

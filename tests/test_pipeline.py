@@ -40,6 +40,16 @@ def _check_reproduced(run: Path, data: Path, tmp_path: Path, capsys) -> None:
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == list(range(metrics["cost/epochs"]))
     assert {r["stage"] for r in rows} == {"1", "2"}
+    # The machine that trained it (here, this one: the suite's workers run on it), for readers who
+    # compare numbers across machines.
+    import torch
+
+    from seld.predict import machine_record
+
+    here = machine_record("cpu")
+    assert {k: metrics[k] for k in here} == here
+    assert metrics["machine/cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert here["machine/kind"].startswith(f"{torch.backends.cpu.get_cpu_capability()} ")
     for flags, prefix in (([], "test_pp"), (["--threshold", "0.5"], "test")):
         pred = tmp_path / f"pred_{prefix}"
         assert main(["predict", str(run), *_test_dirs(data), "--out", str(pred), *flags]) == 0

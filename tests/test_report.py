@@ -110,6 +110,21 @@ def test_caption_states_the_training_precision(tmp_path):
     assert "Training precision: bf16, float32 (`train.amp_bf16`" in (tmp_path / "table1.md").read_text()
 
 
+def test_caption_names_the_machine_and_says_when_there_were_several(tmp_path):
+    write_report(_rows(), tmp_path, [SPEC])
+    assert "Machine" not in (tmp_path / "table1.md").read_text()  # older summaries have no column
+    rows = _rows()
+    rows["machine/kind"] = "AVX512 AMD EPYC / torch 2.13.0+cpu"
+    write_report(rows, tmp_path, [SPEC])
+    md = (tmp_path / "table1.md").read_text()
+    assert "Machine: AVX512 AMD EPYC / torch 2.13.0+cpu." in md and "kinds of machine" not in md
+    rows["machine/kind"] = ["AVX2 Intel Xeon / torch 2.13.0+cpu"] + ["AVX512 AMD EPYC / torch 2.13.0+cpu"] * (len(rows) - 1)
+    write_report(rows, tmp_path, [SPEC])
+    md = (tmp_path / "table1.md").read_text()
+    assert ("**Trained on 2 kinds of machine** (AVX2 Intel Xeon / torch 2.13.0+cpu; AVX512 AMD EPYC / "
+            "torch 2.13.0+cpu)") in md and "Machine:" not in md
+
+
 def test_report_from_files_is_byte_for_byte_reproducible(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
