@@ -145,7 +145,7 @@ def machine_record(device) -> dict[str, str]:
     kind = f"{name} / " if dev.type == "cuda" else ""
     kind += f"{capability} {cpu} / torch {torch.__version__}"
     return {"machine/device": name, "machine/cpu": cpu, "machine/cpu_capability": capability,
-            "machine/torch": torch.__version__, "machine/kind": kind.replace(",", " ")}
+            "machine/torch": torch.__version__, "machine/kind": kind.replace(",", "")}
 
 
 def prepare_batch(features: np.ndarray, mean, std, device) -> torch.Tensor:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_snapshot import SNAPSHOT
 
 from seld.config import preset_config
 
@@ -265,7 +266,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
             # remain, after Train registered that epoch's checkpoint (its snapshot file written
             # since the row appeared): during the next epoch, as a spot reclaim strikes epochs of
             # minutes, not in the instant between a 0.5-s epoch's row and its registration.
-            snapshot = target.parent / "ray/train/checkpoint_manager_snapshot.json"
+            snapshot = target.parent / SNAPSHOT
             registered = snapshot.exists() and snapshot.stat().st_mtime >= last_change
             if n >= (kills[-1]["rows"] + 1 if kills else 2) and n <= STAGE1_EPOCHS - 2 and registered:
                 pid = _train_worker_pid(cluster)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.errors import UserError
 from seld.storage import Mirror, is_uri, join, staging_dir
@@ -112,16 +113,12 @@ def _read_object(mirror: Mirror, rel: str) -> bytes:
 
 
 def _snapshot_epoch(mirror: Mirror, rel: str) -> int | None:
-    """The epoch of the latest checkpoint in Ray Train's checkpoint-manager snapshot, or None if the
-    object went between the listing and the read. The snapshot's layout is Ray Train V2's own
-    (`latest_checkpoint_result.metrics`, ray 2.60 as pinned): if a Ray upgrade changes it, this stays
-    None, no kill point is ever seen, and the test fails saying so."""
+    """The registered epoch in the bucket's snapshot object (tests/ray_snapshot.py), or None if the
+    object went between the listing and the read."""
     try:
-        latest = json.loads(_read_object(mirror, rel)).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
+        return registered_epoch(_read_object(mirror, rel))
+    except OSError:
         return None
-    epoch = latest.get("metrics", {}).get("epoch")
-    return None if epoch is None else int(epoch)
 
 
 def _run_folder(objects, variant: str) -> str:
@@ -179,7 +176,7 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
             # or two more: those are retrained after the kill (still recorded once, timings new).
             # So kill once the snapshot's latest checkpoint is an epoch metrics.csv lists.
             snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
-                    and k.endswith("/ray/train/checkpoint_manager_snapshot.json")]
+                    and k.endswith(f"/{SNAPSHOT}")]
             blob = _read_object(results, stereo[0]) if stereo else b""
             epochs = _csv_epochs(blob) if blob else []
             seen = (epochs, _snapshot_epoch(results, snap[0]) if snap else None)

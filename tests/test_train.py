@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.config import config_hash, preset_config, run_hash
 from seld.errors import UserError
@@ -86,15 +87,8 @@ def test_worker_killed_after_an_epoch_restores_from_its_checkpoint(smoke_store, 
 
 
 def _registered_epoch(snapshot: Path) -> int | None:
-    """The epoch of the latest checkpoint Ray Train's controller has registered (its snapshot file,
-    ray 2.60's layout), or None while there is none. The controller collects reports when it polls
-    its workers (every 2 s in ray 2.60), so under load metrics.csv can run an epoch or two ahead."""
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
-        return None
-    epoch = latest.get("metrics", {}).get("epoch")
-    return None if epoch is None else int(epoch)
+    """The epoch of the latest checkpoint Ray has registered for a local run (tests/ray_snapshot.py)."""
+    return registered_epoch(snapshot.read_bytes() if snapshot.exists() else None)
 
 
 @pytest.mark.ray
@@ -117,8 +111,8 @@ def test_resume_after_the_driver_is_killed(smoke_store, tmp_path):
            "--set", "train.stage1.epochs=3", "--set", "train.time_budget_s=3600"]
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
-    snapshot = run / "ray" / "train" / "checkpoint_manager_snapshot.json"
-    deadline, kill_epoch, before = time.time() + 300, None, []
+    snapshot = run / SNAPSHOT
+    deadline, kill_epoch = time.time() + 300, None
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
