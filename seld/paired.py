@@ -394,19 +394,95 @@ def sequential_look(a: Mapping[int, float], b: Mapping[int, float], plan: Sequen
     return SequentialResult(rci, files, v, "running")  # the last look neither settled nor stopped
 
 
+def sequential_decisions(d: np.ndarray, plan: SequentialPlan) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`sequential_look` on F20 over seeds alone (no file interval), for many comparisons at
+    once: the replay that simulations of the rule use.
+
+    Args:
+        d: (n_comparisons, plan.max_seeds) per-seed differences A - B, in the plan's seed order.
+    Returns:
+        (sign, n_used): +1 better / -1 worse / 0 no verdict, and the seeds each comparison used.
+    """
+    d = np.asarray(d, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] != plan.max_seeds:
+        raise ValueError(f"expected (comparisons, {plan.max_seeds}) differences, got {d.shape}")
+    bounds = plan.boundaries()
+    total, total_sq = np.cumsum(d, axis=1), np.cumsum(d * d, axis=1)
+    sign = np.zeros(d.shape[0], dtype=np.int64)
+    n_used = np.full(d.shape[0], plan.max_seeds, dtype=np.int64)
+    alive = np.ones(d.shape[0], dtype=bool)
+    for k, n in enumerate(plan.looks):
+        mean = total[:, n - 1] / n
+        sd = np.sqrt(np.maximum(total_sq[:, n - 1] - n * mean * mean, 0.0) / (n - 1))
+        half = bounds[k] * sd / math.sqrt(n)
+        hit = alive & ((mean - half > 0) | (mean + half < 0))
+        sign[hit] = np.sign(mean[hit]).astype(np.int64)
+        n_used[hit] = n
+        alive &= ~hit
+        if n < plan.max_seeds:
+            stop = alive & (_conditional_power(mean, sd, n, plan.max_seeds, bounds[-1]) < plan.futility)
+            n_used[stop] = n
+            alive &= ~stop
+    return sign, n_used
+
+
 def conditional_power(mean: float, sd: float, n: int, n_max: int, bound_max: float) -> float:
     """Probability that the t-statistic at ``n_max`` seeds reaches ``bound_max`` if the true
     difference and standard deviation are the current ``mean`` and ``sd`` (normal approximation of
     the remaining seeds; intermediate looks ignored, which only lowers it)."""
-    if sd == 0:
-        return 1.0 if mean != 0 else 0.0
+    return float(_conditional_power(np.asarray([mean]), np.asarray([sd]), n, n_max, bound_max)[0])
+
+
+def _conditional_power(mean: np.ndarray, sd: np.ndarray, n: int, n_max: int, bound_max: float) -> np.ndarray:
     m = n_max - n
     if m <= 0:
-        return 0.0
+        return np.zeros_like(mean)
     edge = bound_max * sd * math.sqrt(n_max)  # |sum of n_max differences| needed, at this sd
     centre = mean * n_max
     spread = sd * math.sqrt(m)
-    return float(stats.norm.sf((edge - centre) / spread) + stats.norm.cdf((-edge - centre) / spread))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cp = stats.norm.sf((edge - centre) / spread) + stats.norm.cdf((-edge - centre) / spread)
+    # No spread at all: a nonzero mean settles, a zero one never does.
+    return np.where(sd > 0, cp, np.where(mean != 0, 1.0, 0.0))
+
+
+@dataclass(frozen=True)
+class SimulatedRule:
+    """The sequential rule on ``n_studies`` simulated comparisons of true difference ``effect``
+    (normal per-seed differences of standard deviation ``sd``), against fixed seed counts.
+
+    Attributes:
+        rate: share of comparisons with a better/worse verdict (the false-verdict rate at effect 0,
+            else the power); ``rate_ci``: its 95 % Clopper-Pearson interval.
+        mean_seeds: seeds a comparison used, on average.
+        fixed_rate: fixed seed count -> share of paired t-tests (95 %) with a verdict.
+    """
+
+    effect: float
+    sd: float
+    n_studies: int
+    rate: float
+    rate_ci: tuple[float, float]
+    mean_seeds: float
+    fixed_rate: dict[int, float]
+
+
+def simulate_rule(effect: float, sd: float, plan: SequentialPlan, n_studies: int, seed: int,
+                  fixed: Sequence[int] = ()) -> SimulatedRule:
+    """Simulate ``n_studies`` comparisons through :func:`sequential_decisions` and through fixed
+    paired t-tests with each of ``fixed`` seeds (the same draws)."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(effect, sd, size=(n_studies, plan.max_seeds))
+    sign, n_used = sequential_decisions(d, plan)
+    k = int(np.count_nonzero(sign))
+    ci = stats.binomtest(k, n_studies).proportion_ci(0.95, method="exact")
+    fixed_rate = {}
+    for n in fixed:
+        x = d[:, :n]
+        t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / math.sqrt(n))
+        fixed_rate[int(n)] = float(np.mean(np.abs(t) >= stats.t.isf(ALPHA / 2, n - 1)))
+    return SimulatedRule(float(effect), float(sd), int(n_studies), k / n_studies, (float(ci.low), float(ci.high)),
+                         float(n_used.mean()), fixed_rate)
 
 
 def _finite(x) -> bool:
@@ -495,5 +571,5 @@ def gather_study_counters(path: str | Path, runs: Sequence[tuple[str, int, Path]
 __all__ = ["ALPHA", "DEFAULT_MAX_SEEDS", "FUTILITY", "HIGHER_IS_BETTER", "POWER", "SPENDING", "VERDICTS",
            "PairedInterval", "SequentialPlan", "SequentialResult", "conditional_power", "gather_study_counters",
            "load_counters", "minimum_detectable_effect", "obf_spending", "paired_file_jackknife", "paired_sd",
-           "paired_t", "read_plan", "run_counters_key", "save_counters", "seeds_for_effect", "sequential_look", "t_boundaries",
+           "paired_t", "read_plan", "run_counters_key", "save_counters", "seeds_for_effect", "sequential_decisions", "sequential_look", "simulate_rule", "SimulatedRule", "t_boundaries",
            "t_test_power", "verdict", "write_plan"]

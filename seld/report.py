@@ -348,9 +348,7 @@ def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray]
     from seld.paired import (
         HIGHER_IS_BETTER,
         minimum_detectable_effect,
-        paired_file_jackknife,
         paired_t,
-        run_counters_key,
         seeds_for_effect,
         sequential_look,
         verdict,
@@ -370,12 +368,7 @@ def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray]
         a, b = by_label[comp.a], by_label[comp.b]
 
         def files_at(seeds: tuple[int, ...], m: str, a: TableRow = a, b: TableRow = b):
-            keys = [(run_counters_key(a.variant, s, a.prefix), run_counters_key(b.variant, s, b.prefix))
-                    for s in seeds]
-            if not (counters and keys and all(ka in counters and kb in counters for ka, kb in keys)):
-                return None
-            return paired_file_jackknife(np.stack([counters[ka] for ka, _ in keys]),
-                                         np.stack([counters[kb] for _, kb in keys]), m)
+            return _files_interval(counters, a, b, seeds, m)
 
         seeds_iv, files_iv, verdicts, mde, n_target, ends = {}, {}, {}, {}, {}, {}
         for m, _, _ in METRICS:
@@ -420,6 +413,38 @@ def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray]
                 rec["sequential"] = ends[m]
             recs.append(rec)
     return header, body, pd.DataFrame.from_records(recs)
+
+
+def _files_interval(counters: dict[str, np.ndarray] | None, a: TableRow, b: TableRow, seeds: Sequence[int],
+                    metric: str):
+    """The paired file interval of rows A - B over ``seeds`` (None unless every run's counters exist)."""
+    from seld.paired import paired_file_jackknife, run_counters_key
+
+    keys = [(run_counters_key(a.variant, s, a.prefix), run_counters_key(b.variant, s, b.prefix)) for s in seeds]
+    if not (counters and keys and all(ka in counters and kb in counters for ka, kb in keys)):
+        return None
+    return paired_file_jackknife(np.stack([counters[ka] for ka, _ in keys]),
+                                 np.stack([counters[kb] for _, kb in keys]), metric)
+
+
+def sequential_status(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray] | None, plan
+                      ) -> list[tuple[TableRow, TableRow, object]]:
+    """Where each verdict comparison of ``spec`` stands on F20 under ``plan`` (a
+    :class:`seld.paired.SequentialPlan`): (row A, row B, :class:`seld.paired.SequentialResult`), the
+    same replay the tables show (a study with ``--seeds auto`` decides which runs to add from it)."""
+    from seld.paired import HIGHER_IS_BETTER, sequential_look
+
+    rows = check_rows(rows)
+    by_label = {r.label: r for r in spec.rows}
+    out = []
+    for comp in spec.comparisons:
+        if not comp.verdict:
+            continue
+        a, b = by_label[comp.a], by_label[comp.b]
+        res = sequential_look(_seed_values(rows, a, "f20"), _seed_values(rows, b, "f20"), plan,
+                              HIGHER_IS_BETTER["f20"], lambda seeds, a=a, b=b: _files_interval(counters, a, b, seeds, "f20"))
+        out.append((a, b, res))
+    return out
 
 
 def _sequential_end(state: str, n: int, plan) -> str:
