@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import integrate, optimize, stats
 
 from seld.errors import DataError
 from seld.metrics import N_COUNTERS, jackknife_from_partials, summary_metrics
@@ -135,11 +135,22 @@ def t_test_power(effect: float, sd: float, n: int, alpha: float = ALPHA) -> floa
     (noncentral t, both tails; NaN for n < 2)."""
     if n < 2 or not (math.isfinite(effect) and math.isfinite(sd)) or sd < 0:
         return math.nan
-    crit = float(stats.t.isf(alpha / 2, n - 1))
+    df = n - 1
+    crit = float(stats.t.isf(alpha / 2, df))
     if sd == 0:
         return 1.0 if effect != 0 else alpha
     nc = abs(effect) * math.sqrt(n) / sd
-    return float(stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc))
+    power = float(stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc))
+    if math.isfinite(power):
+        return power
+    # scipy's nct returns NaN at 1-4 degrees of freedom with noncentralities above ~10, which a
+    # well-separated comparison reaches: then P(|Z + nc| >= crit sqrt(V/df)), V ~ chi2(df),
+    # integrated over V's quantiles q in (0, 1), where the integrand is bounded and smooth.
+    def tails(q: float) -> float:
+        edge = crit * math.sqrt(stats.chi2.ppf(q, df) / df)
+        return float(stats.norm.cdf(nc - edge) + stats.norm.cdf(-nc - edge))
+
+    return float(integrate.quad(tails, 0.0, 1.0, limit=200, epsabs=1e-11, epsrel=1e-10)[0])
 
 
 def minimum_detectable_effect(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:

@@ -161,6 +161,12 @@ def test_seeds_for_effect_is_the_fewest_that_reach_80_percent_power():
     n = seeds_for_effect(1.0, 2.4)
     assert t_test_power(1.0, 2.4, n) >= 0.8 > t_test_power(1.0, 2.4, n - 1)
     assert seeds_for_effect(0.01, 5.0) is None  # beyond 1000 seeds
+    # A well-separated pair at 2 seeds (1 degree of freedom, noncentrality 12.9), where scipy's
+    # noncentral t gives NaN: the power still matches a direct simulation, and 3 seeds suffice.
+    d = np.random.default_rng(9).normal(2.0, 0.22, (100_000, 2))
+    assert t_test_power(2.0, 0.22, 2) == pytest.approx(np.mean(stats.ttest_1samp(d, 0.0, axis=1).pvalue < 0.05),
+                                                       abs=0.005)
+    assert seeds_for_effect(2.0, 0.22) == 3
 
 
 def test_table_paired_section_from_summary_and_counters(tmp_path):
