@@ -371,16 +371,25 @@ def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray]
             return _files_interval(counters, a, b, seeds, m)
 
         seeds_iv, files_iv, verdicts, mde, n_target, ends = {}, {}, {}, {}, {}, {}
+        seq = None
+        if sequential and comp.verdict:  # the test is on F20; the other metrics over the same seeds
+            va, vb = _seed_values(rows, a, "f20"), _seed_values(rows, b, "f20")
+            seq = sequential_look(va, vb, plan, HIGHER_IS_BETTER["f20"], lambda sd: files_at(sd, "f20"))
+            prefix = []
+            for s in plan.seeds:
+                if s not in va or s not in vb:
+                    break
+                prefix.append(s)
+            seq_seeds = prefix[:seq.n_seeds]
         for m, _, _ in METRICS:
             va, vb = _seed_values(rows, a, m), _seed_values(rows, b, m)
-            if sequential and comp.verdict:
-                res = sequential_look(va, vb, plan, HIGHER_IS_BETTER[m], lambda sd, m=m: files_at(sd, m))
-                used = [s for s in plan.seeds if s in va and s in vb][:res.n_seeds]
-                seeds_iv[m], files_iv[m], verdicts[m] = res.interval, res.files, res.verdict
-                ends[m] = _sequential_end(res.state, res.n_seeds, plan)
+            if seq is not None and m == "f20":
+                used = seq_seeds
+                seeds_iv[m], files_iv[m], verdicts[m] = seq.interval, seq.files, seq.verdict
+                ends[m] = _sequential_end(seq.state, seq.n_seeds, plan)
             else:
-                used = sorted(set(va) & set(vb))
-                seeds_iv[m] = paired_t(va, vb)
+                used = sorted(set(va) & set(vb)) if seq is None else [s for s in seq_seeds if s in va and s in vb]
+                seeds_iv[m] = paired_t({s: va[s] for s in used}, {s: vb[s] for s in used})
                 files_iv[m] = files_at(tuple(used), m) if used else None
                 verdicts[m] = verdict(seeds_iv[m], files_iv[m], HIGHER_IS_BETTER[m]) if comp.verdict else ""
                 ends[m] = ""
@@ -476,7 +485,8 @@ SEQUENTIAL_NOTE = (
     "one more seed at a time while its verdict was unsettled, up to {max}. Its interval over seeds is the "
     "*repeated* 95 % confidence interval at its last look (a group-sequential paired t-test with "
     "Lan-DeMets O'Brien-Fleming-type alpha spending, one look per seed: the false-verdict rate over all "
-    "looks stays 5 %), its verdict the first look at which it settled. *stopped … cannot settle*: its "
+    "looks stays 5 %), its verdict the first look at which it settled; DOAE_CD and RDE_CD are shown over the "
+    "same seeds with their plain intervals. *stopped … cannot settle*: its "
     "conditional power at {max} seeds fell below {futility:.0%}; *open at MAX*: unsettled at {max} seeds."
 )
 
