@@ -6,7 +6,7 @@ writes ``results/<study>/summary.csv`` (one tidy row per run), ``curves.csv`` (p
 the run folders under ``runs/`` and, through :mod:`seld.report`, the tables and plots.
 A sweep writes ``trials.csv``, ``best_config.json``, the Optuna journal and Optuna's plots.
 
-Modules: ``cluster`` (cluster files -> plans, estimates, Ray), ``prepare`` (data and feature
+Modules: ``session`` (starting or joining Ray), ``cluster`` (cluster files -> plans, estimates), ``prepare`` (data and feature
 store), ``tune`` (the trial body and the one Tuner), ``progress`` (one line per event, on the
 console and in ``study.log``), ``summary`` (a run's row), ``ablation`` (the grid), ``sweep``
 (Optuna + ASHA), ``cli`` (options, the command line, where results go).

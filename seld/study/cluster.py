@@ -17,6 +17,7 @@ from typing import Any
 from seld.config import ExperimentConfig
 from seld.errors import UserError
 from seld.storage import check_uri, is_uri
+from seld.study.session import init_ray
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -389,11 +390,9 @@ def plan_storage_named(cluster: Path | None) -> bool:
 
 def start_ray(plan: ClusterPlan, env_vars: dict[str, str] | None = None) -> None:
     """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running),
-    through :func:`seld.train.init_ray`. Training logs reach this driver (and ``ray job logs``);
+    through :func:`seld.study.session.init_ray`. Training logs reach this driver (and ``ray job logs``);
     ``env_vars`` (e.g. :func:`seld.study.tune.forwarded_env`) reach every trial and Train worker
     through Ray's runtime environment."""
-    from seld.train import init_ray
-
     if plan.source != "embedded":
         log.info("Ray cluster of %s", plan.source)
         init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), env_vars=env_vars)

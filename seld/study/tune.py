@@ -233,7 +233,7 @@ def error_text(err: BaseException | str | None) -> str:
 def log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
     import wandb
 
-    from seld.train import finish_wandb_run
+    from seld.wandb_log import finish_wandb_run
 
     os.environ.setdefault("WANDB_MODE", "offline")
     run = wandb.init(project="seld", group=study, job_type="report", name=f"{study}-tables",
