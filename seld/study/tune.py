@@ -19,8 +19,8 @@ import pandas as pd
 from seld.config import config_hash, preset_config
 from seld.runfolder import ATTEMPTS, CONFIG_JSON, MIRROR_SKIP
 from seld.storage import is_uri
-from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
+from seld.study.options import Options
 
 # W&B settings a trial needs wherever it runs: the key exists only where the user logged in or
 # exported it (the submitting machine, the head), and trials run on other nodes.
