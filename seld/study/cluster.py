@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seld.compat import ray_prepare_launcher_config, ray_validate_launcher_config
 from seld.config import ExperimentConfig
 from seld.errors import UserError
 from seld.storage import check_uri, is_uri
@@ -152,7 +153,6 @@ def load_launcher_file(path: Path) -> dict[str, Any]:
     Raises UserError naming the file and Ray's complaint when it is not a valid launcher file.
     """
     import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     path = Path(path)
     try:
@@ -162,8 +162,8 @@ def load_launcher_file(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a Ray cluster launcher mapping (cluster_name, provider, ...)")
     try:
-        cfg = prepare_config(raw)
-        validate_config(cfg)
+        cfg = ray_prepare_launcher_config(raw)
+        ray_validate_launcher_config(cfg)
     except (Exception, SystemExit) as e:  # jsonschema / ValueError / cli_logger.abort
         msg = getattr(e, "message", None) or str(e) or type(e).__name__
         raise UserError(f"{path}: not a valid Ray cluster launcher file: {msg}") from None
