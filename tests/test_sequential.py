@@ -119,7 +119,8 @@ def test_a_comparison_short_of_its_next_look_is_running():
 def test_seeds_option_parses_auto_and_refuses_bad_values_in_one_line():
     from seld.errors import UserError
     from seld.study.ablation import Study, sequential_plan
-    from seld.study.cli import Options, parse_seeds
+    from seld.study.cli import parse_seeds
+    from seld.study.options import Options
 
     assert parse_seeds("0,1,2") == ((0, 1, 2), None)
     assert parse_seeds("auto") == (None, DEFAULT_MAX_SEEDS) and parse_seeds("auto:12") == (None, 12)
