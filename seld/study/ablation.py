@@ -249,7 +249,7 @@ def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors
                          opts.budget_device_hours)
                 write_plan(out / SEQUENTIAL_JSON, replace(sequential, stopped_by_budget=True))
                 break
-        log.info("study %s: %d comparison run(s) unsettled; adding %s", study.name, len(todo),
+        log.info("study %s: adding %s for the comparisons still unsettled", study.name,
                  ", ".join(f"{v}-s{s}" for v, s in todo))
         attempted |= set(todo)
         runs += new
