@@ -481,13 +481,13 @@ PAIRED_NOTE = (
     "*seeds for N pp*: the fewest seeds that would detect a difference of N pp at that standard deviation."
 )
 SEQUENTIAL_NOTE = (
-    "Seeds were added sequentially (`--seeds auto:{max}`): after the {n0} planned seeds, a comparison got "
+    "Seeds were added sequentially (`--seeds auto:{max}`): after the planned seeds ({n0}), a comparison got "
     "one more seed at a time while its verdict was unsettled, up to {max}. Its interval over seeds is the "
     "*repeated* 95 % confidence interval at its last look (a group-sequential paired t-test with "
     "Lan-DeMets O'Brien-Fleming-type alpha spending, one look per seed: the false-verdict rate over all "
     "looks stays 5 %), its verdict the first look at which it settled; DOAE_CD and RDE_CD are shown over the "
     "same seeds with their plain intervals. *stopped … cannot settle*: its "
-    "conditional power at {max} seeds fell below {futility:.0%}; *open at MAX*: unsettled at {max} seeds."
+    "conditional power at {max} seeds fell below {futility:.0f} %; *open at MAX*: unsettled at {max} seeds."
 )
 
 
@@ -769,7 +769,7 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
         if paired:
             md += ["## Paired differences", "", PAIRED_NOTE, ""]
             if plan is not None and "sequential seeds" in paired[0]:
-                md += [SEQUENTIAL_NOTE.format(max=plan.max_seeds, n0=plan.n_planned, futility=plan.futility), ""]
+                md += [SEQUENTIAL_NOTE.format(max=plan.max_seeds, n0=plan.n_planned, futility=100 * plan.futility), ""]
             md += [_md_table(paired[0], paired[1])]
         gap = _domain_gap(rows, spec, stats_)
         if gap:
