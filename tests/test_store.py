@@ -21,6 +21,7 @@ from seld.store import StoreIncomplete, build_store, open_store
 SR = 24_000
 F16 = FeatureConfig()
 F32 = FeatureConfig(store_dtype="float32")
+TENSOR_F16 = "extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[2,251,64]]>"
 # (split, clip stem) of the tiny dataset; the eval clip has no labels.
 CLIPS = [
     ("dev-train-tau", "fold3_room4_mix001_deg010_start0000"),
@@ -78,8 +79,9 @@ def test_rows_columns_and_manifest(tiny_data, tiny_store):
     assert m["feature_config"]["n_mels"] == 64 and m["skipped"] == {}
     assert len(info.shards) == 5 and all(len(s["sources_sha256"]) == 64 for s in m["shards"])
     assert 64_000 < m["bytes_per_clip"] < 80_000  # 2*251*64 float16 = 64 256 bytes + events
+    assert m["feature_encoding"] == "fixed_shape_tensor" and info.encoding == "fixed_shape_tensor"
     schema = pq.read_schema(info.shards[0])
-    assert str(schema.field("features").type) == "fixed_size_list<element: halffloat>[32128]"
+    assert str(schema.field("features").type) == TENSOR_F16
     rows = _rows(tiny_store)
     assert set(rows) == {stem for _, stem in CLIPS}
     for i, (split, stem) in enumerate(CLIPS):
@@ -194,7 +196,7 @@ def test_feature_column_reads_flat_by_row_group(tiny_store):
 
     info = open_store(tiny_store)
     f = pq.ParquetFile(info.shards[0])
-    assert str(f.schema_arrow.field("features").type) == "fixed_size_list<element: halffloat>[32128]"
+    assert str(f.schema_arrow.field("features").type) == TENSOR_F16
     reader = data.StoreReader(data.store_layout(tiny_store))
     feats, _ = reader.read_group(0, 0, np.arange(f.metadata.row_group(0).num_rows))
     assert feats.dtype == np.float16 and feats.shape[1:] == (2, 251, 64)
