@@ -102,8 +102,11 @@ def read_index(store: str | Path, features_cfg=None, layout: StoreLayout | None 
     return pd.concat(frames, ignore_index=True)
 
 
-def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
+def store_layout(store: str | Path, features_cfg=None, filesystem=None) -> StoreLayout:
     """The shards and row groups of a store, from the Parquet footers, checked against the manifest.
+
+    `store`: a folder or an `s3://` / `gs://` URI; `filesystem`: the bucket's pyarrow filesystem to
+    read it with (else one from this process's credentials); the layout carries it to the workers.
 
     Raises:
         DataError: a shard's row count or feature size is not what the manifest says (a damaged or
@@ -111,7 +114,7 @@ def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
     """
     from seld.store import open_store
 
-    info = open_store(store, features_cfg)
+    info = open_store(store, features_cfg, filesystem)
     shape = tuple(int(v) for v in info.manifest["feature_shape"])
     n_features = int(np.prod(shape))
     starts = []

@@ -664,6 +664,12 @@ def open_store(path, cfg: FeatureConfig | None = None, filesystem=None) -> Store
 
 
 def _open(folder: _Folder, path, cfg: FeatureConfig | None) -> StoreInfo:
+    if folder.fs is not None and not folder.is_dir():
+        import pyarrow.fs as pafs
+
+        bucket = _bucket_path(folder.location).split("/", 1)[0]
+        if folder.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise DataError(f"{folder.location}: bucket {bucket!r} not found (check the URI, or AWS_ENDPOINT_URL)")
     if not folder.is_dir():
         raise DataError(f"{folder.location}: no feature store folder; run `seld features DATA --out {path}`")
     if not folder.has("manifest.json") and not folder.names("shard-*.parquet"):

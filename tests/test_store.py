@@ -16,7 +16,7 @@ from seld.cli import main as cli_main
 from seld.config import FeatureConfig, config_hash
 from seld.errors import DataError
 from seld.features import load_audio, log_mel
-from seld.store import StoreIncomplete, build_store, open_store
+from seld.store import StoreIncomplete, build_store, convert_store, open_store
 
 SR = 24_000
 F16 = FeatureConfig()
@@ -213,3 +213,108 @@ def test_smoke_store_covers_the_smoke_dataset(smoke_data, smoke_store):
     index = pq.ParquetDataset(list(info.shards)).read(columns=["clip", "split", "domain", "role"]).to_pandas()
     assert set(index["domain"]) == {"real", "synthetic"} and set(index["role"]) == {"train", "test"}
     assert index["clip"].is_unique
+
+
+def _downgrade_shard(path) -> None:
+    """A shard as shards were written before the tensor encoding: the features column a flat
+    fixed-size list of the same values; the same row groups and metadata."""
+    import pyarrow as pa
+
+    f = pq.ParquetFile(path)
+    groups = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+    table = f.read()
+    col = table["features"]
+    flat = pa.chunked_array([c.storage for c in col.chunks], col.type.storage_type)
+    table = table.set_column(table.schema.get_field_index("features"), "features", flat)
+    table = table.replace_schema_metadata(f.schema_arrow.metadata)
+    del f
+    with pq.ParquetWriter(path, table.schema, compression="none") as w:
+        start = 0
+        for n in groups:
+            w.write_table(table.slice(start, n), row_group_size=n)
+            start += n
+
+
+def downgrade_to_list_encoding(folder, only=None) -> None:
+    """A store (or only the shard file `only` of it) as written before the tensor encoding: a
+    manifest without `feature_encoding` (a list-encoded store) or saying the list (a conversion cut off)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = folder / f"{entry['name']}.parquet"
+        if only is None or path == only:
+            _downgrade_shard(path)
+        entry["bytes"] = path.stat().st_size
+    manifest.pop("feature_encoding")
+    if only is not None:
+        manifest["feature_encoding"] = "fixed_size_list"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _read_all(store):
+    """(index, features, events, layout) of every row of a store, through the training workers' reader."""
+    from seld import data
+
+    layout = data.store_layout(store)
+    index = data.read_index(store, layout=layout)
+    feats, events = data.StoreReader(layout).read(data.row_set(index, index["clip"].to_numpy()))
+    return index, feats, events, layout
+
+
+def _same_events(a, b) -> None:
+    for name in ("offsets", "frame", "cls", "source", "azimuth", "distance"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_an_old_list_encoded_store_reads_the_same_and_converts_in_one_command(tiny_store, tmp_path, capsys):
+    """A store written before the tensor encoding (fixed-size list) reads with the same values and
+    row groups; `seld store convert` rewrites it shard by shard (resumable), the same rows bit for bit."""
+    index, feats, events, layout = _read_all(tiny_store)
+    assert feats.dtype == np.float16 and feats.shape == (10, 2, 251, 64) and len(events) == 10
+    old = tmp_path / tiny_store.name
+    shutil.copytree(tiny_store, old)
+    downgrade_to_list_encoding(old)
+    assert str(pq.read_schema(old / "shard-eval-00000.parquet").field("features").type).startswith("fixed_size_list")
+    assert open_store(old).encoding == "fixed_size_list"
+    assert cli_main(["store", "info", str(old)]) == 0 and "as fixed_size_list" in capsys.readouterr().out
+    i2, f2, e2, l2 = _read_all(old)
+    assert i2.equals(index) and f2.dtype == np.float16
+    np.testing.assert_array_equal(f2, feats)
+    _same_events(e2, events)
+    assert all(np.array_equal(a, b) for a, b in zip(l2.group_starts, layout.group_starts, strict=True))
+
+    assert cli_main(["store", "convert", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "10 clips" in out and "as fixed_shape_tensor" in out
+    info = open_store(old)
+    assert info.encoding == "fixed_shape_tensor" and info.hash == config_hash(F16) and old.name == tiny_store.name
+    for shard in info.shards:
+        assert str(pq.read_schema(shard).field("features").type) == TENSOR_F16
+    assert info.manifest["bytes_total"] == sum(os.path.getsize(s) for s in info.shards)
+    i3, f3, e3, l3 = _read_all(old)
+    np.testing.assert_array_equal(f3, feats)
+    _same_events(e3, events)
+    assert all(np.array_equal(a, b) for a, b in zip(l3.group_starts, layout.group_starts, strict=True))
+    # Resumable: a conversion cut off (one shard still a list, the manifest not yet updated)
+    # rewrites only what is left.
+    only = old / "shard-dev-train-tau-00001.parquet"
+    downgrade_to_list_encoding(old, only)
+    stamps = {p.name: p.stat().st_mtime_ns for p in old.glob("shard-*.parquet")}
+    info = convert_store(old)
+    changed = {p.name for p in old.glob("shard-*.parquet") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {only.name} and info.encoding == "fixed_shape_tensor"
+    np.testing.assert_array_equal(_read_all(old)[1], feats)
+
+
+def test_features_on_an_old_store_convert_its_shards_without_recomputing(tiny_data, tmp_path, caplog):
+    folder = build_store(tiny_data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    before = _read_all(folder)[1]
+    sums = [s["sources_sha256"] for s in open_store(folder).manifest["shards"]]
+    downgrade_to_list_encoding(folder)
+    with caplog.at_level("INFO", logger="seld.store"):
+        build_store(tiny_data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    assert "5 of 5 shards already done" in caplog.text and "0 computed" in caplog.text
+    info = open_store(folder)
+    assert info.encoding == "fixed_shape_tensor" and [s["sources_sha256"] for s in info.manifest["shards"]] == sums
+    for shard in info.shards:
+        assert str(pq.read_schema(shard).field("features").type) == TENSOR_F16
+    np.testing.assert_array_equal(_read_all(folder)[1], before)
