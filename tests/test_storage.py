@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from ray_snapshot import SNAPSHOT, registered_epoch
 
+from seld.config import config_hash
 from seld.errors import UserError
 from seld.storage import Mirror, is_uri, join, staging_dir
 from seld.study.cluster import check_shared_paths, plan_cluster, storage_path
@@ -367,3 +368,30 @@ def test_a_sweep_pushes_its_optuna_journal_at_every_trial_event(tmp_path, s3_env
         other = Mirror(tmp_path / f"other-{event}", f"s3://{bucket}/results/sweep")
         other.pull()
         assert (other.local / "optuna.journal").read_text() == (staging / "optuna.journal").read_text()
+
+
+def test_a_study_with_a_bucket_storage_puts_its_feature_store_in_the_bucket(smoke_data, smoke_store, s3_env,
+                                                                            tmp_path):
+    """prepare_data with an s3:// storage and no --cache-dir writes the store to
+    <storage>/cache/store-<data hash>, which the driver's planner reads; --cache-dir keeps it local."""
+    from seld import data
+    from seld.config import preset_config
+    from seld.study import Options, prepare_data
+    from seld.synth import dataset_hash
+
+    cfg = preset_config("smoke")
+    h = dataset_hash(cfg.synth)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"synth-{h}").symlink_to(smoke_data, target_is_directory=True)  # the session's dataset: not generated again
+    storage = f"s3://{s3_env('study')}/prefix"
+    plan = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke"), work, storage)
+    assert plan.store == f"{storage}/cache/store-{h}/features-{config_hash(cfg.features)}"
+    assert not (work / f"store-{h}").exists()
+    rows = data.plan_run(cfg, plan.store)["rows"]
+    assert len(rows["stage1"]) > 0 and len(rows["test"]) > 0
+    import shutil
+
+    shutil.copytree(smoke_store.parent, work / f"store-{h}")  # the session's store: nothing extracted again
+    local = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke", cache_dir=work), work, storage)
+    assert local.store == (work / f"store-{h}" / f"features-{config_hash(cfg.features)}").resolve()
