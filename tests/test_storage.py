@@ -395,3 +395,33 @@ def test_a_study_with_a_bucket_storage_puts_its_feature_store_in_the_bucket(smok
     shutil.copytree(smoke_store.parent, work / f"store-{h}")  # the session's store: nothing extracted again
     local = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke", cache_dir=work), work, storage)
     assert local.store == (work / f"store-{h}" / f"features-{config_hash(cfg.features)}").resolve()
+
+
+@pytest.mark.ray
+def test_ray_data_reads_a_bucket_store_as_one_tensor_batch(smoke_store, s3_env, ray_session):
+    """`ray.data.read_parquet` over a bucket store (StoreInfo.arrow_paths: the bucket's filesystem,
+    pickled to Ray's read tasks with its credentials) yields the features of a batch as one
+    (n, 2, 251, 64) float16 array, equal to the local store's rows."""
+    import numpy as np
+    import pyarrow.fs as pafs
+    import ray.data
+
+    from seld import data
+    from seld.storage import filesystem
+    from seld.store import open_store
+
+    bucket = s3_env("store")
+    uri = f"s3://{bucket}/store"
+    pafs.copy_files(str(smoke_store), f"{bucket}/store/{smoke_store.name}", destination_filesystem=filesystem(uri)[0])
+    info = open_store(uri)
+    fs, paths = info.arrow_paths()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["clip", "features"])
+    batch = ds.take_batch(16, batch_format="numpy")
+    assert batch["features"].shape == (16, 2, 251, 64) and batch["features"].dtype == np.float16
+    index = data.read_index(smoke_store)
+    rows = data.row_set(index, batch["clip"])  # sorted by clip id
+    order = np.argsort(batch["clip"])
+    assert list(rows.clips) == list(batch["clip"][order])
+    want, _ = data.StoreReader(data.store_layout(smoke_store)).read(rows)
+    np.testing.assert_array_equal(batch["features"][order], want)

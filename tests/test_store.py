@@ -215,6 +215,13 @@ def test_smoke_store_covers_the_smoke_dataset(smoke_data, smoke_store):
     assert index["clip"].is_unique
 
 
+# How stores were written before the tensor encoding (seld/store.py at aa49798).
+OLD_WRITER = {"use_dictionary": ["clip", "split", "domain", "role", "site"],
+              "compression": {c: "none" if c == "features" else "snappy"
+                              for c in ("clip", "split", "domain", "role", "site", "room", "fold", "features",
+                                        "ev_frame", "ev_class", "ev_source", "ev_azimuth", "ev_distance")}}
+
+
 def _downgrade_shard(path) -> None:
     """A shard as shards were written before the tensor encoding: the features column a flat
     fixed-size list of the same values; the same row groups and metadata."""
@@ -228,7 +235,7 @@ def _downgrade_shard(path) -> None:
     table = table.set_column(table.schema.get_field_index("features"), "features", flat)
     table = table.replace_schema_metadata(f.schema_arrow.metadata)
     del f
-    with pq.ParquetWriter(path, table.schema, compression="none") as w:
+    with pq.ParquetWriter(path, table.schema, **OLD_WRITER) as w:
         start = 0
         for n in groups:
             w.write_table(table.slice(start, n), row_group_size=n)
