@@ -105,7 +105,7 @@ def test_features_straight_to_a_bucket_read_back_as_the_local_store(smoke_data, 
     assert open_store(uri).manifest == local.manifest
 
 
-def test_a_damaged_or_missing_bucket_store_is_one_line(smoke_store, s3_env, monkeypatch):
+def test_a_damaged_or_missing_bucket_store_is_one_line(smoke_store, s3_env, monkeypatch, tmp_path, capsys):
     import pyarrow.fs as pafs
 
     from seld import data
@@ -127,6 +127,12 @@ def test_a_damaged_or_missing_bucket_store_is_one_line(smoke_store, s3_env, monk
 
     one_line(lambda: open_store("s3://no-such-bucket-x/store"),
              r"^s3://no-such-bucket-x/store: bucket 'no-such-bucket-x' not found")
+    from seld.cli import main
+
+    assert main(["train", "s3://no-such-bucket-x/store", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("seld train: error: s3://no-such-bucket-x/store: bucket "
+                                               "'no-such-bucket-x' not found (check the URI, or AWS_ENDPOINT_URL)")
+    assert not (tmp_path / "run").exists()
     one_line(lambda: open_store(f"s3://{bucket}/nothing"), r"no feature store folder")
     shards = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/store/{smoke_store.name}"))
                     if i.base_name.startswith("shard-"))
