@@ -128,7 +128,7 @@ def main() -> None:
                   "ray_numpy": lambda k: ray_numpy_pass(tables[k], shape)}
         cpu: dict = {(p, k): [] for p in passes for k in stores}
         wall: dict = {(p, k): [] for p in passes for k in stores}
-        for p, fn in passes.items():  # warm-up (imports, file cache), not timed
+        for fn in passes.values():  # warm-up (imports, file cache), not timed
             for k in stores:
                 fn(k)
         for _ in range(args.repeats):

@@ -147,10 +147,6 @@ class _Folder:
             return _Folder(uri, fs)
         return _Folder(Path(location))
 
-    @property
-    def name(self) -> str:
-        return self.location.name if self.fs is None else self.location.rsplit("/", 1)[-1]
-
     def sub(self, name: str) -> _Folder:
         return _Folder(self.location / name) if self.fs is None else _Folder(join(self.location, name), self.fs)
 
@@ -289,8 +285,8 @@ def feature_encoding(type_: pa.DataType, where: str = "features") -> tuple[str, 
 
 def decode_features(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
     """The rows of a features column (either encoding) as one (n, *shape) array, without a step per
-    row: a read-only view of the flat value buffer when the column is one chunk without an offset
-    copy (a row group), else one copy."""
+    row: a read-only view of the flat value buffer when the column is one chunk (a row group read
+    from Parquet), else one copy (chunks combined, or rows taken)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if isinstance(column, pa.ExtensionArray):
