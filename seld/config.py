@@ -40,11 +40,11 @@ LABEL_HOP_S = 0.1
 N_LABEL_FRAMES = 50
 FEATURE_HOP_S = 0.02
 N_FEATURE_FRAMES = 251
-# Alignment rule (DESIGN.md): label frame f covers feature frames 5f .. 5f+4; frame 250 is dropped.
+# Alignment rule (docs/DESIGN.md): label frame f covers feature frames 5f .. 5f+4; frame 250 is dropped.
 FEATURE_FRAMES_PER_LABEL = 5
 SAMPLES_PER_LABEL_FRAME = 2_400
 
-# Split folders of the DCASE2025 layout and what each is for (DESIGN.md split table).
+# Split folders of the DCASE2025 layout and what each is for (docs/DESIGN.md split table).
 SPLITS: dict[str, dict[str, str]] = {
     "dev-train-tau": {"domain": "real", "role": "train", "site": "tau"},
     "dev-train-sony": {"domain": "real", "role": "train", "site": "sony"},
@@ -217,7 +217,7 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which store rows each stage reads (DESIGN.md split table)."""
+    """Which store rows each stage reads (docs/DESIGN.md split table)."""
 
     # Rooms of the real train folders held out as validation; empty = the last room of each site.
     val_rooms: tuple[int, ...] = ()
