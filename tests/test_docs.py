@@ -79,3 +79,16 @@ def test_code_cites_the_design_document_that_exists():
              for i, line in enumerate(p.read_text().splitlines(), 1)
              if "DESIGN.md" in line and "docs/DESIGN.md" not in line]
     assert not stale, f"cite docs/DESIGN.md: {stale}"
+
+
+def test_every_test_the_docs_cite_exists():
+    """A page that says "tested by tests/test_x.py::test_y" names a test that is there."""
+    cited, missing = 0, []
+    for page in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *DOCS]:
+        for file, name in re.findall(r"(?:tests/)?(test_\w+\.py)::(\w+)", page.read_text()):
+            cited += 1
+            path = ROOT / "tests" / file
+            if not path.is_file() or not re.search(rf"^def {name}\b", path.read_text(), flags=re.M):
+                missing.append(f"{page.relative_to(ROOT)}: {file}::{name}")
+    assert not missing, missing
+    assert cited >= 30, cited
