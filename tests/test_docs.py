@@ -8,12 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from seld.cli.model_summary import preset_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # [text](target) outside code spans; images too. Targets with a scheme (https:, mailto:) are not files.
 LINK = re.compile(r"(?<!`)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+@pytest.fixture(scope="module")
+def table() -> str:
+    """The presets' table, generated once for the module."""
+    return preset_table()
 
 
 def _prose(text: str) -> str:
@@ -46,16 +54,15 @@ def test_the_link_check_sees_a_broken_link(tmp_path):
     assert LINK.findall(_prose(page)) == ["docs/NOPE.md"]
 
 
-def test_presets_table_in_the_docs_is_the_generated_one():
+def test_presets_table_in_the_docs_is_the_generated_one(table):
     text = (ROOT / "docs" / "configuration.md").read_text()
     block = re.search(r"<!-- presets:start -->\n(.*?)<!-- presets:end -->", text, flags=re.S)
     assert block, "docs/configuration.md: no <!-- presets:start --> ... <!-- presets:end --> block"
-    assert block.group(1) == preset_table(), (
+    assert block.group(1) == table, (
         "docs/configuration.md's presets table differs from the presets; paste `seld model-summary --markdown`")
 
 
-def test_presets_table_states_what_the_code_trains_with():
-    table = preset_table()
+def test_presets_table_states_what_the_code_trains_with(table):
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
     # The optimiser the training loop builds (seld.train.stage_optimizer), not AdamW.
     assert all("Adam (L2 weight decay 0" in cell for cell in rows["batch, optimiser"]), rows["batch, optimiser"]
@@ -66,11 +73,11 @@ def test_presets_table_states_what_the_code_trains_with():
     assert rows["Baseline-A schedule (one stage)"][1].endswith("up to 20 epochs, patience 4")
 
 
-def test_model_summary_markdown_prints_the_table():
+def test_model_summary_markdown_prints_the_table(table):
     done = subprocess.run([sys.executable, "-m", "seld", "model-summary", "--markdown"], capture_output=True,
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == preset_table()
+    assert done.stdout == table
 
 
 def test_code_cites_the_design_document_that_exists():
@@ -92,3 +99,43 @@ def test_every_test_the_docs_cite_exists():
                 missing.append(f"{page.relative_to(ROOT)}: {file}::{name}")
     assert not missing, missing
     assert cited >= 30, cited
+
+
+def test_every_dotted_name_the_docs_cite_exists():
+    """`seld.module.name` in the README, BENCHMARKS and docs/ imports and resolves."""
+    import importlib
+
+    cited, missing = set(), []
+    for page in [ROOT / "README.md", ROOT / "BENCHMARKS.md", *DOCS]:
+        cited |= set(re.findall(r"`(seld(?:\.\w+)+)`", page.read_text()))
+    for dotted in sorted(cited):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        if obj is None:
+            missing.append(dotted)
+    assert not missing, missing
+    assert len(cited) >= 5, cited
+
+
+def test_training_policy_states_the_presets_budgets():
+    """The epoch budgets and patiences docs/training-policy.md writes in prose are the presets'."""
+    from seld.config import baseline_overrides, preset_config
+
+    text = " ".join((ROOT / "docs" / "training-policy.md").read_text().split())
+    local, paper = preset_config("local").train, preset_config("paper").train
+    budget = (f"(`local`: {local.stage1.epochs} + {local.stage2.epochs} = {local.max_epochs}; "
+              f"`paper`: {paper.stage1.epochs} + {paper.stage2.epochs})")
+    assert budget in text, budget
+    base = preset_config("local", baseline_overrides("local")).train.stage1
+    assert (base.epochs, base.patience) == (local.max_epochs, local.stage2.patience)
+    assert f"(`local`: {local.stage1.patience} epochs in each stage and for Baseline-A;" in text
+    assert local.stage1.patience == local.stage2.patience == base.patience
+    assert f"then patience {paper.stage2.patience})" in text and paper.stage1.patience is None
+    assert f"Adam at lr {base.lr:.0e}".replace("e-0", "e-") in text
