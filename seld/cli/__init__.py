@@ -1,4 +1,4 @@
-"""`seld` command line: one subcommand per pipeline stage (DESIGN.md "The command line").
+"""`seld` command line: one subcommand per pipeline stage (docs/DESIGN.md "The command line").
 
 Each module in this package defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; they are discovered here, so adding a stage never edits this file.
@@ -18,7 +18,7 @@ from seld.config import ConfigError
 from seld.errors import UserError
 
 # Order of subcommands in `seld --help`: the order of the pipeline.
-ORDER = ("synth", "convert-foa", "features", "train", "predict", "evaluate", "model-summary")
+ORDER = ("synth", "convert-foa", "features", "store", "train", "predict", "evaluate", "model-summary")
 
 
 def _commands() -> dict[str, object]:

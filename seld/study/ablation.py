@@ -128,7 +128,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
             if mirror is not None:
                 log.info("storage %s: results, run folders and checkpoints (staged in %s)", mirror.uri, out)
             work = out / "_work"
-            data = prepare_data(base, opts, work)
+            data = prepare_data(base, opts, work, plan.storage)
             if sequential is not None:
                 write_plan(out / SEQUENTIAL_JSON, sequential)
             else:  # a plan left by an earlier --seeds auto sitting would describe other runs
@@ -325,8 +325,9 @@ def _paste_readme(study: Study, out: Path, opts: Options) -> None:
     if opts.readme is None or not study.tables:
         return
     table = study.tables[0]
-    if paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}"):
-        log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
+    pasted = paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}")
+    if pasted is not None:
+        log.info("pasted %s into %s", out / f"{table.name}.md", pasted)
 
 
 def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options,
