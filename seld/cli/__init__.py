@@ -11,14 +11,78 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
+import socket
 import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
 
 from seld.config import ConfigError
 from seld.errors import UserError
+from seld.storage import is_uri
 
 # Order of subcommands in `seld --help`: the order of the pipeline.
 ORDER = ("synth", "convert-foa", "features", "train", "predict", "evaluate", "model-summary")
+
+
+# --- Paths typed by the user -------------------------------------------------------------------
+# Every path a user types is made absolute here, once, where it enters (argument parsing): Ray's
+# workers run in folders of their own, so a path relative to the user's shell must never travel to
+# them (issue 25). What the stages write keeps paths relative to its own folder or the store.
+
+# Config fields (dotted keys) that hold a path, so that `--set KEY=VALUE` makes them absolute too.
+PATH_KEYS = frozenset({"train.init_checkpoint"})
+
+
+def absolute(value: str | os.PathLike) -> Path:
+    """``value`` (``~`` expanded) made absolute against the current folder, ``..`` folded; symlinks
+    are kept (a resolved link could name a path that other nodes do not mount)."""
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(value))))
+
+
+def user_path(value: str) -> Path:
+    """argparse ``type``: a path that may not exist yet (an output folder), made absolute."""
+    return absolute(value)
+
+
+def path_or_uri(value: str) -> str:
+    """argparse ``type``: an ``s3://`` / ``gs://`` URI as typed, else an absolute path (as a string)."""
+    return value if is_uri(value) else str(absolute(value))
+
+
+def missing_path_text(typed: str | os.PathLike, what: str, kind: Literal["folder", "file"] = "folder") -> str | None:
+    """The one line for a ``what`` the user typed as ``typed`` that is not an existing ``kind``
+    (naming the path as typed and where it was looked up), or None when it is one."""
+    path = absolute(typed)
+    if path.is_dir() if kind == "folder" else path.is_file():
+        return None
+    where = (f"looked up from {os.getcwd()}" if not Path(os.path.expanduser(os.fspath(typed))).is_absolute()
+             else f"on this machine, {socket.gethostname()}")
+    found = "is a file" if path.is_file() else "is a folder" if path.is_dir() else "does not exist"
+    return f"{what} {os.fspath(typed)}: {found}, expected an existing {kind} ({where})"
+
+
+def existing_path(what: str, kind: Literal["folder", "file"] = "folder") -> Callable[[str], Path]:
+    """argparse ``type``: an existing folder (or file), made absolute; else a UserError naming
+    the path as typed and the folder it was looked up from (raised out of ``parse_args``, so the
+    command prints one line before anything starts)."""
+
+    def convert(value: str) -> Path:
+        text = missing_path_text(value, what, kind)
+        if text:
+            raise UserError(text)
+        return absolute(value)
+
+    convert.__name__ = what  # argparse names the type in its own messages
+    return convert
+
+
+def absolute_overrides(overrides: Mapping[str, str]) -> dict[str, str]:
+    """``--set`` overrides with the values of PATH_KEYS made absolute (URIs and empty values kept)."""
+    return {k: (path_or_uri(v) if k in PATH_KEYS and v.lower() not in ("", "none", "null") else v)
+            for k, v in overrides.items()}
 
 
 def _commands() -> dict[str, object]:
@@ -109,7 +173,13 @@ def configure_logging(verbose: bool, brief: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:  # a path that does not exist, found while parsing: before anything runs
+        command = next((a for a in argv if a in _commands()), "")
+        print(f"seld {command}: error: {e}".replace("seld : ", "seld: "), file=sys.stderr)
+        return 2
     configure_logging(args.verbose)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from seld.cli import existing_path, user_path
+
 NAME = "features"
 HELP = "extract log-mel features of a DCASE2025-layout dataset into a Parquet feature store"
 EXAMPLE = """example:
@@ -18,8 +20,8 @@ input files are listed and the command exits non-zero after storing every other 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
-    parser.add_argument("--out", required=True, metavar="STORE", help="store root folder")
+    parser.add_argument("data", metavar="DATA", type=existing_path("dataset root"), help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
+    parser.add_argument("--out", type=user_path, required=True, metavar="STORE", help="store root folder")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT", help="only these split folders (eval = stereo_eval/eval)")
     parser.add_argument("--procs", type=int, default=None, help="parallel workers (default: CPU count)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",

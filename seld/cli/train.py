@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from seld.cli import absolute_overrides, existing_path, user_path
 from seld.config import PRESETS, ExperimentConfig, baseline_overrides, parse_set_args, preset_config
 
 NAME = "train"
@@ -23,14 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=Path, help="feature store folder (from `seld features`)")
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("store", type=existing_path("store"), help="feature store folder (from `seld features`)")
+    p.add_argument("--out", type=user_path, required=True, help="run folder to write")
     p.add_argument("--preset", choices=PRESETS, default="local", help="config preset (default local)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="override a config field, e.g. --set model.n_conformer_layers=2 (repeatable)")
     p.add_argument("--baseline", action="store_true", help="train Baseline-A (spec §7) with its own schedule")
     p.add_argument("--stages", choices=("both", "stage1", "stage2"), help="stages to run (train.stages)")
-    p.add_argument("--init-checkpoint", type=Path, help="model file to start from (train.init_checkpoint)")
+    p.add_argument("--init-checkpoint", type=existing_path("--init-checkpoint", "file"), help="model file to start from (train.init_checkpoint)")
     p.add_argument("--workers", type=int, help="Ray Train workers (train.num_workers; DDP when > 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (train.use_gpu)")
     p.add_argument("--seed", type=int, help="random seed")
@@ -50,7 +51,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
             overrides[key] = value
     if args.gpu:
         overrides["train.use_gpu"] = True
-    overrides.update(parse_set_args(args.set))
+    overrides.update(absolute_overrides(parse_set_args(args.set)))
     return preset_config(args.preset, overrides)
 
 

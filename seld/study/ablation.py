@@ -122,17 +122,15 @@ def run_study(study: Study, opts: Options) -> Path | str:
             rows = _write_summary(study, runs, errors, data, out)
             paths = report_from_files(out, study.tables)
             _paste_readme(study, out, opts)
-            n_failed = sum(r["status"] != "ok" for r in rows)
-            log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
-                     out / "summary.csv")
+            # The study's one closing line (in study.log too); the table follows it.
+            n_bad = sum(r["status"] != "ok" for r in rows)
+            log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
+                     n_bad, out / "summary.csv")
         table = final_table(study, out)
         if table:
             append_to_log(out, table)
     if opts.wandb:
         log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
-             n_bad, out / "summary.csv")
     return out / "summary.csv"
 
 
