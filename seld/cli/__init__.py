@@ -157,6 +157,12 @@ def _ours_or_warning(record: logging.LogRecord) -> bool:
 def configure_logging(verbose: bool, brief: bool = False) -> None:
     """The command lines' logging: INFO (DEBUG with -v) to the current stderr; once per process.
 
+    Ray's own console output (its INFO lines, the workers' echoed output such as Ray Train's
+    "Checkpoint successfully created" and "Reporting training result", the C++ core's log lines,
+    in colour) stays in Ray's logs unless -v: RAY_LOG_TO_DRIVER=0 (read by
+    :func:`seld.train.init_ray`; a value already in the environment is kept). The commands print
+    their own line per event instead (the studies' progress, `seld train`'s epochs).
+
     Args:
         verbose: DEBUG records too, every line with its level and logger.
         brief: INFO lines as ``HH:MM:SS message`` (the study scripts' progress lines), and other
@@ -169,6 +175,10 @@ def configure_logging(verbose: bool, brief: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+    if verbose:
+        os.environ["RAY_LOG_TO_DRIVER"] = "1"
+    else:
+        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")
 
 
 def main(argv: list[str] | None = None) -> int:
