@@ -39,6 +39,8 @@ from seld.study.prepare import DataPlan, prepare_data, train_counts
 from seld.study.progress import (
     PlannedRun,
     append_to_log,
+    planned_epoch_clips,
+    recorded_costs,
     progress_callback,
     resources_line,
     study_log,
@@ -188,10 +190,13 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
             }
             for v, seed, overrides, _, run_dir in pending
         }
-        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs)
+        counts = train_counts(pending[0][3], opts)  # the time left counts each epoch's clips
+        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs,
+                                                   planned_epoch_clips(cfg, *counts))
                    for v, seed, _, cfg, _ in pending}
         progress = progress_callback(planned, n_total=len(runs), n_done_before=len(runs) - len(pending),
-                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries)
+                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries,
+                                     recorded=recorded_costs(out / "summary.csv"))
         errors = _tune_grid(specs, plan, out, study.name, opts, progress)
     return errors
 
