@@ -121,7 +121,7 @@ def test_time_left_after_the_first_baseline_run_of_the_recorded_extended_ablatio
     estimates = {}
     for name, recorded in (("pooled", {}), ("recorded", recorded_costs(ROOT / "results/ablation/summary.csv"))):
         eta = EtaModel(concurrency=1, recorded=recorded)
-        for prev, ep in zip([None, *epochs], epochs):
+        for prev, ep in zip([None, *epochs[:-1]], epochs, strict=True):
             whole = prev is not None
             seconds = ep["elapsed_s"] - prev["elapsed_s"] if whole else ep["train/time_s"]
             eta.add_epoch("baseline", seconds, ep["train/time_s"], ep["train/clips"], whole=whole)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from seld.cli import absolute, existing_path, user_path
 from seld.errors import DataError

@@ -39,8 +39,8 @@ from seld.study.progress import (
     PlannedRun,
     append_to_log,
     planned_epoch_clips,
-    recorded_costs,
     progress_callback,
+    recorded_costs,
     resources_line,
     study_log,
 )
