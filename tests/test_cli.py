@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,15 +35,6 @@ def test_console_script_runs_and_bad_usage_exits_nonzero():
     done = subprocess.run([sys.executable, "-m", "seld", "evaluate"], capture_output=True, text=True)
     assert done.returncode != 0
     assert "usage" in done.stderr
-
-
-def test_readme_test_command_is_what_ci_runs():
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    commands = re.findall(r"^(python3 -m venv .+)$", readme, flags=re.M)
-    assert len(commands) == 2, commands  # exactly two set-up commands
-    test_command = next(c for c in commands if "pytest" in c)
-    assert test_command in ci
 
 
 def test_logging_follows_stderr_after_a_swapped_stream_is_closed(capsys):
