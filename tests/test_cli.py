@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,5 +61,27 @@ def test_logging_follows_stderr_after_a_swapped_stream_is_closed(capsys):
         logging.getLogger("seld.test").warning("second record")
         err = capsys.readouterr().err
         assert "second record" in err and "Logging error" not in err and "closed file" not in err
+    finally:
+        root.handlers, root.level = saved, level
+
+
+def test_ray_console_output_follows_verbose(monkeypatch):
+    """Without -v the command lines keep Ray's own lines and the workers' echoes out of the
+    console (RAY_LOG_TO_DRIVER=0, read by init_ray); -v brings them back; a value the user set stays."""
+    import logging
+
+    from seld.cli import configure_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        for preset, verbose, expected in ((None, False, "0"), (None, True, "1"), ("1", False, "1"), ("0", True, "1")):
+            if preset is None:
+                monkeypatch.delenv("RAY_LOG_TO_DRIVER", raising=False)
+            else:
+                monkeypatch.setenv("RAY_LOG_TO_DRIVER", preset)
+            root.handlers = []
+            configure_logging(verbose=verbose)
+            assert os.environ["RAY_LOG_TO_DRIVER"] == expected, (preset, verbose)
     finally:
         root.handlers, root.level = saved, level

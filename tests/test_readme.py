@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -224,7 +225,51 @@ def test_readme_commands_run_as_printed_from_a_fresh_folder(tmp_path, ray_sessio
             n_epochs = len((out / "metrics.csv").read_text().splitlines()) - 1
             lines = [x for x in done.stderr.splitlines() if f"{out.name} · epoch " in x]
             assert len(lines) == n_epochs >= 1, done.stderr
-    # Everything the commands wrote is in the temporary folder, where their relative paths point.
-    assert (cwd / "run" / "metrics.json").is_file() and list((cwd / "pred").glob("*.csv"))
+    # Everything the commands wrote is in the temporary folder, where their relative paths point,
+    # and names no path of the shell: run and study folders keep paths relative to themselves (the
+    # store's manifest records where its data came from: data_root, absolute, provenance only).
+    train = shlex.split(next(r for _, r, _ in ran if r.startswith("seld train ")))
+    synth = shlex.split(next(r for _, r, _ in ran if r.startswith("seld synth ")))
+    store, run_dir, data = train[2], _option(train, "--out"), _option(synth, "--out")
+    assert (cwd / run_dir / "metrics.json").is_file() and (cwd / data / "synth.json").is_file()
+    leaks = []
+    for path in cwd.rglob("*"):
+        if path.suffix not in (".json", ".jsonl", ".csv") or {"_work", "ray", "wandb", "results"} & set(path.parts):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.name == "manifest.json":
+            text = text.replace(json.loads(text).get("data_root", "\0"), "")
+        if str(cwd) in text:
+            leaks.append(str(path.relative_to(cwd)))
+    assert not leaks, leaks
+    _moved_run_and_store_still_predict_and_resume(cwd, env, store, run_dir, data, _option(train, "--preset"))
     print("\n".join(f"{t:6.1f} s  {c}" + (f"   [as: {r}]" if r != c else "") for c, r, t in ran))
     print("\n".join(f"not run: {c}   [{why}]" for c, why in skipped))
+
+
+def _option(words: list[str], flag: str) -> str:
+    return words[words.index(flag) + 1]
+
+
+def _moved_run_and_store_still_predict_and_resume(cwd: Path, env: dict[str, str], store: str, run_dir: str,
+                                                  data: str, preset: str) -> None:
+    """The README's run folder and store moved elsewhere: `seld predict` from the moved run writes
+    the same CSVs, and `seld train --resume` on the moved run and store (from another folder, with
+    relative paths) restores the finished run from its last checkpoint: no epoch is trained again,
+    the same scores."""
+    moved = cwd / "elsewhere" / "moved"
+    moved.mkdir(parents=True)
+    for name, new in ((run_dir, "run"), (store, "store")):
+        (cwd / name).rename(moved / new)
+    csv_before = (moved / "run" / "metrics.csv").read_text()
+    f20 = json.loads((moved / "run" / "metrics.json").read_text())["test/f20"]
+    wavs = cwd / data / "stereo_dev" / "dev-test-tau"
+    seld = _argv("seld")
+    for argv in (["predict", "moved/run", f"../{wavs.relative_to(cwd)}", "--out", "../pred-moved"],
+                 ["train", "moved/store", "--preset", preset, "--out", "moved/run", "--resume"]):
+        done = subprocess.run(seld + argv, cwd=cwd / "elsewhere", env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, (argv, done.stderr[-3000:])
+    assert sorted(p.name for p in (cwd / "pred-moved").glob("*.csv")) == sorted(p.name for p in wavs.glob("*.wav"))
+    assert (moved / "run" / "metrics.csv").read_text() == csv_before
+    assert json.loads((moved / "run" / "metrics.json").read_text())["test/f20"] == f20

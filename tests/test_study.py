@@ -221,8 +221,33 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
     Tune table; at the end the main table. study.log holds the same lines and the table."""
     err = [x for x in re.split(r"[\r\n]+", done.stderr) if x.strip()]
     text = done.stdout + done.stderr
-    for noise in ("Trial status", "Logical resource usage", "╭", "Configuration for experiment", "Traceback"):
+    for noise in ("Trial status", "Logical resource usage", "╭", "Configuration for experiment", "Traceback",
+                  # Ray's own lines and the workers' echoes stay in Ray's logs without -v (issue 25).
+                  "Checkpoint successfully created", "Reporting training result", "pid=", "core_worker.cc",
+                  "PreemptionWatcher", "Started a local Ray instance", "\x1b["):
         assert noise not in text, noise
+    # One line per event, exactly: every console line is one of these (the bars aside), as often as
+    # the study's events say.
+    n_epochs = sum(len(pd.read_csv(next((out / "runs").glob(f"{r['variant']}-s{r['seed']}-*")) / "metrics.csv"))
+                   for r in rows.to_dict("records"))
+    expected = {  # pattern -> (fewest, most) lines
+        r"study ablation \(preset smoke\): 2 variants x 1 seeds; event lines also in ": (1, 1),
+        r"(generated|reusing the generated) dataset in ": (1, 1),
+        r"store \S+: \d+ rows \(": (1, 1),
+        r"\S+: \d+ of \d+ shards already done$": (0, 1),  # a store built by an earlier test
+        r"study ablation: 2 runs, 0 finished before, 2 to train \(concurrency 1\)$": (1, 1),
+        r"connecting to Ray at ": (1, 1),  # the session's Ray ($RAY_ADDRESS)
+        r"Ray on this machine: ": (1, 1),
+        r"\w+ seed 0 — run \d of 2 started$": (2, 2),
+        r"\w+ seed 0 · epoch \d+/\d+ stage \d — loss ": (n_epochs, n_epochs),
+        r"\w+ seed 0 finished in .* runs done": (2, 2),
+        r"study ablation: 2 ok, 0 failed or truncated; summary in \S+summary\.csv$": (1, 1),
+    }
+    bars = re.compile(r"^(synth recordings|FOA->stereo splits|features):")
+    lines = [x for x in err if not bars.match(x)]
+    counts = {k: sum(bool(re.match(rf"^\d\d:\d\d:\d\d {k}", x)) for x in lines) for k in expected}
+    unknown = [x for x in lines if not any(re.match(rf"^\d\d:\d\d:\d\d {k}", x) for k in expected)]
+    assert not unknown and all(lo <= counts[k] <= hi for k, (lo, hi) in expected.items()), (unknown, counts)
     assert any("Ray on this machine: 4 logical CPUs on" in x for x in err), err
     assert any(x.startswith("features:") for x in err)  # the extraction's bar, as `seld features` shows
     log_text = (out / "study.log").read_text(encoding="utf-8")
@@ -244,8 +269,9 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
     assert len(table) >= 6  # header, rule, Baseline-A, Stage 1, Stage 2, Stage 2 + PP
     main = table[:6]
     printed = done.stdout.strip().splitlines()
-    assert printed[-8:] == ["Table 1: audio-only stereo SELD on the development test split", *main,
-                            "results in ablation"], printed
+    # stdout: the table and where the results are, nothing else.
+    assert printed == ["Table 1: audio-only stereo SELD on the development test split", *main,
+                       f"results in {out.resolve()}"], printed
     assert log_text.rstrip().endswith(main[-1])
 
 
