@@ -160,7 +160,7 @@ def configure_logging(verbose: bool, brief: bool = False) -> None:
     Ray's own console output (its INFO lines, the workers' echoed output such as Ray Train's
     "Checkpoint successfully created" and "Reporting training result", the C++ core's log lines,
     in colour) stays in Ray's logs unless -v: RAY_LOG_TO_DRIVER=0 (read by
-    :func:`seld.train.init_ray`; a value already in the environment is kept). The commands print
+    :func:`seld.study.session.init_ray`; a value already in the environment is kept). The commands print
     their own line per event instead (the studies' progress, `seld train`'s epochs).
 
     Args:
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UserError as e:  # a path that does not exist, found while parsing: before anything runs
-        command = next((a for a in argv if a in _commands()), "")
-        print(f"seld {command}: error: {e}".replace("seld : ", "seld: "), file=sys.stderr)
+        command = next((a for a in argv if a in _commands()), None)
+        print(f"{'seld ' + command if command else 'seld'}: error: {e}", file=sys.stderr)
         return 2
     configure_logging(args.verbose)
     if not getattr(args, "_run", None):
