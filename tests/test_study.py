@@ -241,6 +241,7 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
         r"\w+ seed 0 — run \d of 2 started$": (2, 2),
         r"\w+ seed 0 · epoch \d+/\d+ stage \d — loss ": (n_epochs, n_epochs),
         r"\w+ seed 0 finished in .* runs done": (2, 2),
+        r"report: wrote \d+ files to \S+$": (1, 1),
         r"study ablation: 2 ok, 0 failed or truncated; summary in \S+summary\.csv$": (1, 1),
     }
     bars = re.compile(r"^(synth recordings|FOA->stereo splits|features):")
