@@ -278,7 +278,7 @@ def test_features_on_bad_input_prints_its_bar_then_one_line(tmp_path):
     # The progress bar redraws itself with carriage returns; apart from it, one line.
     lines = [x for x in re.split(r"[\r\n]+", done.stderr) if x.strip() and not x.startswith("features:")]
     assert len(lines) == 1, lines
-    assert lines[0].startswith("seld features: error: 1 input file(s) skipped, store store/features-")
+    assert lines[0].startswith(f"seld features: error: 1 input file(s) skipped, store {tmp_path}/store/features-")
     assert lines[0].endswith("data/stereo_dev/dev-train-tau/fold3_room4_mix002.wav: expected a stereo "
                              "(2-channel) file, got 1 channel(s)")
 
