@@ -271,6 +271,6 @@ def _moved_run_and_store_still_predict_and_resume(cwd: Path, env: dict[str, str]
         done = subprocess.run(seld + argv, cwd=cwd / "elsewhere", env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, (argv, done.stderr[-3000:])
-    assert sorted(p.name for p in (cwd / "pred-moved").glob("*.csv")) == sorted(p.name for p in wavs.glob("*.wav"))
+    assert sorted(p.stem for p in (cwd / "pred-moved").glob("*.csv")) == sorted(p.stem for p in wavs.glob("*.wav"))
     assert (moved / "run" / "metrics.csv").read_text() == csv_before
     assert json.loads((moved / "run" / "metrics.json").read_text())["test/f20"] == f20
