@@ -24,7 +24,7 @@ from seld.errors import UserError
 from seld.storage import is_uri
 
 # Order of subcommands in `seld --help`: the order of the pipeline.
-ORDER = ("synth", "convert-foa", "features", "train", "predict", "evaluate", "model-summary")
+ORDER = ("synth", "convert-foa", "features", "store", "train", "predict", "evaluate", "model-summary")
 
 
 # --- Paths typed by the user -------------------------------------------------------------------
@@ -76,6 +76,18 @@ def existing_path(what: str, kind: Literal["folder", "file"] = "folder") -> Call
         return absolute(value)
 
     convert.__name__ = what  # argparse names the type in its own messages
+    return convert
+
+
+def existing_path_or_uri(what: str, kind: Literal["folder", "file"] = "folder") -> Callable[[str], str]:
+    """argparse ``type``: an ``s3://`` / ``gs://`` URI as typed (checked where it is read), else
+    :func:`existing_path` (as a string)."""
+    check = existing_path(what, kind)
+
+    def convert(value: str) -> str:
+        return value if is_uri(value) else str(check(value))
+
+    convert.__name__ = what
     return convert
 
 

@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from seld.cli import absolute_overrides, existing_path, user_path
+from seld.cli import absolute_overrides, existing_path, existing_path_or_uri, user_path
 from seld.config import PRESETS, ExperimentConfig, baseline_overrides, parse_set_args, preset_config
 
 NAME = "train"
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=existing_path("store"), help="feature store folder (from `seld features`)")
+    p.add_argument("store", type=existing_path_or_uri("store"),
+                   help="feature store folder (from `seld features`), or its s3:// / gs:// URI")
     p.add_argument("--out", type=user_path, required=True, help="run folder to write")
     p.add_argument("--preset", choices=PRESETS, default="local", help="config preset (default local)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
