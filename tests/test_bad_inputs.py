@@ -371,7 +371,9 @@ def test_typed_paths_become_absolute_where_they_enter(tmp_path, monkeypatch):
     (tmp_path / "store").mkdir()
     args = build_parser().parse_args(["train", "store", "--preset", "smoke", "--out", "runs/../run",
                                       "--set", "train.init_checkpoint=a/b.pt", "--set", "train.batch_size=4"])
-    assert (args.store, args.out) == (tmp_path / "store", tmp_path / "run")
+    assert (args.store, args.out) == (str(tmp_path / "store"), tmp_path / "run")
+    assert build_parser().parse_args(["train", "s3://b/store", "--out", "run"]).store == "s3://b/store"
+    assert build_parser().parse_args(["features", ".", "--out", "gs://b/s"]).out == "gs://b/s"
     cfg = build_config(args)
     assert (cfg.train.init_checkpoint, cfg.train.batch_size) == (str(tmp_path / "a/b.pt"), 4)
     parser = argparse.ArgumentParser()
