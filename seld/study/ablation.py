@@ -49,7 +49,9 @@ from seld.study.prepare import DataPlan, prepare_data, train_counts
 from seld.study.progress import (
     PlannedRun,
     append_to_log,
+    planned_epoch_clips,
     progress_callback,
+    recorded_costs,
     resources_line,
     study_log,
 )
@@ -141,17 +143,15 @@ def run_study(study: Study, opts: Options) -> Path | str:
                 rows = _add_seeds(study, sequential, runs, errors, data, plan, out, opts, counts, mirror)
             paths = report_from_files(out, study.tables, opts.mde_target)
             _paste_readme(study, out, opts)
-            n_failed = sum(r["status"] != "ok" for r in rows)
-            log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
-                     out / "summary.csv")
+            # The study's one closing line (in study.log too); the table follows it.
+            n_bad = sum(r["status"] != "ok" for r in rows)
+            log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
+                     n_bad, out / "summary.csv")
         table = main_table(study, out)
         if table:
             append_to_log(out, table)
     if opts.wandb:
         log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
-             n_bad, out / "summary.csv")
     return out / "summary.csv"
 
 
@@ -292,10 +292,13 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
             }
             for v, seed, overrides, _, run_dir in pending
         }
-        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs)
+        counts = train_counts(pending[0][3], opts)  # the time left counts each epoch's clips
+        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs,
+                                                   planned_epoch_clips(cfg, *counts))
                    for v, seed, _, cfg, _ in pending}
         progress = progress_callback(planned, n_total=len(runs), n_done_before=len(runs) - len(pending),
-                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries)
+                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries,
+                                     recorded=recorded_costs(out / "summary.csv"))
         errors = _tune_grid(specs, plan, out, study.name, opts, progress)
     return errors
 

@@ -71,7 +71,7 @@ def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
     if out is None:
         if storage:
             return _storage_results(storage_path(storage), name)
-        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
+        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path.cwd() / "results" / name
     if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
         return _storage_results(plan.storage, name)
     return Path(out)
