@@ -102,30 +102,29 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monke
     assert json.loads((out / "best_config.json").read_text())["value"] == pytest.approx(trials["value"].max(), rel=CSV_REL)
 
 
-def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
-    """A finite space makes TPE propose the same point twice: each Optuna trial (in number order)
-    takes the next unused run folder with those values, in the order the folders were started."""
-    from seld.study import first_start, match_run
+def test_trials_are_tied_to_run_folders_by_the_optuna_number_they_record(tmp_path, caplog):
+    """Each run folder's attempts.jsonl names its Optuna trial; equal parameters do not matter, a
+    folder without a number is left out with a warning, and a number in two folders is an error."""
+    from seld.study import trial_folders
 
-    runs = {}
-    for name, start in (("b", 20.0), ("a", 10.0), ("c", 30.0)):
-        d = tmp_path / name
-        d.mkdir()
-        layers = 1 if name == "c" else 0
-        (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": layers}}))
-        (d / "attempts.jsonl").write_text(json.dumps({"start_unix_s": start}) + "\n")
-        runs[name] = d
-    ordered = {d.name: d for d in sorted(runs.values(), key=first_start)}
-    assert list(ordered) == ["a", "b", "c"]
-    used: set[str] = set()
-    got = []
-    for params in ({"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 1},
-                   {"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 0}, {}):
-        d = match_run(ordered, params, used)
-        got.append(d.name if d else None)
-        if d:
-            used.add(d.name)
-    assert got == ["a", "c", "b", None, None]
+    def folder(name: str, *numbers) -> None:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": 0}}))  # all equal
+        (d / "attempts.jsonl").write_text("".join(
+            json.dumps({"tune_trial_id": name, **({"optuna_trial": n} if n is not None else {}), "start_unix_s": 1.0})
+            + "\n" for n in numbers))
+
+    folder("b", 0)
+    folder("a", 2, 2)  # a retried trial: two attempts, one number
+    folder("c", None)  # recorded before trials carried their ids
+    with caplog.at_level("WARNING", logger="seld.study"):
+        found = trial_folders(tmp_path)
+    assert {n: d.name for n, d in found.items()} == {0: "b", 2: "a"}
+    assert "['c']" in caplog.text
+    folder("d", 0)
+    with pytest.raises(UserError, match="Optuna trial 0 also ran in"):
+        trial_folders(tmp_path)
 
 
 def _value_of(config: dict) -> float:
@@ -137,7 +136,8 @@ def _toy_trainable(config: dict) -> None:
     from ray import tune
 
     for epoch in range(3):
-        tune.report({"val/f20": _value_of(config) * (epoch + 1) / 3})
+        value = _value_of(config) * (epoch + 1) / 3
+        tune.report({"val/f20": value, "val/best_f20": value})
 
 
 @pytest.mark.ray
@@ -154,24 +154,19 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
     import ray.cloudpickle
     from ray import tune
 
-    from seld.study import (
-        REPEAT_ATTR,
-        optuna_storage,
-        sweep_scheduler,
-        sweep_searcher,
-        tune_space,
-    )
+    from seld.study import optuna_storage, sweep_scheduler, sweep_searcher
+    from seld.study.search import OPTUNA_TRIAL_KEY, REPEAT_ATTR, TUNE_TRIAL_ATTR
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr("seld.study.sweep.MAX_REPEATS", max_repeats)
+    monkeypatch.setattr("seld.study.search.MAX_REPEATS", max_repeats)
     space = {"a": Param("choice", choices=(1, 2)), "b": Param("choice", choices=(0.5, 1.0, 2.0))}
     sweep = Sweep("finite", "smoke", space, n_trials=12, seed=3, grace_period=1, sampler=sampler)
     assert sweep.space_size() == 6
     storage = optuna_storage(tmp_path / "optuna.journal")
     searcher = sweep_searcher(sweep, storage)
-    assert type(searcher).__name__ == "DistinctOptunaSearch"
+    assert type(searcher).__name__ == "OptunaAskTell"
     results = tune.Tuner(
-        _toy_trainable, param_space=tune_space(space),
+        _toy_trainable, param_space={},
         tune_config=tune.TuneConfig(metric="val/f20", mode="max", num_samples=sweep.n_trials, search_alg=searcher,
                                     scheduler=sweep_scheduler(sweep, 3), max_concurrent_trials=1),
         run_config=tune.RunConfig(name="finite", storage_path=str(tmp_path / "ray"), verbose=0),
@@ -193,6 +188,23 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
             assert nxt.state == optuna.trial.TrialState.COMPLETE and nxt.user_attrs.get(REPEAT_ATTR) is None
     best = max(ran, key=lambda t: t.value)
     assert best.params == {"a": 2, "b": 0.5} and best.value == pytest.approx(_value_of(best.params))
+    # Identity: each Tune trial got its Optuna number, each Optuna trial its Tune trial id.
+    by_tune = {r.metrics["trial_id"]: r.config[OPTUNA_TRIAL_KEY] for r in results}
+    assert {t.user_attrs[TUNE_TRIAL_ATTR]: t.number for t in ran} == by_tune
+
+
+def test_optuna_distributions_are_those_tunes_optuna_search_made():
+    """The sweep's searcher asks Optuna with the distributions (and order) Tune's OptunaSearch made
+    of the same space: the sampler draws what it drew for the committed sweeps."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from seld.study import optuna_distributions, tune_space
+
+    mixed = {"x.lr": Param("loguniform", 1e-4, 1e-2), "x.p": Param("uniform", 0.0, 0.8),
+             "x.n": Param("int", 0, 4), "x.d": Param("choice", choices=(32, 64, 96))}
+    for space in (SPACE, mixed, dict(reversed(mixed.items()))):
+        mine, tunes = optuna_distributions(space), OptunaSearch.convert_search_space(tune_space(space))
+        assert list(mine.items()) == list(tunes.items())
 
 
 def test_space_size_and_sampler_checks():
@@ -222,7 +234,11 @@ def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_sess
     ray.cloudpickle.register_pickle_by_value(bench)
     results = root / "results" / "sweep_efficiency"
     curves = bench.load_curves(results / "grid_curves.csv")
-    sweep = Sweep("efficiency", "local", bench.SPACE, n_trials=4, seed=0, grace_period=6, sampler="tpe")
+    # The real sweep was recorded when sweeps optimised the last reported val/f20 (the final
+    # report's metrics.json value): replayed on that metric, the rewritten searcher (Optuna
+    # ask/tell) and scheduler must give its trials exactly.
+    sweep = Sweep("efficiency", "local", bench.SPACE, n_trials=4, seed=0, grace_period=6, sampler="tpe",
+                  metric="val/f20")
     got = bench.replay(sweep, curves, 12, tmp_path)
     real = pd.read_csv(results / "real_sweep.csv")
     assert len(got) == len(real) == 4
@@ -256,6 +272,7 @@ def test_asha_never_stops_a_run_at_its_final_report():
     assert sched.on_trial_result(None, good, {"training_iteration": 2, "val/f20": 12.0}) == cont
     final = {"training_iteration": 3, "val/f20": 12.0}
     assert sched.on_trial_result(None, good, {**final, RUN_FINISHED: 1}) == cont
+    assert "num_stopped=1" in sched.debug_string()  # ASHA's own count: the one rung cut, nothing touched
     assert sched.on_trial_result(None, good, final) == stop  # any other report at max_t: ASHA's STOP
 
 
