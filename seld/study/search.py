@@ -10,7 +10,9 @@ store. Imported by seld/study/sweep.py when a sweep runs.
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,6 +103,11 @@ class OptunaAskTell(Searcher):
             self.live[trial_id] = trial
             return {**trial.params, OPTUNA_TRIAL_KEY: trial.number}
         raise RuntimeError(f"sweep {self.study.study_name}: an enqueued unproposed point came back as a repeat")
+
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's experiment checkpoint of the searcher: the running trials' numbers, for the record
+        (a sweep resumes from the Optuna journal, not from Tune's state)."""
+        Path(checkpoint_path).write_text(json.dumps({tid: t.number for tid, t in self.live.items()}))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self.live.get(trial_id)
