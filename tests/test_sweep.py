@@ -102,6 +102,75 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monke
     assert json.loads((out / "best_config.json").read_text())["value"] == pytest.approx(trials["value"].max(), rel=CSV_REL)
 
 
+# Two points whose smoke curves (stage 1 only, 3 epochs) fall after epoch 0: lr 1e-3 from ~3.7 %,
+# lr 1e-2 from ~0.6 % to 0. Sampler seed 2 proposes lr 1e-3 first (it finishes: the first trial
+# meets no rung cutoff) and lr 1e-2 second (ASHA stops it at its first rung, epoch 2, below the
+# first trial's best). Both end below their best epoch: recording the last value fails this test.
+BEST_SWEEP = Sweep("best", "smoke", {"train.stage1.lr": Param("choice", choices=(1e-3, 1e-2))}, n_trials=2,
+                   seed=2, grace_period=2, reduction_factor=2,
+                   overrides={"train.stages": "stage1", "train.stage1.epochs": 3, "train.torch_threads": 1})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_records_each_trials_best_epoch(tmp_path, smoke_data, ray_session, capsys):
+    """One measure per trial: Optuna's value of a finished and of an ASHA-stopped trial is the best
+    per-epoch validation F20 of its run folder's metrics.csv (not its last epoch); every report
+    carried the best so far (Optuna's intermediate values); a finished trial's metrics.json
+    val/f20 and val/best_f20 equal its selected epoch's metrics.csv value, and the official scorer
+    on its written validation predictions. trials.csv and best_config.json read the same values,
+    and each trial's folder is the one its attempts record."""
+    import optuna
+
+    from seld.cli import main
+    from seld.study import optuna_storage, trial_folders
+    from seld.study.search import TUNE_TRIAL_ATTR
+    from seld.synth import dataset_hash
+
+    out, cache = tmp_path / "best", tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
+    run_sweep(BEST_SWEEP, Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, concurrency=1))
+    study = optuna.load_study(study_name="best", storage=optuna_storage(out / "optuna.journal"))
+    ran = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    folders = trial_folders(out)
+    assert len(ran) == 2 and sorted(folders) == sorted(t.number for t in ran)
+    kinds = {}
+    for t in ran:
+        run = folders[t.number]
+        assert t.user_attrs[TUNE_TRIAL_ATTR] == run.name
+        curve = pd.read_csv(run / "metrics.csv")
+        assert list(curve["val/best_f20"]) == list(curve["val/f20"].cummax())
+        # The epochs Tune saw: each reported the best so far. A stopped run may list one epoch more
+        # (trained before the stop reached its worker; Train's controller polls every 2 s).
+        seen = {step: value for step, value in t.intermediate_values.items() if step <= len(curve)}
+        assert list(seen) == list(range(1, len(seen) + 1))
+        assert seen == {i + 1: v for i, v in enumerate(curve["val/best_f20"][:len(seen)])}
+        best = curve["val/f20"][:len(seen)].max()
+        assert curve["val/f20"][len(seen) - 1] < best  # the last epoch seen is not the best: the rules differ
+        assert t.value == best
+        if (run / "metrics.json").exists():
+            kinds[t.params["train.stage1.lr"]] = "finished"
+            metrics = json.loads((run / "metrics.json").read_text())
+            selected = curve.loc[curve["epoch"] == metrics["selected_epoch"], "val/f20"].item()
+            assert len(seen) == len(curve) == 3
+            assert metrics["val/f20"] == metrics["val/best_f20"] == selected == best
+            assert t.intermediate_values[len(curve) + 1] == best  # the final report's
+            capsys.readouterr()
+            assert main(["evaluate", str(smoke_data / "metadata_dev"), str(run / "predictions_val"), "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["f20"] == metrics["val/f20"]
+        else:
+            kinds[t.params["train.stage1.lr"]] = f"stopped after {len(seen)}"
+            assert len(curve) - len(seen) in (0, 1)
+    assert kinds == {1e-3: "finished", 1e-2: "stopped after 2"}
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str}).set_index("number")
+    for t in ran:
+        assert trials.loc[t.number, "value"] == pytest.approx(t.value, rel=CSV_REL)
+        assert trials.loc[t.number, "trial_id"] == folders[t.number].name
+    best_config = json.loads((out / "best_config.json").read_text())
+    assert best_config["metric"] == "val/best_f20" and best_config["value"] == max(t.value for t in ran)
+
+
 def test_trials_are_tied_to_run_folders_by_the_optuna_number_they_record(tmp_path, caplog):
     """Each run folder's attempts.jsonl names its Optuna trial; equal parameters do not matter, a
     folder without a number is left out with a warning, and a number in two folders is an error."""

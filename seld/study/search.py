@@ -70,6 +70,7 @@ class OptunaAskTell(Searcher):
         self.points = points
         self.rng = np.random.default_rng([seed, 7])
         self.live: dict[str, Any] = {}  # Tune trial id -> its running Optuna trial
+        self.steps: dict[str, int] = {}  # Tune trial id -> the last iteration recorded
         # Points proposed before (an earlier start of a resumed sweep) count as proposed.
         self.proposed = {point_key(t.params): t.number for t in self.study.trials
                          if t.state != optuna.trial.TrialState.FAIL and t.params}
@@ -110,14 +111,23 @@ class OptunaAskTell(Searcher):
         Path(checkpoint_path).write_text(json.dumps({tid: t.number for tid, t in self.live.items()}))
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        trial = self.live.get(trial_id)
-        if trial is not None and result.get(self.metric) is not None:
-            trial.report(float(result[self.metric]), int(result["training_iteration"]))
+        """Record the result as the trial's intermediate value at its Tune iteration."""
+        trial, value, step = self.live.get(trial_id), result.get(self.metric), result.get("training_iteration")
+        if trial is None or value is None or step is None or step <= self.steps.get(trial_id, 0):
+            return
+        trial.report(float(value), int(step))
+        self.steps[trial_id] = int(step)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         """Tell Optuna the trial's last reported value (COMPLETE), or FAIL (an error) / PRUNED
-        (stopped with no value)."""
+        (stopped with no value). The last result is also recorded as an intermediate value (Tune
+        hands the result that made the scheduler stop a trial only to this call): the study holds
+        every value Tune saw, and its last step is the epochs Tune saw (a stopped run may have
+        trained an epoch more before the stop reached it, which its metrics.csv lists)."""
+        if result:
+            self.on_trial_result(trial_id, result)
         trial = self.live.pop(trial_id, None)
+        self.steps.pop(trial_id, None)
         if trial is None:
             return
         value = (result or {}).get(self.metric)
