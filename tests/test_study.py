@@ -448,3 +448,57 @@ def test_the_study_package_imports_have_no_cycle():
     except graphlib.CycleError as e:
         raise AssertionError(f"import cycle in seld/study/: {' -> '.join(e.args[1])}") from None
     assert order[-1] == "seld.study" and order.index("seld.study.options") < order.index("seld.study.cli")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # six or more smoke runs and two replays
+def test_seeds_auto_adds_seeds_only_where_unsettled_and_resume_replays_it(tmp_path, cache, ray_session):
+    """--seeds auto:3 on a one-seed smoke study: seed 1 goes to both rows (one seed is short of the
+    first look), later seeds only while the comparison is running; when the study ends no comparison
+    wants a run it lacks; --resume trains nothing and rewrites the same summary; --report-only the
+    same tables; a budget already spent adds no seed and says so."""
+    from seld.paired import load_counters, read_plan
+    from seld.report import Comparison
+    from seld.study.ablation import runs_wanted
+
+    smoke = _load_studies().STUDIES["smoke"]
+    table = TableSpec("auto", "auto", (TableRow("Baseline-A", "baseline", "test"),
+                                       TableRow("Stereo-RCnet", "stereo_rcnet", "test")),
+                      comparisons=(Comparison("Stereo-RCnet", "Baseline-A", verdict=True),))
+    study = Study("ablation", "smoke", smoke.variants, seeds=(0,), tables=(table,))
+    out = tmp_path / "auto"
+    opts = Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, seeds_auto_max=3)
+    run_study(study, opts)
+    rows = pd.read_csv(out / "summary.csv")
+    assert set(rows["status"]) == {"ok"}
+    have = {(v, int(s)) for v, s in zip(rows["variant"], rows["seed"], strict=True)}
+    assert {("baseline", 0), ("stereo_rcnet", 0), ("baseline", 1), ("stereo_rcnet", 1)} <= have
+    plan = read_plan(out / "sequential.json")
+    assert plan.seeds == (0, 1, 2) and plan.n_planned == 1 and not plan.stopped_by_budget
+    assert runs_wanted(rows, load_counters(out / "counters.npz")[1], (table,), plan) <= have  # nothing left to add
+    paired = pd.read_csv(out / "auto_paired.csv")
+    end = paired.loc[paired["metric"] == "f20", "sequential"].item()
+    n = int(paired.loc[paired["metric"] == "f20", "n_seeds"].item())
+    assert len(rows) == 2 * n and re.fullmatch(rf"(settled at {n}|stopped at {n}: cannot settle by 3|open at MAX \(3\))", end)
+    log_text = (out / "study.log").read_text(encoding="utf-8")
+    assert "adding baseline-s1, stereo_rcnet-s1" in log_text
+
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv")}
+    attempts = _attempts(out)
+    run_study(study, Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, seeds_auto_max=3, resume=True))
+    assert _attempts(out) == attempts  # every decision replayed from the records: nothing trained
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".md", ".csv")}
+    assert after["summary.csv"] == before["summary.csv"] and after["auto.md"] == before["auto.md"]
+
+    # A budget already spent: with more room (MAX 8: later looks, stricter early boundaries) the
+    # replay may want another seed; none is trained.
+    run_study(study, Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, seeds_auto_max=8,
+                             resume=True, budget_device_hours=1e-6))
+    assert _attempts(out) == attempts
+    plan4 = read_plan(out / "sequential.json")
+    rows4 = pd.read_csv(out / "summary.csv")
+    more = runs_wanted(rows4, load_counters(out / "counters.npz")[1], (table,), plan4) - have
+    assert plan4.stopped_by_budget == bool(more) and len(rows4) == len(rows)
+    if more:
+        assert "by the budget" in (out / "auto.md").read_text()

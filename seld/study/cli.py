@@ -50,17 +50,47 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     if sweep:
         parser.add_argument("--trials", type=int, help="number of trials (default: the sweep's)")
     else:
-        parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")),
-                            help="comma-separated seeds (default: the preset's)")
+        parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's), or auto[:MAX]: "
+                            "after them, add seeds one at a time to the comparisons whose verdict is "
+                            "still unsettled, up to MAX per row (default 8; group-sequential test)")
+        parser.add_argument("--budget-device-hours", type=float,
+                            help="with --seeds auto: add no seed once the study has used this many device-hours")
+        parser.add_argument("--mde-target", type=float, default=2.0,
+                            help="F20 difference (pp) whose seeds-to-detect the paired tables report (default 2)")
+
+
+def parse_seeds(text: str | None) -> tuple[tuple[int, ...] | None, int | None]:
+    """``--seeds``: (the seeds, None) for "0,1,2"; (None, MAX) for "auto[:MAX]"; (None, None) unset."""
+    from seld.paired import DEFAULT_MAX_SEEDS
+
+    if text is None:
+        return None, None
+    try:
+        if text == "auto" or text.startswith("auto:"):
+            n_max = int(text[5:]) if text != "auto" else DEFAULT_MAX_SEEDS
+            if n_max >= 2:
+                return None, n_max
+        else:
+            return tuple(int(x) for x in text.split(",")), None
+    except ValueError:
+        pass
+    raise UserError(f"--seeds {text!r}: expected comma-separated integers (0,1,2) or auto[:MAX] with MAX >= 2")
 
 
 def options_from_args(args: argparse.Namespace, name: str) -> Options:
+    seeds, seeds_auto_max = parse_seeds(getattr(args, "seeds", None))
+    for flag, value in (("--budget-device-hours", getattr(args, "budget_device_hours", None)),
+                        ("--mde-target", getattr(args, "mde_target", 2.0))):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value}: expected a positive number")
     return Options(
         out=results_dir(args.out, name, cluster=args.cluster, storage=args.storage),
         preset=args.preset, data_root=args.data_root, synth_root=args.synth_root, cluster=args.cluster,
         storage=args.storage,
         dry_run=args.dry_run, wandb=args.wandb, resume=args.resume, report_only=args.report_only,
-        seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
+        seeds=seeds, seeds_auto_max=seeds_auto_max,
+        budget_device_hours=getattr(args, "budget_device_hours", None), mde_target=getattr(args, "mde_target", 2.0),
+        sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
         max_retries=args.max_retries, trials=getattr(args, "trials", None),
         concurrency=args.concurrency, time_budget_s=args.time_budget_s, readme=args.readme,
         verbose=args.verbose,

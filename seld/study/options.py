@@ -41,6 +41,9 @@ class Options:
     resume: bool = False
     report_only: bool = False
     seeds: tuple[int, ...] | None = None
+    seeds_auto_max: int | None = None  # --seeds auto[:MAX]: add seeds sequentially up to MAX per row
+    budget_device_hours: float | None = None  # --seeds auto adds no seeds beyond this study total
+    mde_target: float = 2.0  # F20 difference (pp) whose seeds-to-detect the paired tables report
     sets: dict[str, str] = field(default_factory=dict)
     cache_dir: Path | None = None
     max_retries: int = 1
