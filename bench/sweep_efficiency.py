@@ -43,23 +43,20 @@ import numpy as np
 import pandas as pd
 
 from seld.config import parse_set_args, preset_config
-from seld.runfolder import METRICS_CSV, METRICS_JSON
+from seld.runfolder import BEST_F20, METRICS_CSV, METRICS_JSON, RUN_FINISHED
 from seld.study import (
-    REPEAT_ATTR,
     Options,
     Param,
     Study,
     Sweep,
     Variant,
-    match_run,
     optuna_storage,
-    point_key,
     run_study,
     run_sweep,
     sweep_scheduler,
     sweep_searcher,
-    tune_space,
 )
+from seld.study.search import REPEAT_ATTR, point_key
 
 SPACE = {
     "model.n_conformer_layers": Param("choice", choices=(0, 2, 4)),
@@ -86,13 +83,17 @@ def export_curves(grid_dir: Path) -> pd.DataFrame:
     """What every grid run reported to Tune, in order: one row per epoch (metrics.csv's `val/f20`)
     and the final report (metrics.json's `val/f20`, `final` = 1); `iteration` = Tune's
     training_iteration. Columns CURVE_COLUMNS."""
-    runs = {d.name: d for d in sorted((grid_dir / "runs").iterdir()) if (d / METRICS_JSON).exists()}
+    names = {point_key(v.overrides): v.name for v in grid_variants(SPACE)}
     out = []
     for combo in itertools.product(*(SPACE[k].choices for k in SPACE)):
         params = dict(zip(SPACE, combo, strict=True))
-        run = match_run(runs, params)
-        if run is None:
-            raise SystemExit(f"{grid_dir}: no finished grid run for {params}; run the grid arm first")
+        # The grid's run folders are named <variant>-s<seed>-<config hash> (seld/study/ablation.py).
+        found = [d for d in sorted((grid_dir / "runs").glob(f"{names[point_key(params)]}-s0-*"))
+                 if (d / METRICS_JSON).exists()]
+        if len(found) != 1:
+            raise SystemExit(f"{grid_dir}: {len(found)} finished grid runs for {params}, expected 1; "
+                             "run the grid arm first")
+        run = found[0]
         f20 = pd.read_csv(run / METRICS_CSV)["val/f20"].tolist()
         f20.append(json.loads((run / METRICS_JSON).read_text())["val/f20"])
         out += [{**params, "iteration": i + 1, "val/f20": v, "final": int(i == len(f20) - 1)}
@@ -101,7 +102,9 @@ def export_curves(grid_dir: Path) -> pd.DataFrame:
 
 
 def load_curves(path: Path) -> dict[tuple, list[dict]]:
-    """Per grid point (`point_key` of its parameters): the reports of its run, in order."""
+    """Per grid point (`point_key` of its parameters): the reports of its run, in order, as the run
+    makes them: `val/f20`, the best so far (`val/best_f20`: the grid runs train one stage; the final
+    report's is its best epoch's) and, on the final report, `run_finished`."""
     df = pd.read_csv(path)
     missing = [c for c in CURVE_COLUMNS if c not in df.columns]
     if missing:
@@ -109,7 +112,12 @@ def load_curves(path: Path) -> dict[tuple, list[dict]]:
     curves = {}
     for combo, rows in df.sort_values("iteration").groupby(list(SPACE), sort=False):
         params = {k: SPACE[k].choices[list(SPACE[k].choices).index(v)] for k, v in zip(SPACE, combo, strict=True)}
-        curves[point_key(params)] = [{"val/f20": float(v)} for v in rows["val/f20"]]
+        reports, best = [], -math.inf
+        for v, final in zip(rows["val/f20"], rows["final"], strict=True):
+            if not final:
+                best = max(best, float(v))
+            reports.append({"val/f20": float(v), BEST_F20: best, **({RUN_FINISHED: 1} if final else {})})
+        curves[point_key(params)] = reports
     if len(curves) != math.prod(len(p.choices) for p in SPACE.values()):
         raise SystemExit(f"{path}: {len(curves)} grid points, expected every point of {SPACE}")
     return curves
@@ -131,7 +139,7 @@ def replay(sweep: Sweep, curves: dict, max_t: int, workdir: Path) -> list[dict]:
     storage = optuna_storage(workdir / "optuna.journal")
     tuner = tune.Tuner(
         tune.with_parameters(_replay_trainable, curves=curves),
-        param_space=tune_space(sweep.space),
+        param_space={},
         tune_config=tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.n_trials,
                                     search_alg=sweep_searcher(sweep, storage),
                                     scheduler=sweep_scheduler(sweep, max_t), max_concurrent_trials=1,

@@ -28,6 +28,7 @@ CHECKPOINT_DIR = "checkpoints"  # model files: stage<k>_best.pt and SELECTED
 SELECTED = "selected.pt"  # copy of the checkpoint chosen on validation
 PREDICTIONS = "predictions"  # test CSVs at the fitted thresholds
 PREDICTIONS_T05 = "predictions_t05"  # test CSVs at the default threshold 0.5
+PREDICTIONS_VAL = "predictions_val"  # validation CSVs of the selected checkpoint at the default threshold
 TEST_COUNTERS = "test_counters.npz"  # per-test-file metric counters of each scored set (seld/paired.py)
 ATTEMPTS = "attempts.jsonl"  # one line per start of the run by a study
 WANDB_DIR = "wandb"  # W&B's offline log (wandb.init(dir=run folder) makes it)
@@ -40,6 +41,10 @@ MIRROR_SKIP = (f"{RAY_SUBDIR}/*", f"{WANDB_DIR}/*")
 # Key of a run's last report to Ray (after its epochs; carries metrics.json's figures). Not "done",
 # which Tune reads as "end this trial now".
 RUN_FINISHED = "run_finished"
+# Every report of a run (each epoch's, the final one) carries this "best so far": the validation F20
+# (%, as written) of the checkpoint the run would deliver if it ended now, i.e. the best epoch of the
+# stage being trained; the final report's equals metrics.json's val/f20. Sweeps optimise it.
+BEST_F20 = "val/best_f20"
 
 
 def stage_checkpoint(stage: int) -> str:

@@ -34,18 +34,26 @@ import torch
 from seld import data as seld_data
 from seld.config import ExperimentConfig, StageConfig, from_dict, run_config_dict, to_dict
 from seld.errors import UserError
-from seld.evaluate import evaluate_run, flat_scores, pooled_counters, write_predictions
+from seld.evaluate import (
+    decode_as_written,
+    evaluate_run,
+    flat_scores,
+    infer_by_split,
+    pooled_counters,
+    write_predictions,
+)
 from seld.metrics import score_counters
 from seld.paired import save_counters
-from seld.postprocess import decode_outputs
-from seld.predict import bf16_autocast, infer, load_weights, machine_record, prepare_batch
+from seld.predict import bf16_autocast, load_weights, machine_record, prepare_batch
 from seld.runfolder import (
+    BEST_F20,
     CHECKPOINT_DIR,
     CONFIG_JSON,
     METRICS_CSV,
     METRICS_JSON,
     MIRROR_SKIP,
     NORM,
+    PREDICTIONS_VAL,
     RAY_SUBDIR,
     RUN_FINISHED,
     SELECTED,
@@ -69,7 +77,7 @@ log = logging.getLogger(__name__)
 RAY_RUN_NAME = "train"
 STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
-               "train/data_wait_frac", "val/f20", "val/doae_cd", "val/rde_cd", "val/best_f20",
+               "train/data_wait_frac", "val/f20", "val/doae_cd", "val/rde_cd", BEST_F20,
                "selected", "elapsed_s")
 
 
@@ -92,6 +100,20 @@ def _all_reduce(x: np.ndarray, op: str = "sum") -> np.ndarray:
     dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN,
                            "max": dist.ReduceOp.MAX}[op])
     return t.cpu().numpy()
+
+
+def _sync_buffers(model: torch.nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics): DDP broadcasts them at the
+    start of each training forward, and each rank's forward then updates its own with its own batch,
+    so after an epoch they differ across ranks. Validation must score the model rank 0 saves: with
+    two workers, unsynchronised buffers made the selected epoch's metrics.csv F20 differ from the
+    same checkpoint's metrics.json F20 (measured: 4.136 against 4.134 on the smoke preset)."""
+    if not _dist():
+        return
+    import torch.distributed as dist
+
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 # --- Training steps (plain torch, no Ray: the worker loop and bench/step_profile.py run these) ---------
@@ -193,6 +215,11 @@ def validate(model: torch.nn.Module, rows: seld_data.ClipBatch, mean, std, cfg: 
              device, amp: bool, reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Validation scores at `cfg.train.val_threshold` (the selection's and early stopping's F20).
 
+    Scored as metrics.json's ``val/`` is and as the official scorer scores the written CSVs: outputs
+    batched per split folder (:func:`seld.evaluate.infer_by_split`), events as written (integer
+    azimuth and distance, :func:`seld.evaluate.decode_as_written`). With one worker (`rows` = the
+    whole validation set) the selected epoch's scores equal metrics.json's exactly.
+
     Args:
         model: the bare model (not DDP); inference runs in eval mode and restores the mode after.
         rows: this worker's validation clips (features and reference events).
@@ -202,8 +229,9 @@ def validate(model: torch.nn.Module, rows: seld_data.ClipBatch, mean, std, cfg: 
         {"val/f20": %, "val/doae_cd": deg, "val/rde_cd": ratio, "val/dist_err_cd": cm}, None where
         undefined.
     """
-    outputs = infer(model, rows.features, mean, std, cfg.train.batch_size, device, amp)
-    counters = pooled_counters(rows.events, decode_outputs(outputs, cfg.model.output_format, cfg.train.val_threshold))
+    outputs = infer_by_split(model, rows, mean, std, cfg.train.batch_size, device, amp)
+    counters = pooled_counters(rows.events, decode_as_written(outputs, cfg.model.output_format,
+                                                              cfg.train.val_threshold))
     return flat_scores(score_counters(counters if reduce is None else reduce(counters)), "val")
 
 
@@ -497,6 +525,7 @@ def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.
     tot = _all_reduce(train_epoch(w.model, w.loss_fn, opt, tset.batches(epoch, n_batches), mean=w.mean,
                                   std=w.std, device=w.device, augment=w.augment, gen=gen, amp=w.amp,
                                   grad_clip=cfg.train.grad_clip))
+    _sync_buffers(w.net)
     val_metrics = validate(w.net, w.val_mine, w.mean, w.std, cfg, w.device, w.amp,
                            reduce=_all_reduce)
     f20 = val_metrics["val/f20"]
@@ -508,7 +537,7 @@ def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.
            "train/loss": tot[0] / max(tot[1], 1), "train/clips": int(tot[1]),
            "train/time_s": round(tot[3] / w.world, 3),
            "train/data_wait_frac": round(tot[2] / max(tot[3], 1e-9), 4), **val_metrics,
-           "val/best_f20": state.best_f20, "selected": int(improved),
+           BEST_F20: state.best_f20, "selected": int(improved),
            "elapsed_s": round(time.time() - w.t_start, 2)}
     log.info("epoch %d (stage %d): loss %.4f, val F20 %.2f%% (best %.2f%%), %.1f s", epoch, state.stage,
              row["train/loss"], f20, state.best_f20, tot[3] / w.world)
@@ -539,12 +568,8 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
 
     final: dict[str, Any] = {}
     if w.rank == 0:
-        tests = {n: seld_data.read_clips(data.reader, rows) for n, rows in data.plan["sets"].items()
-                 if n in ("test", "synth_test") and len(rows)}
         t_fin = time.time()
-        final = _finish(w.cfg, w.run_dir, w.net, w.mean, w.std, w.device, w.amp, data.val, tests,
-                        state.history, w.cfg.train.stage_numbers,
-                        stages_done=tuple(s for s in w.cfg.train.stage_numbers if not state.pending(s)))
+        final = _finish(w, data, state)
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
         final["data/path"] = "materialised" if data.plan["materialize"] else "streamed"
@@ -553,22 +578,25 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
         write_json_atomic(w.run_dir / METRICS_JSON, final)
         if w.mirror is not None:
             w.mirror.push(skip=MIRROR_SKIP)
-    # The final report carries the test figures. Its marker is not called "done": Tune reads a
-    # "done" key as "end this trial now" and would kill it before the run's files are written.
+    # The final report carries the test figures and the run's best validation F20 (BEST_F20, as
+    # every epoch's report). Its marker is not called "done": Tune reads a "done" key as "end this
+    # trial now" and would kill it before the run's files are written.
     ray.train.report({RUN_FINISHED: 1, **{k: v for k, v in final.items() if isinstance(v, int | float)}})
 
 
-def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stages,
-            stages_done=None) -> dict:
-    """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json
-    and the test predictions; returns metrics.json's content (scores + the run's cost).
+def _finish(w: _Worker, data: _WorkerData, state: LoopState) -> dict:
+    """Rank 0: copy the selected checkpoint, score it in memory (seld/evaluate.py), write thresholds.json,
+    the validation predictions of the selection (``predictions_val/``) and the test predictions;
+    returns metrics.json's content (scores + the run's cost).
 
-    ``stages_done``: the stages that ran all their epochs (or stopped early); default ``stages``.
-    metrics.json's ``status`` is "ok" when every configured stage is done, else "time_budget" (the
-    budget stopped training): its ``test*`` scores are then those of the last stage trained, which
-    ``selected_stage`` names, and the study tables leave the run out.
+    The selected checkpoint is the best epoch of the last stage trained. metrics.json's ``status``
+    is "ok" when every configured stage ran all its epochs (or stopped early), else "time_budget"
+    (the budget stopped training): its ``test*`` scores are then those of the last stage trained,
+    which ``selected_stage`` names, and the study tables leave the run out. ``val/best_f20`` is that
+    stage's best per-epoch validation F20 (metrics.csv), the value the run reported to Tune every
+    epoch; metrics.json's ``val/f20``, scored again here, equals it (the same decoding and batching).
     """
-
+    cfg, run_dir, history, stages = w.cfg, w.run_dir, state.history, w.cfg.train.stage_numbers
     ckpt_dir = run_dir / CHECKPOINT_DIR
     ran = [s for s in stages if (ckpt_dir / stage_checkpoint(s)).is_file()]
     if not ran:
@@ -577,22 +605,33 @@ def _finish(cfg, run_dir, net, mean, std, device, amp, val, tests, history, stag
     sel_path = ckpt_dir / stage_checkpoint(sel_stage)
     shutil.copyfile(sel_path, ckpt_dir / SELECTED)
     stage1 = read_model_file(ckpt_dir / stage_checkpoint(1)) if 1 in ran and sel_stage == 2 else None
-    scores = evaluate_run(net, read_model_file(sel_path), val, tests, cfg, mean, std, device, amp, stage1=stage1)
+    tests = {n: seld_data.read_clips(data.reader, rows) for n, rows in data.plan["sets"].items()
+             if n in ("test", "synth_test") and len(rows)}
+    scores = evaluate_run(w.net, read_model_file(sel_path), data.val, tests, cfg, w.mean, w.std, w.device,
+                          w.amp, stage1=stage1)
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
+    write_predictions(run_dir / PREDICTIONS_VAL, data.val.clips, scores.val_predictions)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
     # Per-test-file counters of every scored test set: the study's paired file-level intervals.
     save_counters(run_dir / TEST_COUNTERS, tests["test"].clips, scores.counters)
-    done = tuple(stages if stages_done is None else stages_done)
+    done = tuple(s for s in stages if not state.pending(s))
     status = "ok" if set(done) >= set(stages) else "time_budget"
+    best = max((r["val/f20"] for r in history if r["stage"] == sel_stage), default=scores.metrics["val/f20"])
+    if best != scores.metrics["val/f20"]:
+        # Several workers score their validation slices in other batches than rank 0 scores the
+        # whole set here; on some devices (a GPU's batch-size-dependent kernels) outputs differ in
+        # the last bits, and an event near a threshold can flip.
+        log.warning("%s: the selected epoch's validation F20 %.6f (metrics.csv) differs from the same "
+                    "checkpoint's %.6f scored at the end", run_dir, best, scores.metrics["val/f20"])
     metrics: dict[str, Any] = {"status": status, "stages_done": list(done), "selected_stage": sel_stage,
                                "selected_checkpoint": f"{CHECKPOINT_DIR}/{stage_checkpoint(sel_stage)}",
-                               **scores.metrics}
+                               **scores.metrics, BEST_F20: best}
     clips = sum(r["train/clips"] for r in history)
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({
-        "precision": "bf16" if amp else "float32",
-        **machine_record(device),  # rank 0's machine at the end (a restored run may have moved)
+        "precision": "bf16" if w.amp else "float32",
+        **machine_record(w.device),  # rank 0's machine at the end (a restored run may have moved)
         "cost/epochs": len(history),
         "cost/stage1_epochs": sum(1 for r in history if r["stage"] == 1),
         "cost/stage2_epochs": sum(1 for r in history if r["stage"] == 2),

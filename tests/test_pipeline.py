@@ -61,6 +61,14 @@ def _check_reproduced(run: Path, data: Path, tmp_path: Path, capsys) -> None:
         # with the run's precision decision, and decodes and scores with the same functions.
         for key in ("f20", "doae_cd", "rde_cd", "dist_err_cd"):
             assert got[key] == metrics[f"{prefix}/{key}"], (prefix, key)
+    # One validation measure: the selected epoch's per-epoch validation (metrics.csv: what selected
+    # it) is metrics.json's val/f20 and val/best_f20, and the official scorer's on the selected
+    # checkpoint's written validation predictions, to the last digit (with two workers too: each
+    # scores its slice batched per split, and on CPU a clip's outputs do not depend on its batch).
+    selected = next(r for r in rows if int(r["epoch"]) == metrics["selected_epoch"])
+    assert float(selected["val/f20"]) == metrics["val/f20"] == metrics["val/best_f20"]
+    assert main(["evaluate", str(data / "metadata_dev"), str(run / "predictions_val"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["f20"] == metrics["val/f20"]
     # The run's own prediction folder holds the same CSVs as `seld predict` wrote.
     for path in sorted((tmp_path / "pred_test_pp").glob("*.csv")):
         assert path.read_text() == (run / "predictions" / path.name).read_text()

@@ -102,30 +102,98 @@ def test_smoke_sweep_outputs_and_resume(tmp_path, smoke_data, ray_session, monke
     assert json.loads((out / "best_config.json").read_text())["value"] == pytest.approx(trials["value"].max(), rel=CSV_REL)
 
 
-def test_trials_with_equal_parameters_pair_with_their_own_run_folders(tmp_path):
-    """A finite space makes TPE propose the same point twice: each Optuna trial (in number order)
-    takes the next unused run folder with those values, in the order the folders were started."""
-    from seld.study import first_start, match_run
+# Two points whose smoke curves (stage 1 only, 3 epochs) fall after epoch 0: lr 1e-3 from ~3.7 %,
+# lr 1e-2 from ~0.6 % to 0. Sampler seed 2 proposes lr 1e-3 first (it finishes: the first trial
+# meets no rung cutoff) and lr 1e-2 second (ASHA stops it at its first rung, epoch 2, below the
+# first trial's best). Both end below their best epoch: recording the last value fails this test.
+BEST_SWEEP = Sweep("best", "smoke", {"train.stage1.lr": Param("choice", choices=(1e-3, 1e-2))}, n_trials=2,
+                   seed=2, grace_period=2, reduction_factor=2,
+                   overrides={"train.stages": "stage1", "train.stage1.epochs": 3, "train.torch_threads": 1})
 
-    runs = {}
-    for name, start in (("b", 20.0), ("a", 10.0), ("c", 30.0)):
-        d = tmp_path / name
-        d.mkdir()
-        layers = 1 if name == "c" else 0
-        (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": layers}}))
-        (d / "attempts.jsonl").write_text(json.dumps({"start_unix_s": start}) + "\n")
-        runs[name] = d
-    ordered = {d.name: d for d in sorted(runs.values(), key=first_start)}
-    assert list(ordered) == ["a", "b", "c"]
-    used: set[str] = set()
-    got = []
-    for params in ({"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 1},
-                   {"model.n_conformer_layers": 0}, {"model.n_conformer_layers": 0}, {}):
-        d = match_run(ordered, params, used)
-        got.append(d.name if d else None)
-        if d:
-            used.add(d.name)
-    assert got == ["a", "c", "b", None, None]
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_sweep_records_each_trials_best_epoch(tmp_path, smoke_data, ray_session, capsys):
+    """One measure per trial: Optuna's value of a finished and of an ASHA-stopped trial is the best
+    per-epoch validation F20 of its run folder's metrics.csv (not its last epoch); every report
+    carried the best so far (Optuna's intermediate values); a finished trial's metrics.json
+    val/f20 and val/best_f20 equal its selected epoch's metrics.csv value, and the official scorer
+    on its written validation predictions. trials.csv and best_config.json read the same values,
+    and each trial's folder is the one its attempts record."""
+    import optuna
+
+    from seld.cli import main
+    from seld.study import optuna_storage, trial_folders
+    from seld.study.search import TUNE_TRIAL_ATTR
+    from seld.synth import dataset_hash
+
+    out, cache = tmp_path / "best", tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"synth-{dataset_hash(preset_config('smoke').synth)}").symlink_to(smoke_data, target_is_directory=True)
+    run_sweep(BEST_SWEEP, Options(out=out, preset="smoke", cache_dir=cache, max_retries=0, concurrency=1))
+    study = optuna.load_study(study_name="best", storage=optuna_storage(out / "optuna.journal"))
+    ran = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    folders = trial_folders(out)
+    assert len(ran) == 2 and sorted(folders) == sorted(t.number for t in ran)
+    kinds = {}
+    for t in ran:
+        run = folders[t.number]
+        assert t.user_attrs[TUNE_TRIAL_ATTR] == run.name
+        curve = pd.read_csv(run / "metrics.csv")
+        assert list(curve["val/best_f20"]) == list(curve["val/f20"].cummax())
+        # The epochs Tune saw: each reported the best so far. A stopped run may list one epoch more
+        # (trained before the stop reached its worker; Train's controller polls every 2 s).
+        seen = {step: value for step, value in t.intermediate_values.items() if step <= len(curve)}
+        assert list(seen) == list(range(1, len(seen) + 1))
+        assert seen == {i + 1: v for i, v in enumerate(curve["val/best_f20"][:len(seen)])}
+        best = curve["val/f20"][:len(seen)].max()
+        assert curve["val/f20"][len(seen) - 1] < best  # the last epoch seen is not the best: the rules differ
+        assert t.value == best
+        if (run / "metrics.json").exists():
+            kinds[t.params["train.stage1.lr"]] = "finished"
+            metrics = json.loads((run / "metrics.json").read_text())
+            selected = curve.loc[curve["epoch"] == metrics["selected_epoch"], "val/f20"].item()
+            assert len(seen) == len(curve) == 3
+            assert metrics["val/f20"] == metrics["val/best_f20"] == selected == best
+            assert t.intermediate_values[len(curve) + 1] == best  # the final report's
+            capsys.readouterr()
+            assert main(["evaluate", str(smoke_data / "metadata_dev"), str(run / "predictions_val"), "--json"]) == 0
+            assert json.loads(capsys.readouterr().out)["f20"] == metrics["val/f20"]
+        else:
+            kinds[t.params["train.stage1.lr"]] = f"stopped after {len(seen)}"
+            assert len(curve) - len(seen) in (0, 1)
+    assert kinds == {1e-3: "finished", 1e-2: "stopped after 2"}
+    trials = pd.read_csv(out / "trials.csv", dtype={"trial_id": str}).set_index("number")
+    for t in ran:
+        assert trials.loc[t.number, "value"] == pytest.approx(t.value, rel=CSV_REL)
+        assert trials.loc[t.number, "trial_id"] == folders[t.number].name
+    best_config = json.loads((out / "best_config.json").read_text())
+    assert best_config["metric"] == "val/best_f20" and best_config["value"] == max(t.value for t in ran)
+
+
+def test_trials_are_tied_to_run_folders_by_the_optuna_number_they_record(tmp_path, caplog):
+    """Each run folder's attempts.jsonl names its Optuna trial; equal parameters do not matter, a
+    folder without a number is left out with a warning, and a number in two folders is an error."""
+    from seld.study import trial_folders
+
+    def folder(name: str, *numbers) -> None:
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": {"n_conformer_layers": 0}}))  # all equal
+        (d / "attempts.jsonl").write_text("".join(
+            json.dumps({"tune_trial_id": name, **({"optuna_trial": n} if n is not None else {}), "start_unix_s": 1.0})
+            + "\n" for n in numbers))
+
+    folder("b", 0)
+    folder("a", 2, 2)  # a retried trial: two attempts, one number
+    folder("c", None)  # recorded before trials carried their ids
+    with caplog.at_level("WARNING", logger="seld.study"):
+        found = trial_folders(tmp_path)
+    assert {n: d.name for n, d in found.items()} == {0: "b", 2: "a"}
+    assert "['c']" in caplog.text
+    folder("d", 0)
+    with pytest.raises(UserError, match="Optuna trial 0 also ran in"):
+        trial_folders(tmp_path)
 
 
 def _value_of(config: dict) -> float:
@@ -137,7 +205,8 @@ def _toy_trainable(config: dict) -> None:
     from ray import tune
 
     for epoch in range(3):
-        tune.report({"val/f20": _value_of(config) * (epoch + 1) / 3})
+        value = _value_of(config) * (epoch + 1) / 3
+        tune.report({"val/f20": value, "val/best_f20": value})
 
 
 @pytest.mark.ray
@@ -154,24 +223,19 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
     import ray.cloudpickle
     from ray import tune
 
-    from seld.study import (
-        REPEAT_ATTR,
-        optuna_storage,
-        sweep_scheduler,
-        sweep_searcher,
-        tune_space,
-    )
+    from seld.study import optuna_storage, sweep_scheduler, sweep_searcher
+    from seld.study.search import OPTUNA_TRIAL_KEY, REPEAT_ATTR, TUNE_TRIAL_ATTR
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    monkeypatch.setattr("seld.study.sweep.MAX_REPEATS", max_repeats)
+    monkeypatch.setattr("seld.study.search.MAX_REPEATS", max_repeats)
     space = {"a": Param("choice", choices=(1, 2)), "b": Param("choice", choices=(0.5, 1.0, 2.0))}
     sweep = Sweep("finite", "smoke", space, n_trials=12, seed=3, grace_period=1, sampler=sampler)
     assert sweep.space_size() == 6
     storage = optuna_storage(tmp_path / "optuna.journal")
     searcher = sweep_searcher(sweep, storage)
-    assert type(searcher).__name__ == "DistinctOptunaSearch"
+    assert type(searcher).__name__ == "OptunaAskTell"
     results = tune.Tuner(
-        _toy_trainable, param_space=tune_space(space),
+        _toy_trainable, param_space={},
         tune_config=tune.TuneConfig(metric="val/f20", mode="max", num_samples=sweep.n_trials, search_alg=searcher,
                                     scheduler=sweep_scheduler(sweep, 3), max_concurrent_trials=1),
         run_config=tune.RunConfig(name="finite", storage_path=str(tmp_path / "ray"), verbose=0),
@@ -193,6 +257,23 @@ def test_finite_space_sweep_trains_each_point_once_then_stops(tmp_path, ray_sess
             assert nxt.state == optuna.trial.TrialState.COMPLETE and nxt.user_attrs.get(REPEAT_ATTR) is None
     best = max(ran, key=lambda t: t.value)
     assert best.params == {"a": 2, "b": 0.5} and best.value == pytest.approx(_value_of(best.params))
+    # Identity: each Tune trial got its Optuna number, each Optuna trial its Tune trial id.
+    by_tune = {r.metrics["trial_id"]: r.config[OPTUNA_TRIAL_KEY] for r in results}
+    assert {t.user_attrs[TUNE_TRIAL_ATTR]: t.number for t in ran} == by_tune
+
+
+def test_optuna_distributions_are_those_tunes_optuna_search_made():
+    """The sweep's searcher asks Optuna with the distributions (and order) Tune's OptunaSearch made
+    of the same space: the sampler draws what it drew for the committed sweeps."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from seld.study import optuna_distributions, tune_space
+
+    mixed = {"x.lr": Param("loguniform", 1e-4, 1e-2), "x.p": Param("uniform", 0.0, 0.8),
+             "x.n": Param("int", 0, 4), "x.d": Param("choice", choices=(32, 64, 96))}
+    for space in (SPACE, mixed, dict(reversed(mixed.items()))):
+        mine, tunes = optuna_distributions(space), OptunaSearch.convert_search_space(tune_space(space))
+        assert list(mine.items()) == list(tunes.items())
 
 
 def test_space_size_and_sampler_checks():
@@ -222,7 +303,11 @@ def test_efficiency_replay_reproduces_the_recorded_real_sweep(tmp_path, ray_sess
     ray.cloudpickle.register_pickle_by_value(bench)
     results = root / "results" / "sweep_efficiency"
     curves = bench.load_curves(results / "grid_curves.csv")
-    sweep = Sweep("efficiency", "local", bench.SPACE, n_trials=4, seed=0, grace_period=6, sampler="tpe")
+    # The real sweep was recorded when sweeps optimised the last reported val/f20 (the final
+    # report's metrics.json value): replayed on that metric, the rewritten searcher (Optuna
+    # ask/tell) and scheduler must give its trials exactly.
+    sweep = Sweep("efficiency", "local", bench.SPACE, n_trials=4, seed=0, grace_period=6, sampler="tpe",
+                  metric="val/f20")
     got = bench.replay(sweep, curves, 12, tmp_path)
     real = pd.read_csv(results / "real_sweep.csv")
     assert len(got) == len(real) == 4
@@ -256,6 +341,7 @@ def test_asha_never_stops_a_run_at_its_final_report():
     assert sched.on_trial_result(None, good, {"training_iteration": 2, "val/f20": 12.0}) == cont
     final = {"training_iteration": 3, "val/f20": 12.0}
     assert sched.on_trial_result(None, good, {**final, RUN_FINISHED: 1}) == cont
+    assert "num_stopped=1" in sched.debug_string()  # ASHA's own count: the one rung cut, nothing touched
     assert sched.on_trial_result(None, good, final) == stop  # any other report at max_t: ASHA's STOP
 
 

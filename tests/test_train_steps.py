@@ -177,6 +177,29 @@ def test_validate_sums_counters_through_reduce_and_keeps_the_mode(setup):
     assert scores == train.validate(net, setup.val, setup.mean, setup.std, setup.cfg, "cpu", False)
 
 
+def test_validation_scores_what_the_official_scorer_scores_on_the_written_csvs(setup, smoke_data, tmp_path, capsys):
+    """The per-epoch validation F20 (selection, early stopping, every report) is the official
+    scorer's (`seld evaluate`) on the validation predictions as written, to the last digit; the
+    same events unrounded score differently (the rounding is part of the measure)."""
+    from seld.cli import main
+    from seld.evaluate import decode_as_written, infer_by_split, write_predictions
+    from seld.metrics import score_events
+    from seld.postprocess import decode_outputs
+
+    net = train.init_model(setup.cfg)
+    scores = train.validate(net, setup.val, setup.mean, setup.std, setup.cfg, "cpu", False)
+    fmt, t05 = setup.cfg.model.output_format, setup.cfg.train.val_threshold
+    outputs = infer_by_split(net, setup.val, setup.mean, setup.std, setup.cfg.train.batch_size)
+    write_predictions(tmp_path / "pred", setup.val.clips, decode_as_written(outputs, fmt, t05))
+    capsys.readouterr()
+    assert main(["evaluate", str(smoke_data / "metadata_dev"), str(tmp_path / "pred"), "--json"]) == 0
+    official = json.loads(capsys.readouterr().out)
+    assert official["n_files"] == len(setup.val) and official["f20"] == scores["val/f20"]
+    assert official["doae_cd"] == scores["val/doae_cd"] and official["rde_cd"] == scores["val/rde_cd"]
+    unrounded = score_events(setup.val.events, decode_outputs(outputs, fmt, t05)).to_dict()
+    assert unrounded["doae_cd"] != scores["val/doae_cd"]
+
+
 def test_loop_state_selection_and_early_stop():
     scfg = preset_config("smoke").train.stage2  # 1 epoch, patience 1
     scfg = type(scfg)(epochs=5, lr=scfg.lr, patience=2)

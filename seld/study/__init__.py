@@ -9,8 +9,9 @@ A sweep writes ``trials.csv``, ``best_config.json``, the Optuna journal and Optu
 Modules: ``session`` (starting or joining Ray), ``cluster`` (cluster files -> plans, estimates),
 ``prepare`` (data and feature store), ``tune`` (the trial body and the one Tuner), ``progress`` (one
 line per event, on the console and in ``study.log``), ``summary`` (a run's row), ``ablation`` (the
-grid), ``sweep`` (Optuna + ASHA), ``options`` (options, where results go, the driver's mirror),
-``cli`` (the command line).
+grid), ``sweep`` (Optuna + ASHA), ``search`` (the sweep's searcher and scheduler on Optuna's and
+Tune's public APIs; imported when a sweep runs), ``options`` (options, where results go, the
+driver's mirror), ``cli`` (the command line).
 """
 
 from seld.study.ablation import Study, Variant, run_study
@@ -27,23 +28,21 @@ from seld.study.options import Options
 from seld.study.prepare import prepare_data
 from seld.study.summary import flatten_metrics
 from seld.study.sweep import (
-    REPEAT_ATTR,
     Param,
     Sweep,
-    first_start,
-    match_run,
+    optuna_distributions,
     optuna_storage,
-    point_key,
     run_sweep,
     sweep_scheduler,
     sweep_searcher,
+    trial_folders,
     tune_space,
 )
 
 __all__ = [
-    "REPEAT_ATTR", "ClusterPlan", "NodeType", "Options", "Param", "Study", "Sweep", "Variant",
-    "add_arguments", "estimate_run_hours", "first_start", "flatten_metrics", "format_plan",
-    "load_launcher_file", "main", "match_run", "optuna_storage", "plan_cluster", "point_key",
-    "prepare_data", "run_study", "run_sweep", "sweep_scheduler", "sweep_searcher",
+    "ClusterPlan", "NodeType", "Options", "Param", "Study", "Sweep", "Variant",
+    "add_arguments", "estimate_run_hours", "flatten_metrics", "format_plan",
+    "load_launcher_file", "main", "optuna_distributions", "optuna_storage", "plan_cluster",
+    "prepare_data", "run_study", "run_sweep", "sweep_scheduler", "sweep_searcher", "trial_folders",
     "tune_space",
 ]

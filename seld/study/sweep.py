@@ -2,7 +2,9 @@
 
 Reads a :class:`Sweep` and the command-line options; writes under ``results/<sweep>/`` the Optuna
 journal, ``tune_trials.jsonl``, the run folders under ``runs/``, ``trials.csv`` (one row per Optuna
-trial), ``best_config.json`` and Optuna's plots.
+trial), ``best_config.json`` and Optuna's plots. A trial and its run folder are tied by identity:
+the folder is named by the Tune trial id, its ``attempts.jsonl`` records the Optuna trial number
+and the Optuna trial the Tune trial id (seld/study/search.py hands them out).
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from seld.config import ConfigError, flatten, preset_config
+from seld.config import ConfigError, preset_config
 from seld.errors import UserError
 from seld.runfolder import (
     ATTEMPTS,
+    BEST_F20,
     CONFIG_JSON,
     METRICS_CSV,
     METRICS_JSON,
-    RUN_FINISHED,
     atomic_write,
     write_json_atomic,
 )
@@ -102,7 +103,10 @@ class Param:
 class Sweep:
     """A hyperparameter sweep: Optuna (seeded TPE, or random) proposes, ASHA stops early, on ``metric``.
 
-    In a finite space no point is trained twice (see :func:`sweep_searcher`).
+    In a finite space no point is trained twice (see :func:`sweep_searcher`). The metric is the
+    run's best validation F20 so far (``val/best_f20``, in every report of a run, the final one
+    included): a trial ASHA stops and a finished trial are then both recorded at their best epoch,
+    the checkpoint each would deliver, and ASHA's rungs compare that too.
     """
 
     name: str
@@ -110,7 +114,7 @@ class Sweep:
     space: dict[str, Param]
     n_trials: int
     seed: int = 0
-    metric: str = "val/f20"
+    metric: str = BEST_F20
     mode: str = "max"
     grace_period: int = 2  # epochs before ASHA may stop a trial
     reduction_factor: int = 3
@@ -127,7 +131,24 @@ class Sweep:
         return None if any(v is None for v in values) else math.prod(len(v) for v in values)
 
 
+def optuna_distributions(space: dict[str, Param]) -> dict[str, Any]:
+    """The space as Optuna distributions, in the space's order (the order the sampler draws in); the
+    same distributions Tune's OptunaSearch made of :func:`tune_space` (tests/test_sweep.py)."""
+    import optuna
+
+    out = {}
+    for key, p in space.items():
+        if p.kind in ("loguniform", "uniform"):
+            out[key] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.kind == "loguniform")
+        elif p.kind == "int":
+            out[key] = optuna.distributions.IntDistribution(int(p.low), int(p.high))
+        else:
+            out[key] = optuna.distributions.CategoricalDistribution(list(p.choices))
+    return out
+
+
 def tune_space(space: dict[str, Param]) -> dict[str, Any]:
+    """The space as Tune search domains (for a Tuner without the sweep's searcher)."""
     from ray import tune
 
     out = {}
@@ -229,42 +250,30 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
 def sweep_scheduler(sweep: Sweep, max_t: int):
     """ASHA on the sweep's metric, one rung unit per epoch (Tune's ``training_iteration``).
 
-    Each epoch is one Tune iteration and the run's final report (test scores) one more: a trial
-    that survives every rung must reach ``max_t + 1`` (``max_t`` = epochs of the trained stages),
-    or ASHA stops it before its scores exist. ASHA's STOP on that final report (``run_finished``)
-    becomes CONTINUE, with ASHA's bookkeeping unchanged: the run has no epoch left, and a STOP
-    there made Tune destroy the trial's process while it was still finishing the run (metrics.json's
-    driver-side costs, the W&B run, whose offline log was then left empty).
+    Each epoch is one Tune iteration and the run's final report (test scores) one more; ASHA sees
+    the epochs only (:class:`seld.study.search.FinalReportASHA`), so it never stops a run that is
+    finishing. ``max_t`` (epochs of the trained stages) + 1 keeps the rungs where they were when
+    ASHA saw the final report too (tests/test_sweep.py replays a recorded sweep).
     """
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class FinalReportASHA(ASHAScheduler):
-        def on_trial_result(self, tune_controller, trial, result: dict) -> str:
-            action = super().on_trial_result(tune_controller, trial, result)
-            if result.get(RUN_FINISHED) and action == TrialScheduler.STOP:
-                self._num_stopped -= 1  # ASHA counted a stop that does not happen
-                return TrialScheduler.CONTINUE
-            return action
+    from seld.study.search import FinalReportASHA
 
     return FinalReportASHA(time_attr="training_iteration", max_t=max(1, max_t) + 1,
                            grace_period=max(1, min(sweep.grace_period, max_t)),
                            reduction_factor=sweep.reduction_factor)
 
 
-REPEAT_ATTR = "repeat_of"  # Optuna user attribute of a proposal skipped as a repeat (never trained)
 MAX_DISTINCT_POINTS = 10_000  # finite spaces up to this size never train a point twice
-MAX_REPEATS = 20  # repeated proposals in a row before an unproposed point is drawn uniformly
 
 
 def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
-    """The sweep's Tune searcher: Optuna (seeded TPE, or random) over ``storage``.
+    """The sweep's Tune searcher: Optuna (seeded TPE, or random) over ``storage``, through Optuna's
+    ask/tell (:class:`seld.study.search.OptunaAskTell`).
 
     In a finite space (every dimension a choice or an int, at most MAX_DISTINCT_POINTS points) a
     point is never trained twice: TPE often proposes its favourite again, and a repeat buys at best
     a second seed of one config. A repeated proposal is recorded in Optuna as a FAIL trial with the
-    user attribute ``repeat_of`` (the number of the trial that has the point; TPE ignores failed
-    trials, so the next ask draws afresh); after MAX_REPEATS repeats in a row an unproposed point is
-    drawn uniformly (seeded); once every point is proposed the searcher reports the space
+    user attribute ``repeat_of``; after ``search.MAX_REPEATS`` repeats in a row an unproposed point
+    is drawn uniformly (seeded); once every point is proposed the searcher reports the space
     exhausted and Tune stops asking.
 
     Args:
@@ -274,8 +283,8 @@ def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
             sweep does not replay the proposals of the first start.
     """
     import optuna
-    from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
+
+    from seld.study.search import OptunaAskTell
 
     seed = sweep.seed + n_before
     if sweep.sampler == "random":
@@ -283,51 +292,13 @@ def sweep_searcher(sweep: Sweep, storage, n_before: int = 0):
     else:
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(5, sweep.n_trials // 3)))
     size = sweep.space_size()
-    if size is None or size > MAX_DISTINCT_POINTS:  # continuous or huge: repeats are rare, allowed
-        return OptunaSearch(metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
-                            sampler=sampler)
-    keys = sorted(sweep.space)
-    points = [dict(zip(keys, c, strict=True))
-              for c in itertools.product(*(sweep.space[k].values() for k in keys))]
-
-    class DistinctOptunaSearch(OptunaSearch):
-        """OptunaSearch that never proposes a point twice (finite spaces)."""
-
-        def _proposed(self) -> dict[tuple, int]:
-            if not hasattr(self, "_seen"):
-                self._seen = {}
-                self._rng = np.random.default_rng([seed, 7])
-                for t in self._ot_study.trials:
-                    if t.state != optuna.trial.TrialState.FAIL and t.params:
-                        self._seen.setdefault(point_key(t.params), t.number)
-            return self._seen
-
-        def suggest(self, trial_id: str):
-            seen = self._proposed()
-            fresh = [p for p in points if point_key(p) not in seen]
-            if not fresh:
-                log.info("sweep %s: all %d points of the space proposed", sweep.name, len(points))
-                return Searcher.FINISHED
-            for attempt in range(MAX_REPEATS + 1):
-                if attempt == MAX_REPEATS:  # the sampler keeps proposing known points
-                    self._ot_study.enqueue_trial(fresh[int(self._rng.integers(len(fresh)))])
-                config = super().suggest(trial_id)
-                ot_trial = self._ot_trials[trial_id]
-                key = point_key(ot_trial.params)
-                if key not in seen:
-                    seen[key] = ot_trial.number
-                    return config
-                ot_trial.set_user_attr(REPEAT_ATTR, seen[key])
-                self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
-                del self._ot_trials[trial_id]
-            raise RuntimeError(f"sweep {sweep.name}: an enqueued unproposed point came back as a repeat")
-
-    return DistinctOptunaSearch(metric=sweep.metric, mode=sweep.mode, study_name=sweep.name, storage=storage,
-                                sampler=sampler)
-
-
-def point_key(params: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+    points = None
+    if size is not None and size <= MAX_DISTINCT_POINTS:  # continuous or huge: repeats are rare, allowed
+        keys = sorted(sweep.space)
+        points = [dict(zip(keys, c, strict=True))
+                  for c in itertools.product(*(sweep.space[k].values() for k in keys))]
+    return OptunaAskTell(optuna_distributions(sweep.space), study_name=sweep.name, storage=storage,
+                         sampler=sampler, metric=sweep.metric, mode=sweep.mode, points=points, seed=seed)
 
 
 # The sweep's state a --resume reads: pushed to an object store at every trial event, so a driver
@@ -337,24 +308,10 @@ SWEEP_STATE = ("optuna.journal", "study.log")
 
 def journal_push_callback(mirror: Mirror):
     """A Tune callback that pushes :data:`SWEEP_STATE` to ``mirror`` when a trial starts, completes
-    or fails. Tune's controller runs the searcher (which appends to the journal) and the callbacks
-    in one thread, so a push never reads a half-written journal line."""
-    from ray.tune import Callback
+    or fails (:class:`seld.study.search.JournalPush`)."""
+    from seld.study.search import JournalPush
 
-    class JournalPush(Callback):
-        def _push(self) -> None:
-            mirror.push(only=SWEEP_STATE)
-
-        def on_trial_start(self, iteration, trials, trial, **info) -> None:
-            self._push()
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            self._push()
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._push()
-
-    return JournalPush()
+    return JournalPush(mirror, SWEEP_STATE)
 
 
 def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, out: Path, opts: Options,
@@ -371,7 +328,8 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     log.info("%s", resources_line(concurrency, plan.workers_per_trial, plan.cpus_per_worker, plan.gpus_per_worker))
     progress = progress_callback({}, n_total=n_before + n, n_done_before=n_before, concurrency=concurrency,
                                  max_retries=opts.max_retries, default_epochs=max_t)
-    results = fit_tuner(sweep_trainable(spec, plan), tune_space(sweep.space), plan, out, sweep.name, opts,
+    # The searcher holds the space (Optuna's distributions) and hands each trial its whole config.
+    results = fit_tuner(sweep_trainable(spec, plan), {}, plan, out, sweep.name, opts,
                         callbacks=[progress, *([journal_push_callback(mirror)] if mirror is not None else [])],
                         metric=sweep.metric, mode=sweep.mode, search_alg=searcher,
                         scheduler=scheduler, num_samples=n)
@@ -379,8 +337,8 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     for res in results:
         m = res.metrics or {}
         trial_id = m.get("trial_id") or Path(res.path).name
-        records.append({"trial_id": trial_id, "error": error_text(res.error),
-                        "training_iteration": m.get("training_iteration"),
+        records.append({"trial_id": trial_id, "optuna_trial": (res.config or {}).get("optuna_trial"),
+                        "error": error_text(res.error), "training_iteration": m.get("training_iteration"),
                         "last/" + sweep.metric: m.get(sweep.metric)})
     log_path = out / "tune_trials.jsonl"
     with open(log_path, "a") as f:
@@ -388,49 +346,70 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
             f.write(json.dumps(r) + "\n")
 
 
+LEGACY_METRIC = "val/f20"  # what a sweep whose journal does not name its metric optimised
+
+
 def _sweep_outputs(sweep: Sweep, out: Path, storage) -> Path:
     """trials.csv (one row per Optuna trial), best_config.json and Optuna's matplotlib plots."""
     import optuna
+
+    from seld.study.search import METRIC_ATTR, REPEAT_ATTR, TUNE_TRIAL_ATTR
 
     try:
         study = optuna.load_study(study_name=sweep.name, storage=storage)
     except KeyError:
         raise UserError(f"{out}: no sweep {sweep.name!r} recorded yet") from None
-    run_dirs = _run_dirs(out)
+    folders = trial_folders(out)
     tune_log = _tune_log(out)
     rows = []
-    used: set[str] = set()
     repeats = 0
     for t in study.trials:
         if t.user_attrs.get(REPEAT_ATTR) is not None:  # a repeated proposal, never trained
             repeats += 1
             continue
-        params = {k: v for k, v in t.params.items()}
-        trial_dir = match_run(run_dirs, params, used)
-        if trial_dir is not None:
-            used.add(trial_dir.name)
-        rows.append(_trial_row(t, params, trial_dir, tune_log))
+        trial_dir = folders.get(t.number)
+        tune_id = t.user_attrs.get(TUNE_TRIAL_ATTR)
+        if trial_dir is not None and tune_id is not None and tune_id != trial_dir.name:
+            raise UserError(f"{out / 'optuna.journal'}: Optuna trial {t.number} ran as Tune trial {tune_id}, but "
+                            f"runs/{trial_dir.name}/{ATTEMPTS} names it; expected runs/{tune_id}")
+        rows.append(_trial_row(t, dict(t.params), trial_dir, tune_log))
     df = write_rows(rows, out / "trials.csv", ("number", "trial_id", "status", "error", "value", "epochs"))
     best = study.best_trial if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) else None
     if best is not None:
-        _write_best_config(sweep, best, run_dirs, out)
+        _write_best_config(sweep, study.user_attrs.get(METRIC_ATTR, LEGACY_METRIC), best, folders.get(best.number),
+                           out)
     _sweep_plots(study, out)
     log.info("sweep %s: %d trials in %s (%d repeated proposals skipped)", sweep.name, len(df),
              out / "trials.csv", repeats)
     return out / "trials.csv"
 
 
-def _run_dirs(out: Path) -> dict[str, Path]:
-    """The sweep's run folders that hold a config.json, by name."""
-    run_dirs = {}
+def trial_folders(out: Path) -> dict[int, Path]:
+    """The sweep's run folders by Optuna trial number: the number each folder's attempts.jsonl
+    records (``optuna_trial``; every attempt of a trial runs in the folder named by its Tune trial
+    id). A folder without one (a trial recorded before trials carried their ids) is left out, with
+    a warning; two trials in one folder, or one trial in two folders, is an error."""
+    folders: dict[int, Path] = {}
+    without = []
     runs_root = out / "runs"
-    # In the order the trials started: Optuna numbers its trials in the order Tune asked for them,
-    # so two trials with the same parameters (a finite space) pair up with their own run folders.
-    for d in sorted(runs_root.iterdir() if runs_root.is_dir() else [], key=first_start):
-        cfg_path = d / CONFIG_JSON
-        if cfg_path.exists():
-            run_dirs[d.name] = d
-    return run_dirs
+    for d in sorted(runs_root.iterdir() if runs_root.is_dir() else []):
+        if not (d / CONFIG_JSON).exists():
+            continue
+        lines = (d / ATTEMPTS).read_text().splitlines() if (d / ATTEMPTS).exists() else []
+        numbers = {json.loads(line).get("optuna_trial") for line in lines if line.strip()} - {None}
+        if not numbers:
+            without.append(d.name)
+            continue
+        if len(numbers) > 1:
+            raise UserError(f"{d / ATTEMPTS}: attempts of Optuna trials {sorted(numbers)}; expected one trial per folder")
+        number = numbers.pop()
+        if number in folders:
+            raise UserError(f"{d / ATTEMPTS}: Optuna trial {number} also ran in {folders[number]}; expected one folder")
+        folders[number] = d
+    if without:
+        log.warning("sweep %s: %d run folder(s) record no Optuna trial number in %s, left out of trials.csv: %s",
+                    out.name, len(without), ATTEMPTS, without)
+    return folders
 
 
 def _tune_log(out: Path) -> dict[str, dict[str, Any]]:
@@ -463,49 +442,15 @@ def _trial_row(t, params: dict[str, Any], trial_dir: Path | None, tune_log: dict
     return row
 
 
-def _write_best_config(sweep: Sweep, best, run_dirs: dict[str, Path], out: Path) -> None:
+def _write_best_config(sweep: Sweep, metric: str, best, best_dir: Path | None, out: Path) -> None:
     """best_config.json: the best trial's value, overrides (also as --set arguments) and full config."""
-    best_dir = match_run(run_dirs, best.params)
     best_json = {
-        "study": sweep.name, "metric": sweep.metric, "mode": sweep.mode, "value": best.value,
+        "study": sweep.name, "metric": metric, "mode": sweep.mode, "value": best.value,
         "trial": best.number, "overrides": dict(sorted(best.params.items())),
         "set_args": [f"--set {k}={v}" for k, v in sorted(best.params.items())],
         "config": json.loads((best_dir / CONFIG_JSON).read_text()) if best_dir else None,
     }
     write_json_atomic(out / "best_config.json", best_json)
-
-
-def first_start(run_dir: Path) -> tuple[float, str]:
-    """When a trial's run folder was first started (attempts.jsonl), for ordering; then the name."""
-    try:
-        first = (run_dir / ATTEMPTS).read_text().splitlines()[0]
-        return float(json.loads(first)["start_unix_s"]), run_dir.name
-    except (OSError, IndexError, ValueError, KeyError):
-        return float("inf"), run_dir.name
-
-
-def match_run(run_dirs: dict[str, Path], params: dict[str, Any], used: set[str] | None = None) -> Path | None:
-    """The run folder whose config.json holds these parameter values (dotted keys), skipping the
-    folders in `used`; None for a trial without parameters (one a kill interrupted before it ran)."""
-    if not params:
-        return None
-
-    for name, d in run_dirs.items():
-        if used is not None and name in used:
-            continue
-        cfg = flatten(json.loads((d / CONFIG_JSON).read_text()))
-        if all(_same(cfg.get(k), v) for k, v in params.items()):
-            return d
-    return None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        try:
-            return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-        except (TypeError, ValueError):
-            return False
-    return a == b
 
 
 def _sweep_plots(study, out: Path) -> None:

@@ -89,8 +89,9 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     storage ``mirror`` (:class:`seld.storage.Mirror` of the run folder, ``run_dir`` its staging
     folder): the trial first pulls the run folder from the store, so a restarted trial (or one on
     another node) resumes from the store's state. ``params``: the sweep's suggested values (dotted
-    keys), applied on top. The Train run reports every epoch to Tune
-    through ``TuneReportCallback`` (ASHA and Optuna see ``val/f20``).
+    keys), applied on top; ``spec["ids"]``: a sweep trial's identity (``tune_trial_id``,
+    ``optuna_trial``), written into each line of ``attempts.jsonl``. The Train run reports every
+    epoch and its end to Tune through ``TuneReportCallback`` (ASHA and Optuna see ``val/best_f20``).
     """
     import ray
 
@@ -106,8 +107,10 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
     resume = (run_dir / CONFIG_JSON).exists()
     # Where this attempt's driver ran and which forwarded W&B variables it saw (names only, never
     # values): what to check when trials on other nodes cannot log, or a node was lost.
+    # A sweep's trial also records its identity (Tune trial id, Optuna trial number): the sweep's
+    # report ties trial and folder by it.
     with open(run_dir / ATTEMPTS, "a") as f:
-        f.write(json.dumps({"start_unix_s": round(time.time(), 3), "resume": resume,
+        f.write(json.dumps({**spec.get("ids", {}), "start_unix_s": round(time.time(), 3), "resume": resume,
                             "config_hash": config_hash(cfg),
                             "node_id": ray.get_runtime_context().get_node_id(),
                             "wandb_env": sorted(k for k in WANDB_FORWARD if os.environ.get(k))}) + "\n")
@@ -130,9 +133,12 @@ def _ablation_trainable(config: dict, specs: dict[str, dict]) -> None:
 def _sweep_trainable(config: dict, spec: dict) -> None:
     from ray import tune
 
+    from seld.study.search import OPTUNA_TRIAL_KEY
+
     trial_id = tune.get_context().get_trial_id()
     spec = {**spec, "run_dir": str(Path(spec["run_dir"]) / trial_id),
-            "tags": [*spec["tags"], trial_id]}
+            "tags": [*spec["tags"], trial_id],
+            "ids": {"tune_trial_id": trial_id, OPTUNA_TRIAL_KEY: config.get(OPTUNA_TRIAL_KEY)}}
     if spec.get("mirror") is not None:
         spec["mirror"] = spec["mirror"].child(trial_id)
     params = {k: v for k, v in config.items() if "." in k}
