@@ -866,11 +866,14 @@ class RayTrainSet(StageRows):
     """
 
     def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, layout: StoreLayout,
-                 dataset: str, order_log: Path | None = None):
+                 dataset: str, order_log: Path | None = None, shards: Callable | None = None):
         super().__init__(name, cfg, rank, rows, layout, order_log)
         self.dataset = dataset
+        self.shards = shards  # name -> DataIterator outside a Train worker (bench/ingest.py); None: Train's
 
     def _shard(self):
+        if self.shards is not None:
+            return self.shards(self.dataset)
         import ray.train
 
         return ray.train.get_dataset_shard(self.dataset)
