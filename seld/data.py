@@ -817,11 +817,14 @@ def ray_data_context(cfg: ExperimentConfig, label_selector: dict[str, str] | Non
     preserve_order: each rank's blocks arrive in file order; no progress bars (logs are not a
     TTY); `data.ray_data_cpus` as the CPU limit (concurrent runs each keep theirs); and
     `label_selector` (:data:`DATA_NODE_LABEL` on a cluster with data nodes) on every Data task.
+    Parquet is read by Ray's V1 datasource: its footer and sampling tasks follow the label
+    selector, where the V2 one (2.60's default) reads footers in 32 actors placed by "SPREAD" on
+    any node (a trainer node included), which on a 2-core machine is also slower to start.
     """
     from ray.data import DataContext, ExecutionResources
 
     ctx = DataContext.get_current()
-    saved = copy.deepcopy(ctx.execution_options), ctx.enable_progress_bars
+    saved = copy.deepcopy(ctx.execution_options), ctx.enable_progress_bars, ctx.use_datasource_v2
     opts = ctx.execution_options
     opts.preserve_order = True
     if cfg.data.ray_data_cpus is not None:
@@ -829,10 +832,11 @@ def ray_data_context(cfg: ExperimentConfig, label_selector: dict[str, str] | Non
     if label_selector:
         opts.label_selector = dict(label_selector)
     ctx.enable_progress_bars = False
+    ctx.use_datasource_v2 = False
     try:
         yield copy.deepcopy(opts)
     finally:
-        ctx.execution_options, ctx.enable_progress_bars = saved
+        ctx.execution_options, ctx.enable_progress_bars, ctx.use_datasource_v2 = saved
 
 
 def _rebatched(batches, keep: np.ndarray | None, batch_size: int):
