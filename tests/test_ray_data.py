@@ -54,18 +54,28 @@ def _table(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(smoke_store, ray_session, tmp_path_factory) -> dict[str, Path]:
-    """Two runs with each engine; the first Ray Data run through the CLI, as a user starts it."""
+def ray_data_runs(smoke_store, ray_session, tmp_path_factory) -> dict[str, Path]:
+    """Two Ray Data runs; the first through the CLI, as a user starts it."""
     from seld.cli import main
     from seld.train import run_training
 
-    tmp = tmp_path_factory.mktemp("engines")
-    out = {"ray_data": tmp / "ray_data", "ray_data_again": tmp / "ray_data_again",
-           "rowgroups": tmp / "rowgroups", "rowgroups_again": tmp / "rowgroups_again"}
+    tmp = tmp_path_factory.mktemp("ray_data")
+    out = {"ray_data": tmp / "first", "ray_data_again": tmp / "again"}
     sets = [x for k, v in {**SETS, "data.engine": "ray_data"}.items() for x in ("--set", f"{k}={v}")]
     assert main(["train", str(smoke_store), "--preset", "smoke", "--out", str(out["ray_data"]), *sets]) == 0
-    for name in ("ray_data_again", "rowgroups", "rowgroups_again"):
-        run_training(_cfg(name.removesuffix("_again")), smoke_store, out[name])
+    run_training(_cfg("ray_data"), smoke_store, out["ray_data_again"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(ray_data_runs, smoke_store, tmp_path_factory) -> dict[str, Path]:
+    """Two runs with each engine."""
+    from seld.train import run_training
+
+    tmp = tmp_path_factory.mktemp("rowgroups")
+    out = {**ray_data_runs, "rowgroups": tmp / "first", "rowgroups_again": tmp / "again"}
+    for name in ("rowgroups", "rowgroups_again"):
+        run_training(_cfg("rowgroups"), smoke_store, out[name])
     return out
 
 
@@ -74,8 +84,8 @@ def test_engine_is_checked_and_subsampled_batches_are_refilled():
     as Ray's batches arrive and refills whole batches, keeping the arrival order."""
     import torch
 
-    from seld.data import _rebatched
     from seld.config import ConfigError
+    from seld.data import _rebatched
 
     with pytest.raises(ConfigError, match="data.engine.*'spark'"):
         preset_config("smoke", {"data.engine": "spark"})
@@ -138,7 +148,8 @@ def test_the_engines_train_the_same_rows_per_rank_and_epoch_and_normalise_alike(
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_ray_data_worker_restores_and_draws_the_same_clip_order(runs, smoke_store, ray_session, tmp_path):
+def test_a_killed_ray_data_worker_restores_and_draws_the_same_clip_order(ray_data_runs, smoke_store, ray_session,
+                                                                         tmp_path):
     """A Train worker SIGKILLed after Ray registered an epoch's checkpoint: Train restarts the worker
     group, which takes its datasets again; every epoch, first or redone, draws the order of the run
     without the kill, and the run ends with its scores."""
@@ -164,12 +175,12 @@ def test_a_killed_ray_data_worker_restores_and_draws_the_same_clip_order(runs, s
     thread.join(timeout=400)
     assert killed is not None, "the run finished before a worker could be killed"
     assert result.get("status") == "ok", "training did not finish after the restore"
-    restored, straight = _orders(run), _orders(runs["ray_data"])
+    restored, straight = _orders(run), _orders(ray_data_runs["ray_data"])
     assert restored.keys() == straight.keys()
     assert any(len(v) > 1 for v in restored.values()), "no epoch was trained twice: the kill came too late"
     for key, orders in restored.items():
         assert all(o == straight[key][0] for o in orders), key
-    assert _table(run) == _table(runs["ray_data"])
+    assert _table(run) == _table(ray_data_runs["ray_data"])
 
 
 @pytest.mark.ray
