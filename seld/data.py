@@ -792,7 +792,10 @@ def ray_datasets(cfg: ExperimentConfig, plan: dict) -> dict:
 
     def read(rows: RowSet, output_format: str | None):
         paths, fs = _store_files(layout, np.unique(rows.shard))
-        ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(RAY_READ_COLUMNS))
+        # One read task per shard: a read split further cannot fuse with the map below, and every
+        # block would then cross the object store twice (measured: BENCHMARKS.md "Ingest engines").
+        ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(
+            list(RAY_READ_COLUMNS))
         return ds.map_batches(select_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                               fn_kwargs={"clips": rows.clips, "shape": layout.feature_shape,
                                          "output_format": output_format})
