@@ -231,7 +231,7 @@ def main() -> int:
     if args.only in (None, "replay"):
         import ray
 
-        from seld.train import init_ray
+        from seld.study.session import init_ray
 
         init_ray(num_cpus=2, include_dashboard=False)
         curves = load_curves(curves_path)

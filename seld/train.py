@@ -15,7 +15,6 @@ after every epoch and restored as one piece.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -23,7 +22,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -64,6 +62,7 @@ from seld.runfolder import (
     write_text_atomic,
 )
 from seld.storage import Mirror
+from seld.wandb_log import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -72,48 +71,6 @@ STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
                "train/data_wait_frac", "val/f20", "val/doae_cd", "val/rde_cd", "val/best_f20",
                "selected", "elapsed_s")
-
-
-# --- Ray ------------------------------------------------------------------------------------------------
-def default_num_cpus(num_workers: int) -> int:
-    """Logical CPUs for an embedded Ray: more than Train reserves, so Ray Data is never starved."""
-    return max(4, 2 * num_workers + 2)
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
-             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True,
-             env_vars: dict[str, str] | None = None) -> float:
-    """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
-    place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
-
-    A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
-    and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
-    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). `env_vars` go to
-    every task and actor of this job (trials, Train workers) through Ray's runtime environment,
-    merged with a `ray job submit` job's own; they are kept in memory, never written or logged here.
-    `log_to_driver`: worker logs reach this process (and so `ray job logs`). Returns the seconds it
-    took (0.0 when Ray was already up).
-    """
-    # Before Ray is imported: bind and advertise loopback only, write no auth token.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    import ray
-
-    if ray.is_initialized():
-        return 0.0
-    t0 = time.perf_counter()
-    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
-        return time.perf_counter() - t0
-    n = num_cpus or default_num_cpus(num_workers)
-    ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env)
-    log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
-    return time.perf_counter() - t0
 
 
 # --- Distributed helpers (no-ops with one worker) -------------------------------------------------------
@@ -800,6 +757,9 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     """
     import ray.train
 
+    # Lazily: the Train workers import this module, and need neither the study package nor Ray's start.
+    from seld.study.session import init_ray
+
     t0 = time.time()
     run_dir = Path(run_dir).resolve()
     # Plan once, from the store's index (feature config, the splits each set needs, each worker's
@@ -811,7 +771,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     prepare_run_dir(cfg, run_dir, resume)
     if mirror is not None:
         mirror.push(skip=MIRROR_SKIP)
-    logger = _WandbLogger(cfg, run_dir, wandb) if wandb else None
+    logger = WandbLogger(cfg, run_dir, wandb) if wandb else None
     try:
         trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan, mirror=mirror)
         try:
@@ -840,76 +800,3 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
             logger.close()
         if mirror is not None:
             mirror.push(skip=(f"{RAY_SUBDIR}/*",))  # metrics.json's costs, the W&B offline run
-
-
-class _WandbLogger:
-    """One W&B run per training run, fed from metrics.csv (each epoch once) by a driver thread."""
-
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, opts: dict):
-        import wandb
-
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ["WANDB_DIR"] = str(run_dir)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(project=opts.get("project") or "seld", group=opts.get("group"),
-                              name=run_dir.name, dir=str(run_dir), config=to_dict(cfg),
-                              mode=os.environ["WANDB_MODE"], reinit="create_new")
-        self.csv = run_dir / METRICS_CSV
-        self.logged = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-
-    def _rows(self) -> list[dict]:
-        with contextlib.suppress(OSError):
-            return list(csv.DictReader(io.StringIO(self.csv.read_text())))
-        return []
-
-    def _flush(self) -> None:
-        for row in self._rows():
-            ep = int(row["epoch"])
-            if ep > self.logged:
-                self.run.log({k: float(v) for k, v in row.items() if v not in ("", None)}, step=ep)
-                self.logged = ep
-
-    def _poll(self) -> None:
-        while not self._stop.wait(2.0):
-            self._flush()
-
-    def finish(self, metrics: dict) -> None:
-        import wandb
-
-        self._stop.set()
-        self._thread.join()
-        self._flush()
-        rows = metrics.get("classwise", {}).get("test_pp", [])
-        table = {}
-        if rows:
-            cols = sorted(rows[0])
-            table = {"test_pp/classwise": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])}
-        # Commit the last epoch's row first: a row committed later would overwrite the summary's
-        # final val/* figures (also per-epoch keys) with the last epoch's instead of metrics.json's.
-        self.run.log(table, commit=True)
-        for k, v in metrics.items():
-            if isinstance(v, int | float):
-                self.run.summary[k] = v
-
-    def close(self) -> None:
-        self._stop.set()
-        finish_wandb_run(self.run)
-
-
-def finish_wandb_run(run) -> None:
-    """Finish a W&B run and return only once its offline transaction log is complete on disk.
-
-    wandb 0.31's ``run.finish()`` returns when wandb-core has handled the exit record, but the core
-    closes (flushes) the run's ``.wandb`` file later, on its own, after the fire-and-forget
-    ``inform_finish``: a reader right after ``finish()`` could find the file empty or without its
-    history (seen: a sweep's report run with no ``trials`` table). ``wandb.teardown()`` waits for
-    the core process to exit, which closes every stream's file; the next ``wandb.init`` in this
-    process starts a new core (~0.3 s).
-    """
-    import wandb
-
-    run.finish()
-    wandb.teardown()

@@ -54,7 +54,7 @@ def ray_session(tmp_path_factory):
     """One local Ray for the whole session (4 logical CPUs on 2 cores so Ray Data never starves)."""
     import ray
 
-    from seld.train import init_ray
+    from seld.study.session import init_ray
 
     tmp = tmp_path_factory.mktemp("ray")
     os.environ.setdefault("RAY_TMPDIR", str(tmp))

@@ -20,7 +20,7 @@ GPU, LOCAL, SLURM = ROOT / "cluster/gpu.yaml", ROOT / "cluster/local.yaml", ROOT
 
 @pytest.mark.parametrize("path", [GPU, LOCAL, ROOT / "cluster/loopback.yaml"])
 def test_launcher_files_pass_rays_validation(path):
-    cfg = load_launcher_file(path)  # prepare_config + validate_config (ray.autoscaler._private.util)
+    cfg = load_launcher_file(path)  # Ray's own checks (seld.compat)
     assert cfg["head_node_type"] in cfg["available_node_types"]
 
 
@@ -248,3 +248,25 @@ def test_storage_uris_and_node_local_paths_on_a_multi_node_cluster_are_refused(t
     assert r.returncode == 2 and len(errors) == 1, r.stderr
     assert errors[0].startswith("ablation.py: error: --out ") and "local-out: not on the shared storage" in errors[0]
     assert not (tmp_path / "local-out").exists()
+
+
+def test_planning_and_starting_ray_import_no_torch():
+    """The driver of a study starts Ray without torch: `seld.study.cluster`, and every module it
+    imports anywhere (inside functions too, e.g. `start_ray`'s), load no torch. Only planning for
+    this machine imports torch itself, on purpose, to count its GPUs."""
+    import ast
+
+    import seld.study.cluster as cluster
+
+    tree = ast.parse(Path(cluster.__file__).read_text())
+    modules = sorted({n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+                     | {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                     - {"torch"})
+    assert "seld.study.session" in modules
+    code = ("import sys, importlib, seld.study.cluster\n"
+            "assert 'torch' not in sys.modules, 'seld.study.cluster imports torch'\n"
+            f"for m in {modules!r}:\n"
+            "    importlib.import_module(m)\n"
+            "    assert 'torch' not in sys.modules, m + ' imports torch'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

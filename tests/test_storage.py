@@ -36,7 +36,7 @@ def test_uris_are_checked_and_kept_as_uris(tmp_path, monkeypatch):
 
 def test_results_of_an_object_store_study_are_staged_locally(tmp_path, monkeypatch):
     from seld.config import preset_config
-    from seld.study.cli import results_dir, study_mirror
+    from seld.study.options import results_dir, study_mirror
 
     monkeypatch.setenv("SELD_STAGING_DIR", str(tmp_path))
     out = results_dir(None, "ablation", storage="s3://b/p")

@@ -419,3 +419,32 @@ def test_a_sitting_trains_started_runs_first_then_the_declared_order(tmp_path):
     assert order == ["fusion_add-s1", "baseline-s0", "stereo_rcnet-s0", "stereo_rcnet-s1",
                      "no_channel_attention-s0", "no_channel_attention-s1", "fusion_add-s0", "baseline-s1"]
     assert order != sorted(order)
+
+
+def test_the_study_package_imports_have_no_cycle():
+    """The import graph of seld/study/ (every import, inside functions and TYPE_CHECKING blocks too)
+    is acyclic: each module can be read, and changed, knowing only the modules below it."""
+    import ast
+    import graphlib
+
+    package = ROOT / "seld" / "study"
+    names = {p.stem for p in package.glob("*.py")} - {"__init__"}
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        here = graph.setdefault("seld.study" if path.stem == "__init__" else f"seld.study.{path.stem}", set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "seld.study":
+                targets = [f"seld.study.{a.name}" if a.name in names else "seld.study" for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            here.update(t for t in targets if t == "seld.study" or t.startswith("seld.study."))
+    assert sum(map(len, graph.values())) > 10  # the walk found the package's imports
+    try:
+        order = list(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        raise AssertionError(f"import cycle in seld/study/: {' -> '.join(e.args[1])}") from None
+    assert order[-1] == "seld.study" and order.index("seld.study.options") < order.index("seld.study.cli")

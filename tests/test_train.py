@@ -16,7 +16,8 @@ from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.config import config_hash, preset_config, run_hash
 from seld.errors import UserError
-from seld.train import default_num_cpus, prepare_run_dir, run_training
+from seld.study.session import default_num_cpus
+from seld.train import prepare_run_dir, run_training
 
 TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
 

@@ -79,7 +79,7 @@ def test_finished_offline_run_is_complete_on_disk_at_return(tmp_path, monkeypatc
     import pandas as pd
     import wandb
 
-    from seld.train import finish_wandb_run
+    from seld.wandb_log import finish_wandb_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     for i in range(8):

@@ -6,14 +6,15 @@ writes ``results/<study>/summary.csv`` (one tidy row per run), ``curves.csv`` (p
 the run folders under ``runs/`` and, through :mod:`seld.report`, the tables and plots.
 A sweep writes ``trials.csv``, ``best_config.json``, the Optuna journal and Optuna's plots.
 
-Modules: ``cluster`` (cluster files -> plans, estimates, Ray), ``prepare`` (data and feature
-store), ``tune`` (the trial body and the one Tuner), ``progress`` (one line per event, on the
-console and in ``study.log``), ``summary`` (a run's row), ``ablation`` (the grid), ``sweep``
-(Optuna + ASHA), ``cli`` (options, the command line, where results go).
+Modules: ``session`` (starting or joining Ray), ``cluster`` (cluster files -> plans, estimates),
+``prepare`` (data and feature store), ``tune`` (the trial body and the one Tuner), ``progress`` (one
+line per event, on the console and in ``study.log``), ``summary`` (a run's row), ``ablation`` (the
+grid), ``sweep`` (Optuna + ASHA), ``options`` (options, where results go, the driver's mirror),
+``cli`` (the command line).
 """
 
 from seld.study.ablation import Study, Variant, run_study
-from seld.study.cli import Options, add_arguments, main
+from seld.study.cli import add_arguments, main
 from seld.study.cluster import (
     ClusterPlan,
     NodeType,
@@ -22,6 +23,7 @@ from seld.study.cluster import (
     load_launcher_file,
     plan_cluster,
 )
+from seld.study.options import Options
 from seld.study.prepare import prepare_data
 from seld.study.summary import flatten_metrics
 from seld.study.sweep import (

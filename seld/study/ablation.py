@@ -17,15 +17,6 @@ from seld.paired import gather_study_counters
 from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
 from seld.runfolder import METRICS_CSV, METRICS_JSON, atomic_write
 from seld.storage import Mirror
-from seld.study.cli import (
-    DRIVER_PULL_SKIP,
-    Options,
-    final_table,
-    mirrored,
-    prepare_out,
-    results_dir,
-    study_mirror,
-)
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
@@ -34,6 +25,14 @@ from seld.study.cluster import (
     format_plan,
     plan_cluster,
     start_ray,
+)
+from seld.study.options import (
+    DRIVER_PULL_SKIP,
+    Options,
+    mirrored,
+    prepare_out,
+    results_dir,
+    study_mirror,
 )
 from seld.study.prepare import DataPlan, prepare_data, train_counts
 from seld.study.progress import (
@@ -125,7 +124,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
             n_failed = sum(r["status"] != "ok" for r in rows)
             log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
                      out / "summary.csv")
-        table = final_table(study, out)
+        table = main_table(study, out)
         if table:
             append_to_log(out, table)
     if opts.wandb:
@@ -223,8 +222,9 @@ def _paste_readme(study: Study, out: Path, opts: Options) -> None:
     if opts.readme is None or not study.tables:
         return
     table = study.tables[0]
-    if paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}"):
-        log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
+    pasted = paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}")
+    if pasted is not None:
+        log.info("pasted %s into %s", out / f"{table.name}.md", pasted)
 
 
 def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options,
@@ -245,3 +245,20 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
         if res.error is not None and run_id:
             errors[run_id] = error_text(res.error)
     return errors
+
+
+def main_table(study: Study, out: Path) -> str:
+    """What a study prints when it ends: its first table's title and rows (from ``<table>.md``);
+    "" when the study has no table or it was not written."""
+    if not study.tables:
+        return ""
+    md = out / f"{study.tables[0].name}.md"
+    if not md.is_file():
+        return ""
+    lines = md.read_text(encoding="utf-8").splitlines()
+    title = next((x.lstrip("# ") for x in lines if x.startswith("# ")), study.tables[0].title)
+    start = next((i for i, x in enumerate(lines) if x.startswith("|")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "\n".join([title, *lines[start:end]])

@@ -1,6 +1,6 @@
 """The command line shared by the study scripts (``studies/*.py``): reads their arguments and
-declarations, runs the ablation or the sweep, prints the plan or where the results are; and the one
-rule for where a study's results go.
+declarations, runs the ablation or the sweep, prints the plan or where the results are (the rule
+for where results go is :func:`seld.study.options.results_dir`).
 """
 
 from __future__ import annotations
@@ -8,116 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from seld.cli import configure_logging
 from seld.config import ConfigError, parse_set_args
 from seld.errors import UserError
-from seld.storage import Mirror, is_uri, join, staging_dir
-from seld.study.cluster import ClusterPlan, plan_storage_named, storage_path
-
-if TYPE_CHECKING:  # the runners import this module; main imports them when it runs
-    from seld.study.ablation import Study
-    from seld.study.sweep import Sweep
-
-# --out of a study on a cluster whose file or $SELD_STORAGE names shared storage, until the plan
-# turns it into <storage>/results/<study> (see results_dir).
-DEFAULT_OUT_SENTINEL = Path("results/__default__")
-# With an object-store storage, what the study driver pulls from a study folder before it works (the
-# small files the summary, the report and a resume read: no model files, predictions, W&B logs or
-# Ray state) and what it pushes back at the end (its own outputs: trials push their run folders).
-DRIVER_PULL_SKIP = ("_work/*", "runs/*/checkpoints/*", "runs/*/predictions*", "runs/*/wandb/*",
-                    "runs/*/ray/*", "runs/*/data/*")
-DRIVER_PUSH_SKIP = ("_work/*", "runs/*", "wandb/*")
-
-
-@dataclass
-class Options:
-    """Command-line options shared by the study scripts (see :func:`add_arguments`)."""
-
-    out: Path
-    preset: str
-    data_root: Path | None = None
-    synth_root: Path | None = None
-    cluster: Path | None = None
-    storage: str | None = None  # shared storage every node mounts (default: the cluster file's)
-    dry_run: bool = False
-    wandb: bool = False
-    resume: bool = False
-    report_only: bool = False
-    seeds: tuple[int, ...] | None = None
-    sets: dict[str, str] = field(default_factory=dict)
-    cache_dir: Path | None = None
-    max_retries: int = 1
-    trials: int | None = None
-    concurrency: int | None = None
-    time_budget_s: float | None = None
-    readme: Path | None = None  # paste the first table's markdown into this README's marked block
-    verbose: bool = False  # debug logging and Tune's own status table (-v)
-
-
-def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
-                plan: ClusterPlan | None = None, storage: str | None = None) -> Path:
-    """Where study ``name`` writes: ``--out`` when given; else ``<storage>/results/<name>`` with
-    ``--storage``, or on a cluster whose file or $SELD_STORAGE names shared storage, else
-    ``results/<name>``. With an object-store storage (``s3://...``) this is the local staging folder
-    of ``<storage>/results/<name>`` (:func:`study_mirror`): ``--out`` when given, else
-    :func:`seld.storage.staging_dir`.
-
-    Args:
-        out: ``--out`` (None when not given, on the command line), or ``Options.out``.
-        cluster: ``--cluster``; with ``out`` None, a cluster that names storage gives
-            DEFAULT_OUT_SENTINEL, which ``plan`` (the study's cluster plan) resolves.
-        storage: ``--storage`` (checked by :func:`seld.study.cluster.storage_path`).
-    """
-    if out is None:
-        if storage:
-            return _storage_results(storage_path(storage), name)
-        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
-    if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
-        return _storage_results(plan.storage, name)
-    return Path(out)
-
-
-def _storage_results(storage: str, name: str) -> Path:
-    return staging_dir(join(storage, "results", name)) if is_uri(storage) else Path(storage) / "results" / name
-
-
-def study_mirror(out: Path, name: str, plan: ClusterPlan) -> Mirror | None:
-    """With an object-store storage, the mirror of ``<storage>/results/<name>`` staged in ``out``;
-    None for a filesystem storage (or none)."""
-    if not is_uri(plan.storage):
-        return None
-    return Mirror(Path(out).resolve(), join(plan.storage, "results", name))
-
-
-@contextmanager
-def mirrored(mirror: Mirror | None) -> Iterator[None]:
-    """Around a study driver's work on its folder: reach the store first (one line naming the URI
-    when it cannot be reached or written, before anything runs), pull the study folder's small
-    files (DRIVER_PULL_SKIP), and push the driver's outputs when the block ends, also when it fails
-    (study.log then says why). Nothing happens without a mirror."""
-    if mirror is None:
-        yield
-        return
-    mirror.check()
-    mirror.pull(skip=DRIVER_PULL_SKIP)
-    try:
-        yield
-    finally:
-        mirror.push(skip=DRIVER_PUSH_SKIP)
-
-
-def prepare_out(out: Path, opts: Options, marker: str) -> None:
-    """Create the results folder; refuse one that already holds a study (``marker``) without --resume."""
-    if (out / marker).exists() and not opts.resume:
-        raise UserError(f"{out}: already holds a study ({marker}); pass --resume to continue it, "
-                        "--report-only to redo its tables, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+from seld.storage import is_uri, join
+from seld.study.ablation import Study, main_table, run_study
+from seld.study.cluster import storage_path
+from seld.study.options import Options, results_dir
+from seld.study.sweep import Sweep, run_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], default_preset: str,
@@ -141,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--max-retries", type=int, default=1, help="retries of a failing run before it is recorded as failed")
     parser.add_argument("--time-budget-s", type=float, help="hard bound per run, seconds (train.time_budget_s)")
     parser.add_argument("--readme", type=Path,
-                        help="paste the main table into this README's '<!-- STUDY:TABLE:start -->' block")
+                        help="paste the main table into the '<!-- STUDY:TABLE:start -->' block of this README "
+                        "or of the docs/*.md beside it (whichever holds it)")
     parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and Ray Tune's periodic status table and trial tracebacks")
@@ -168,9 +70,6 @@ def options_from_args(args: argparse.Namespace, name: str) -> Options:
 def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, description: str,
          example: str, default_preset: str = "local") -> int:
     """Entry point of a study script: parse, run, print the plan or where the results are."""
-    from seld.study.ablation import run_study
-    from seld.study.sweep import Sweep, run_sweep
-
     parser = argparse.ArgumentParser(description=description, epilog=example,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     is_sweep = isinstance(next(iter(declarations.values())), Sweep)
@@ -204,29 +103,16 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
 
 
 def final_table(decl: Study | Sweep, out: Path) -> str:
-    """What a study prints when it ends: its main table (the first table's title and rows, from
-    ``<table>.md``), or a sweep's best trial (``best_config.json``); "" when neither exists."""
-    from seld.study.sweep import Sweep
-
-    if isinstance(decl, Sweep):
-        best = out / "best_config.json"
-        if not best.is_file():
-            return ""
-        info = json.loads(best.read_text())
-        return (f"best trial {info['trial']}: {info['metric']} = {info['value']:.2f}\n"
-                + " ".join(info["set_args"]))
-    if not decl.tables:
+    """What a study prints when it ends: its main table (:func:`seld.study.ablation.main_table`), or
+    a sweep's best trial (``best_config.json``); "" when neither exists."""
+    if not isinstance(decl, Sweep):
+        return main_table(decl, out)
+    best = out / "best_config.json"
+    if not best.is_file():
         return ""
-    md = out / f"{decl.tables[0].name}.md"
-    if not md.is_file():
-        return ""
-    lines = md.read_text(encoding="utf-8").splitlines()
-    title = next((x.lstrip("# ") for x in lines if x.startswith("# ")), decl.tables[0].title)
-    start = next((i for i, x in enumerate(lines) if x.startswith("|")), None)
-    if start is None:
-        return ""
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    return "\n".join([title, *lines[start:end]])
+    info = json.loads(best.read_text())
+    return (f"best trial {info['trial']}: {info['metric']} = {info['value']:.2f}\n"
+            + " ".join(info["set_args"]))
 
 
 # Statuses of summary.csv (ablation) and trials.csv (sweep) rows that a study counts as finished:

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seld.compat import ray_prepare_launcher_config, ray_validate_launcher_config
 from seld.config import ExperimentConfig
 from seld.errors import UserError
 from seld.storage import check_uri, is_uri
+from seld.study.session import init_ray
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -164,7 +166,6 @@ def load_launcher_file(path: Path) -> dict[str, Any]:
     Raises UserError naming the file and Ray's complaint when it is not a valid launcher file.
     """
     import yaml
-    from ray.autoscaler._private.util import prepare_config, validate_config
 
     path = Path(path)
     try:
@@ -174,8 +175,8 @@ def load_launcher_file(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a Ray cluster launcher mapping (cluster_name, provider, ...)")
     try:
-        cfg = prepare_config(raw)
-        validate_config(cfg)
+        cfg = ray_prepare_launcher_config(raw)
+        ray_validate_launcher_config(cfg)
     except (Exception, SystemExit) as e:  # jsonschema / ValueError / cli_logger.abort
         msg = getattr(e, "message", None) or str(e) or type(e).__name__
         raise UserError(f"{path}: not a valid Ray cluster launcher file: {msg}") from None
@@ -410,11 +411,9 @@ def plan_storage_named(cluster: Path | None) -> bool:
 
 def start_ray(plan: ClusterPlan, env_vars: dict[str, str] | None = None) -> None:
     """Connect to the planned cluster, or start an embedded Ray on loopback (no-op if running),
-    through :func:`seld.train.init_ray`. Training logs reach this driver (and ``ray job logs``);
+    through :func:`seld.study.session.init_ray`. Training logs reach this driver (and ``ray job logs``);
     ``env_vars`` (e.g. :func:`seld.study.tune.forwarded_env`) reach every trial and Train worker
     through Ray's runtime environment."""
-    from seld.train import init_ray
-
     if plan.source != "embedded":
         log.info("Ray cluster of %s", plan.source)
         init_ray(address=os.environ.get("RAY_ADDRESS", "auto"), env_vars=env_vars)

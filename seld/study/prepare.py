@@ -11,7 +11,7 @@ from pathlib import Path
 
 from seld.config import ExperimentConfig
 from seld.errors import UserError
-from seld.study.cli import Options
+from seld.study.options import Options
 
 # Clip counts of the real DCASE2025 stereo development set (spec §1) when no store is at hand.
 DCASE2025_DEV_CLIPS = {"train": 20_000, "test": 10_000}

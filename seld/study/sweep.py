@@ -30,14 +30,6 @@ from seld.runfolder import (
     write_json_atomic,
 )
 from seld.storage import Mirror
-from seld.study.cli import (
-    DRIVER_PULL_SKIP,
-    Options,
-    mirrored,
-    prepare_out,
-    results_dir,
-    study_mirror,
-)
 from seld.study.cluster import (
     ClusterPlan,
     budget_overrides,
@@ -46,6 +38,14 @@ from seld.study.cluster import (
     format_plan,
     plan_cluster,
     start_ray,
+)
+from seld.study.options import (
+    DRIVER_PULL_SKIP,
+    Options,
+    mirrored,
+    prepare_out,
+    results_dir,
+    study_mirror,
 )
 from seld.study.prepare import prepare_data, train_counts
 from seld.study.progress import progress_callback, resources_line, study_log

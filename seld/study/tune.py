@@ -19,8 +19,8 @@ import pandas as pd
 from seld.config import config_hash, preset_config
 from seld.runfolder import ATTEMPTS, CONFIG_JSON, MIRROR_SKIP
 from seld.storage import is_uri
-from seld.study.cli import Options
 from seld.study.cluster import ClusterPlan
+from seld.study.options import Options
 
 # W&B settings a trial needs wherever it runs: the key exists only where the user logged in or
 # exported it (the submitting machine, the head), and trials run on other nodes.
@@ -233,7 +233,7 @@ def error_text(err: BaseException | str | None) -> str:
 def log_tables_to_wandb(study: str, out: Path, paths: Sequence[Path]) -> None:
     import wandb
 
-    from seld.train import finish_wandb_run
+    from seld.wandb_log import finish_wandb_run
 
     os.environ.setdefault("WANDB_MODE", "offline")
     run = wandb.init(project="seld", group=study, job_type="report", name=f"{study}-tables",

@@ -1,0 +1,52 @@
+"""Starting or joining Ray: the one place the project calls ``ray.init`` (``seld train``, the
+studies through :func:`seld.study.cluster.start_ray`, the test session). Reads $RAY_ADDRESS,
+writes nothing; imports neither torch nor the training code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+def default_num_cpus(num_workers: int) -> int:
+    """Logical CPUs for an embedded Ray: more than Train reserves, so Ray Data is never starved."""
+    return max(4, 2 * num_workers + 2)
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
+             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True,
+             env_vars: dict[str, str] | None = None) -> float:
+    """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
+    place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
+
+    A no-op when Ray is already initialised (a test session, a Tune trial). The local Ray advertises
+    and binds 127.0.0.1 only, writes no auth token, and gets `num_cpus` logical CPUs (default
+    :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). `env_vars` go to
+    every task and actor of this job (trials, Train workers) through Ray's runtime environment,
+    merged with a `ray job submit` job's own; they are kept in memory, never written or logged here.
+    `log_to_driver`: worker logs reach this process (and so `ray job logs`). Returns the seconds it
+    took (0.0 when Ray was already up).
+    """
+    # Before Ray is imported: bind and advertise loopback only, write no auth token.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    t0 = time.perf_counter()
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        return time.perf_counter() - t0
+    n = num_cpus or default_num_cpus(num_workers)
+    ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env)
+    log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
+    return time.perf_counter() - t0
