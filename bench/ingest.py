@@ -105,7 +105,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from seld.train import init_ray
+    from seld.study.session import init_ray
 
     init_ray(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(1)  # the step does nothing: the CPUs are the data path's
