@@ -243,7 +243,7 @@ def test_on_a_mixed_cluster_data_tasks_run_on_data_nodes_and_train_on_the_traine
         assert done.returncode == 0, done.stderr[-3000:]
         tasks = list_tasks(address=cluster.address, detail=True, limit=10000, raise_on_missing_output=False,
                            filters=[("type", "=", "NORMAL_TASK")])
-        reads = [t for t in tasks if "ReadFiles" in t.name]
+        reads = [t for t in tasks if "ReadParquet" in t.name or "ReadFiles" in t.name]
         assert reads, sorted({t.name for t in tasks})
         placed = {(t.name, by_label.get(t.node_id)) for t in tasks if t.node_id}
         assert {label for _, label in placed} == {"data"}, placed
