@@ -12,8 +12,10 @@ the shards of the splits a stage uses). A worker either holds its share once (`H
 preallocated array for all its stages, "materialised") or streams it from Parquet every epoch
 (`TrainSet` with no held rows); either way the next batches are read, gathered and encoded in
 background threads while the current batch trains (`ordered_map`). `choose_path` makes the choice from
-the bytes a worker would hold and the memory it has. Deterministic given the seed and the worker
-count. No Ray here: the plan travels in the Train loop's config, and all of it runs without a cluster.
+the bytes a worker would hold and the memory it has. That is the row-group engine; the Ray Data
+engine (`data.engine=ray_data`, "The Ray Data engine" below) feeds the same shares through Ray Data
+datasets the driver builds, and imports Ray only there. Deterministic given the seed and the worker
+count. The plan travels in the Train loop's config; the row-group engine runs without a cluster.
 """
 
 from __future__ import annotations
