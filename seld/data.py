@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from seld import labels
 from seld.config import N_LABEL_FRAMES, DataConfig, ExperimentConfig
 from seld.errors import DataError
+from seld.store import decode_features, feature_encoding, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ _SUMS_CHUNK = 256  # rows per float64 chunk of the normalisation sums (bounds it
 class StoreLayout:
     """Where the rows of a store live: its shard files and their Parquet row groups.
 
-    shards: shard paths (manifest order); group_starts: per shard, the first row of each row group
+    shards: shard paths or URIs (manifest order); group_starts: per shard, the first row of each row group
     and the shard's row count at the end; feature_shape: (2, 251, n_mels); dtype: the store's
     feature dtype ("float16" or "float32").
     """
@@ -67,6 +68,7 @@ class StoreLayout:
     group_starts: tuple[np.ndarray, ...]
     feature_shape: tuple[int, int, int]
     dtype: str
+    filesystem: object = None  # a bucket store's pyarrow filesystem (seld.store.StoreInfo.filesystem)
 
     @property
     def bytes_per_row(self) -> int:
@@ -97,15 +99,18 @@ def read_index(store: str | Path, features_cfg=None, layout: StoreLayout | None 
     layout = layout or store_layout(store, features_cfg)
     frames = []
     for i, p in enumerate(layout.shards):
-        frame = pq.read_table(p, columns=list(INDEX_COLUMNS)).to_pandas()
+        frame = open_shard(p, layout.filesystem).read(columns=list(INDEX_COLUMNS)).to_pandas()
         frame["shard"] = np.int32(i)
         frame["row"] = np.arange(len(frame), dtype=np.int64)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
+def store_layout(store: str | Path, features_cfg=None, filesystem=None) -> StoreLayout:
     """The shards and row groups of a store, from the Parquet footers, checked against the manifest.
+
+    `store`: a folder or an `s3://` / `gs://` URI; `filesystem`: the bucket's pyarrow filesystem to
+    read it with (else one from this process's credentials); the layout carries it to the workers.
 
     Raises:
         DataError: a shard's row count or feature size is not what the manifest says (a damaged or
@@ -113,19 +118,19 @@ def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
     """
     from seld.store import open_store
 
-    info = open_store(store, features_cfg)
+    info = open_store(store, features_cfg, filesystem)
     shape = tuple(int(v) for v in info.manifest["feature_shape"])
     n_features = int(np.prod(shape))
     starts = []
     for entry, path in zip(info.manifest["shards"], info.shards, strict=True):
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = open_shard(path, info.filesystem).metadata
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: unreadable shard ({e}); rebuild the store with `seld features`") from None
         if meta.num_rows != entry["rows"]:
             raise DataError(f"{path}: {meta.num_rows} rows, the manifest says {entry['rows']} "
                             "(store changed or damaged; rebuild it with `seld features`)")
-        width = meta.schema.to_arrow_schema().field("features").type.list_size
+        width = feature_encoding(meta.schema.to_arrow_schema().field("features").type, str(path))[1]
         if width != n_features:
             raise DataError(f"{path}: features of {width} values per row, the manifest says "
                             f"{'x'.join(map(str, shape))} = {n_features}; rebuild it with `seld features`")
@@ -133,7 +138,8 @@ def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
         starts.append(np.cumsum([0, *sizes], dtype=np.int64))
     if not info.shards:
         raise DataError(f"{store}: the store has no shards; run `seld features DATA --out STORE`")
-    return StoreLayout(tuple(str(p) for p in info.shards), tuple(starts), shape, info.manifest["feature_dtype"])
+    return StoreLayout(tuple(str(p) for p in info.shards), tuple(starts), shape, info.manifest["feature_dtype"],
+                       info.filesystem)
 
 
 # --- Row selection (pure; from the index) ---------------------------------------------------------
@@ -335,19 +341,8 @@ def events_of_table(table: pa.Table) -> EventTable:
                       vals[3].astype(np.float64), vals[4].astype(np.float64))
 
 
-def feature_array(column: pa.Array | pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
-    """(n, *shape) array of a features column, in its stored dtype: a fixed-size list of the flat
-    values (C order), a `pa.fixed_shape_tensor`, or Ray Data's tensor extension (both extension
-    types keep the values in a list storage, read here without a per-row step)."""
-    col = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    if isinstance(col, pa.ExtensionArray):
-        col = col.storage
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *shape)
-
-
 def _features_of_table(table: pa.Table, layout: StoreLayout) -> np.ndarray:
-    col = table["features"].combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *layout.feature_shape)
+    return decode_features(table["features"], layout.feature_shape)  # either encoding, a view of the buffer
 
 
 def row_groups(layout: StoreLayout, rows: RowSet) -> np.ndarray:
@@ -374,7 +369,7 @@ class StoreReader:
 
     def _open(self, shard: int) -> pq.ParquetFile:
         self.files_opened += 1  # a race between reading threads may lose a count; it never reads 0 for >0
-        return pq.ParquetFile(self.layout.shards[shard])
+        return open_shard(self.layout.shards[shard], self.layout.filesystem)
 
     def groups_of(self, rows: RowSet) -> np.ndarray:
         """The row group of each row (int64), within its shard."""
@@ -757,7 +752,7 @@ def _store_files(layout: StoreLayout, shards) -> tuple[list[str], object | None]
     paths = [layout.shards[int(i)] for i in shards]
     if not paths or not is_uri(paths[0]):
         return paths, None
-    fs, _ = filesystem(paths[0].rsplit("/", 1)[0])
+    fs = layout.filesystem or filesystem(paths[0].rsplit("/", 1)[0])[0]
     return [p.split("://", 1)[1] for p in paths], fs
 
 
@@ -777,7 +772,7 @@ def select_rows(table: pa.Table, clips: np.ndarray, shape: tuple[int, ...],
     if output_format is None:
         return table.select(list(RAY_READ_COLUMNS))
     return {"row": np.asarray(pos.to_numpy(), dtype=np.int64),
-            "features": feature_array(table["features"], shape),
+            "features": decode_features(table["features"], shape),
             "targets": encode_targets(events_of_table(table), output_format)}
 
 
@@ -950,7 +945,7 @@ def clip_batch(iterator, rows: RowSet, shape: tuple[int, ...], keep: Callable | 
     sub = rows.take(wanted)
     if table is None:
         return ClipBatch(sub.clips, sub.splits, sub.domains, np.zeros((0, *shape), np.float32), [])
-    return ClipBatch(sub.clips, sub.splits, sub.domains, feature_array(table["features"], shape),
+    return ClipBatch(sub.clips, sub.splits, sub.domains, decode_features(table["features"], shape),
                      events_of_table(table).per_clip())
 
 

@@ -18,7 +18,7 @@ from seld.config import ConfigError
 from seld.errors import UserError
 
 # Order of subcommands in `seld --help`: the order of the pipeline.
-ORDER = ("synth", "convert-foa", "features", "train", "predict", "evaluate", "model-summary")
+ORDER = ("synth", "convert-foa", "features", "store", "train", "predict", "evaluate", "model-summary")
 
 
 def _commands() -> dict[str, object]:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("store", type=Path, help="feature store folder (from `seld features`)")
+    p.add_argument("store", help="feature store folder (from `seld features`), or its s3:// / gs:// URI")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--preset", choices=PRESETS, default="local", help="config preset (default local)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],

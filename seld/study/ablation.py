@@ -114,7 +114,7 @@ def run_study(study: Study, opts: Options) -> Path | str:
             if mirror is not None:
                 log.info("storage %s: results, run folders and checkpoints (staged in %s)", mirror.uri, out)
             work = out / "_work"
-            data = prepare_data(base, opts, work)
+            data = prepare_data(base, opts, work, plan.storage)
             errors = _train_pending(study, runs, data, plan, out, opts, mirror)
             if mirror is not None:  # what the trials pushed (their rank 0 may have run on other nodes)
                 mirror.pull(skip=DRIVER_PULL_SKIP)
