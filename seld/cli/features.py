@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from seld.cli import existing_path, path_or_uri
+
 NAME = "features"
 HELP = "extract log-mel features of a DCASE2025-layout dataset into a Parquet feature store"
 EXAMPLE = """example:
@@ -21,8 +23,9 @@ before the tensor encoding of the features column up to date."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
-    parser.add_argument("--out", required=True, metavar="STORE",
+    parser.add_argument("data", metavar="DATA", type=existing_path("dataset root"),
+                        help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
+    parser.add_argument("--out", type=path_or_uri, required=True, metavar="STORE",
                         help="store root: a folder, or a bucket URI (s3://bucket/prefix, gs://bucket/prefix)")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT", help="only these split folders (eval = stereo_eval/eval)")
     parser.add_argument("--procs", type=int, default=None, help="parallel workers (default: CPU count)")
