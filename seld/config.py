@@ -238,6 +238,20 @@ class DataConfig:
     read_threads: int = 0  # threads reading/encoding batches; 0 = 1 on CPU, a GPU worker's CPUs but one
     # Normalise features with mean/std over the training rows (computed once, saved in the run).
     normalize: bool = True
+    # What feeds the Train workers (seld/data.py): "rowgroups" = each worker reads its share of the
+    # store itself (Parquet row groups, one machine); "ray_data" = Ray Data tasks read the store
+    # (a path or s3:// / gs://) and encode targets on CPU workers (data nodes on a cluster) and
+    # the workers take batches from get_dataset_shard; "auto" = rowgroups (one machine), which
+    # measured faster here (BENCHMARKS.md "Ingest"); `--cluster` plans set ray_data.
+    engine: Literal["rowgroups", "ray_data", "auto"] = "auto"
+    shuffle_buffer_rows: int = 1024  # ray_data: rows of each worker's seeded local shuffle buffer
+    # ray_data: logical CPUs Ray Data may use at once for one run (ExecutionOptions.resource_limits);
+    # none = what Ray leaves after Train's reservation, which concurrent runs divide among
+    # themselves (integer division: 0 each, a hang, on a small machine; study plans set it).
+    ray_data_cpus: float | None = None
+    # Write RUN/data/clip-order-rank<r>.txt: each epoch's training clip ids in the order the worker
+    # trained them (one line per epoch; determinism tests and debugging).
+    record_order: bool = False
 
     def __post_init__(self) -> None:
         _check_literal(self)
@@ -250,6 +264,8 @@ class DataConfig:
         _check(self.shuffle_groups >= 1, "data.shuffle_groups", "must be >= 1")
         _check(self.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
         _check(self.read_threads >= 0, "data.read_threads", "must be >= 0 (0 = automatic)")
+        _check(self.shuffle_buffer_rows >= 1, "data.shuffle_buffer_rows", "must be >= 1")
+        _check(self.ray_data_cpus is None or self.ray_data_cpus > 0, "data.ray_data_cpus", "must be > 0 or none")
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,18 @@ the shards of the splits a stage uses). A worker either holds its share once (`H
 preallocated array for all its stages, "materialised") or streams it from Parquet every epoch
 (`TrainSet` with no held rows); either way the next batches are read, gathered and encoded in
 background threads while the current batch trains (`ordered_map`). `choose_path` makes the choice from
-the bytes a worker would hold and the memory it has. Deterministic given the seed and the worker
-count. No Ray here: the plan travels in the Train loop's config, and all of it runs without a cluster.
+the bytes a worker would hold and the memory it has. That is the row-group engine; the Ray Data
+engine (`data.engine=ray_data`, "The Ray Data engine" below) feeds the same shares through Ray Data
+datasets the driver builds, and imports Ray only there. Deterministic given the seed and the worker
+count. The plan travels in the Train loop's config; the row-group engine runs without a cluster.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
+import copy
 import itertools
 import logging
 import math
@@ -341,30 +345,41 @@ def _features_of_table(table: pa.Table, layout: StoreLayout) -> np.ndarray:
     return decode_features(table["features"], layout.feature_shape)  # either encoding, a view of the buffer
 
 
+def row_groups(layout: StoreLayout, rows: RowSet) -> np.ndarray:
+    """The Parquet row group of each row (int64) within its shard, from the layout (no file opened)."""
+    out = np.empty(len(rows), dtype=np.int64)
+    for s in np.unique(rows.shard):
+        m = rows.shard == s
+        out[m] = np.searchsorted(layout.group_starts[s], rows.row[m], side="right") - 1
+    return out
+
+
 class StoreReader:
     """Reads rows of a store by row group (pyarrow; safe to share between threads).
 
     Files are opened per read, not kept open: an open `ParquetFile` holds on to buffers, and a
     worker streaming a paper-sized store touches every shard (kept open, ~2 MiB each, measured:
-    0.8 GiB more per worker over one epoch of 245 shards).
+    0.8 GiB more per worker over one epoch of 245 shards). `files_opened` counts the opens (a
+    worker records it: the Ray Data engine's workers construct no reader and open no file).
     """
 
     def __init__(self, layout: StoreLayout):
         self.layout = layout
+        self.files_opened = 0
+
+    def _open(self, shard: int) -> pq.ParquetFile:
+        self.files_opened += 1  # a race between reading threads may lose a count; it never reads 0 for >0
+        return open_shard(self.layout.shards[shard], self.layout.filesystem)
 
     def groups_of(self, rows: RowSet) -> np.ndarray:
         """The row group of each row (int64), within its shard."""
-        out = np.empty(len(rows), dtype=np.int64)
-        for s in np.unique(rows.shard):
-            m = rows.shard == s
-            out[m] = np.searchsorted(self.layout.group_starts[s], rows.row[m], side="right") - 1
-        return out
+        return row_groups(self.layout, rows)
 
     def read_group(self, shard: int, group: int, rows_in_group: np.ndarray,
                    file: pq.ParquetFile | None = None) -> tuple[np.ndarray, EventTable]:
         """Features (k, 2, 251, n_mels) and events of rows `rows_in_group` (rows of the shard);
         `file`: the shard, already open."""
-        file = file or open_shard(self.layout.shards[shard], self.layout.filesystem)
+        file = file or self._open(shard)
         # One thread per read: the reading threads are the parallelism, next to the torch threads.
         table = file.read_row_group(int(group), columns=list(ROW_COLUMNS), use_threads=False)
         local = np.asarray(rows_in_group, dtype=np.int64) - self.layout.group_starts[shard][group]
@@ -388,7 +403,7 @@ class StoreReader:
             sel = order[a:b]
             shard = int(rows.shard[sel[0]])
             if shard != file_shard:
-                file, file_shard = open_shard(self.layout.shards[shard], self.layout.filesystem), shard
+                file, file_shard = self._open(shard), shard
             f, ev = self.read_group(shard, int(groups[sel[0]]), rows.row[sel], file)
             feats[sel] = f
             parts.append(ev)
@@ -478,19 +493,20 @@ class HeldRows:
         return np.searchsorted(self.rows.clips, rows.clips)
 
 
-class TrainSet:
-    """One worker's training rows of a stage, held (`held`) or streamed from the store each epoch.
+class StageRows:
+    """One worker's training rows of a stage and what every engine draws from them the same way:
+    each epoch's rows (all, or stage 1's synthetic-per-real subsample, seeded by seed, rank and
+    epoch), the rows of the normalisation, and the record of the order trained (`data.record_order`).
 
-    Either way an epoch draws the same rows (all, or stage 1's synthetic-per-real subsample, seeded
-    by seed, rank and epoch); a held set batches them in a seeded random order, a streamed one reads
-    them by row group in a seeded order of row groups, mixing `data.shuffle_groups` groups at a time.
+    An engine (:class:`TrainSet`, :class:`RayTrainSet`) adds `batches(epoch, n_batches)` and `sums()`;
+    the training loop sees only `rows`, `n_batches`, `batches` and `sums`.
     """
 
-    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, reader: StoreReader,
-                 held: HeldRows | None = None):
-        self.name, self.cfg, self.rank, self.rows, self.reader, self.held = name, cfg, rank, rows, reader, held
-        self._pos = held.positions(rows) if held is not None else None
-        self._groups = reader.groups_of(rows)
+    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, layout: StoreLayout,
+                 order_log: Path | None = None):
+        self.name, self.cfg, self.rank, self.rows = name, cfg, rank, rows
+        self._groups = row_groups(layout, rows)
+        self.order_log = order_log
 
     def _epoch_index(self, epoch: int) -> np.ndarray:
         """Row order of one epoch (seeded by seed, rank, epoch); stage 1 may subsample synthetic."""
@@ -508,23 +524,48 @@ class TrainSet:
         """Batches of this worker's epoch."""
         return math.ceil(len(self._epoch_index(epoch)) / self.cfg.train.batch_size)
 
-    def sums(self) -> np.ndarray:
-        """Per channel-mel sums (:func:`feature_sums`) of the rows the normalisation uses: all of
-        them, or whole row groups drawn (seeded) until `data.norm_max_rows` rows when there are more."""
+    def _norm_index(self) -> np.ndarray:
+        """Positions (sorted) of the rows the normalisation uses: all of them, or whole row groups
+        drawn (seeded) until `data.norm_max_rows` rows when there are more."""
         idx = np.arange(len(self.rows))
         limit = self.cfg.data.norm_max_rows
-        if limit is not None and len(idx) > limit:
-            rng = np.random.default_rng([self.cfg.seed, self.rank, 23])
-            key = self.rows.shard.astype(np.int64) * (1 << 32) + self._groups
-            units = np.unique(key)
-            picked, n = [], 0
-            for u in rng.permutation(units):
-                rows_u = idx[key == u]
-                picked.append(rows_u)
-                n += len(rows_u)
-                if n >= limit:
-                    break
-            idx = np.sort(np.concatenate(picked))
+        if limit is None or len(idx) <= limit:
+            return idx
+        rng = np.random.default_rng([self.cfg.seed, self.rank, 23])
+        key = self.rows.shard.astype(np.int64) * (1 << 32) + self._groups
+        picked, n = [], 0
+        for u in rng.permutation(np.unique(key)):
+            rows_u = idx[key == u]
+            picked.append(rows_u)
+            n += len(rows_u)
+            if n >= limit:
+                break
+        return np.sort(np.concatenate(picked))
+
+    def _record(self, epoch: int, clips: list[np.ndarray]) -> None:
+        """Append one epoch's training order to `order_log` (a restored epoch appends it again)."""
+        if self.order_log is not None:
+            with open(self.order_log, "a") as f:
+                f.write(f"{self.name} {epoch} {' '.join(str(c) for part in clips for c in part)}\n")
+
+
+class TrainSet(StageRows):
+    """The row-group engine: one worker's rows of a stage, held (`held`) or streamed from the store
+    each epoch by this worker's own reader.
+
+    A held set batches an epoch's rows in a seeded random order; a streamed one reads them by row
+    group in a seeded order of row groups, mixing `data.shuffle_groups` groups at a time.
+    """
+
+    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, reader: StoreReader,
+                 held: HeldRows | None = None, order_log: Path | None = None):
+        super().__init__(name, cfg, rank, rows, reader.layout, order_log)
+        self.reader, self.held = reader, held
+        self._pos = held.positions(rows) if held is not None else None
+
+    def sums(self) -> np.ndarray:
+        """Per channel-mel sums (:func:`feature_sums`) of the normalisation's rows (`_norm_index`)."""
+        idx = self._norm_index()
         if self.held is not None:
             pos = self._pos[idx]
             return _chunked_sums(lambda a, b: self.held.features[pos[a:b]], len(pos))
@@ -536,9 +577,10 @@ class TrainSet:
             total = s if total is None else total + s
         return total
 
-    def _held_batch(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _held_batch(self, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pos = self._pos[sel]
-        return self.held.features[pos], encode_targets(self.held.events.take(pos), self.cfg.model.output_format)
+        return (self.held.features[pos], encode_targets(self.held.events.take(pos), self.cfg.model.output_format),
+                self.rows.clips[sel])
 
     def _chunks(self, idx: np.ndarray, epoch: int) -> list[tuple[int, np.ndarray]]:
         """A streamed epoch's rows in read order, cut into chunks of whole batches.
@@ -558,7 +600,7 @@ class TrainSet:
         size = max(bs, (self.cfg.data.shuffle_groups * int(np.median([len(u) for u in units] or [1]))) // bs * bs)
         return [(k, order[a:a + size]) for k, a in enumerate(range(0, len(order), size))]
 
-    def _streamed_chunk(self, epoch: int, chunk: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _streamed_chunk(self, epoch: int, chunk: tuple[int, np.ndarray]) -> list[tuple[np.ndarray, ...]]:
         """Read one chunk's rows (by row group), shuffle them (seeded by the chunk), cut into batches."""
         k, rows = chunk
         feats, events = self.reader.read(self.rows.take(rows))
@@ -567,7 +609,7 @@ class TrainSet:
         out = []
         for a in range(0, len(perm), bs):
             sel = np.sort(perm[a:a + bs])
-            out.append((feats[sel], encode_targets(events.take(sel), fmt)))
+            out.append((feats[sel], encode_targets(events.take(sel), fmt), self.rows.clips[rows[sel]]))
         return out
 
     def read_threads(self) -> int:
@@ -581,15 +623,22 @@ class TrainSet:
         """Yield `n_batches` (features store-dtype (B, 2, T, M), targets float32) of one epoch, made by
         :meth:`read_threads` background threads, `data.prefetch_batches` ahead of the consumer (in
         the same order, whatever the thread count)."""
+        clips: list[np.ndarray] = []
+        for feats, targets, ids in self._batches(epoch, n_batches):
+            clips.append(ids)
+            yield feats, targets
+        self._record(epoch, clips)
+
+    def _batches(self, epoch: int, n_batches: int):
         idx = self._epoch_index(epoch)
         threads, depth = self.read_threads(), self.cfg.data.prefetch_batches
+        bs = self.cfg.train.batch_size
         if self.held is not None:
-            bs = self.cfg.train.batch_size
             sels = [np.sort(idx[i * bs:(i + 1) * bs]) for i in range(n_batches)]
             yield from ordered_map(self._held_batch, sels, threads, depth)
             return
         chunks = self._chunks(idx, epoch)
-        per_chunk = max(1, len(chunks[0][1]) // self.cfg.train.batch_size) if chunks else 1
+        per_chunk = max(1, len(chunks[0][1]) // bs) if chunks else 1
         made = 0
         for batches in ordered_map(lambda c: self._streamed_chunk(epoch, c), chunks, threads,
                                    max(threads, math.ceil(depth / per_chunk))):
@@ -647,23 +696,283 @@ def plan_run(cfg: ExperimentConfig, store: str | Path) -> dict:
             "held_bytes": held_bytes(shares, layout)}
 
 
-def worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int):
-    """What worker `rank` of `world` trains and validates on, from the driver's plan.
+def worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int, order_log: Path | None = None):
+    """What worker `rank` of `world` trains and validates on, from the driver's plan (the row-group
+    engine: this worker reads the store).
 
     Returns (train_sets {stage: TrainSet} over its share, held once when plan["materialize"], else
     streamed; val: the whole validation set on rank 0, else None; val_mine: the validation rows
-    this worker scores each epoch; the StoreReader).
+    this worker scores each epoch; the StoreReader). `order_log`: where the training sets record
+    each epoch's clip order (`data.record_order`), or None.
     """
     reader = StoreReader(plan["layout"])
     shares = plan["shares"][rank]
     held = HeldRows.read(reader, shares) if plan["materialize"] else None
-    train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], reader, held)
+    train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], reader, held, order_log)
                   for s in cfg.train.stage_numbers}
     val_rows: RowSet = plan["sets"]["val"]
     val = read_clips(reader, val_rows) if rank == 0 else None
     val_mine = val.every(rank, world) if val is not None else read_clips(
         reader, val_rows.take(np.arange(rank, len(val_rows), world)))
     return train_sets, val, val_mine, reader
+
+
+# --- The Ray Data engine ---------------------------------------------------------------------------
+# The driver (seld/train.py build_trainer) makes the run's datasets (`ray_datasets`): per rank and
+# stage, the rank's planned share (`plan_shares`, the same rows the row-group engine gives it), read
+# with ray.data.read_parquet from the shards that hold them (a path, or s3:// / gs:// through
+# pyarrow), filtered to the planned clips and target-encoded in map_batches tasks; and the
+# validation and test sets, filtered only. None of them is split by Ray: rank r takes its
+# "stage<k>-rank<r>" dataset whole through ray.train.get_dataset_shard, which keeps every rank's
+# rows, epoch sizes and normalisation rows those of the plan (and so of the other engine), lets a
+# rank stop at the batch count all ranks agree on, and leaves no split coordinator whose state a
+# restore would have to repeat. Order: blocks in file order (preserve_order), then the iterator's
+# local shuffle seeded by (seed, rank, epoch): a restored epoch draws the same order.
+DATA_NODE_LABEL = {"seld-node": "data"}  # CPU-only nodes that read and encode (Ray Data runs there only)
+TRAINER_NODE_LABEL = {"seld-node": "trainer"}  # nodes whose CPUs are Train workers' (Train runs there only)
+RAY_READ_COLUMNS = ("clip", *ROW_COLUMNS)
+TEST_SETS = ("test", "synth_test")
+
+
+def engine_of(cfg: ExperimentConfig) -> str:
+    """The engine a run uses: `data.engine`, "auto" being the row-group engine (one machine; cluster
+    plans set ray_data)."""
+    return "rowgroups" if cfg.data.engine == "auto" else cfg.data.engine
+
+
+def train_dataset_name(stage: int, rank: int) -> str:
+    """Name of rank `rank`'s training set of stage `stage` among the trainer's datasets."""
+    return f"stage{stage}-rank{rank}"
+
+
+def _store_files(layout: StoreLayout, shards) -> tuple[list[str], object | None]:
+    """Paths of shards for read_parquet and their pyarrow filesystem (None: local paths)."""
+    from seld.storage import filesystem, is_uri
+
+    paths = [layout.shards[int(i)] for i in shards]
+    if not paths or not is_uri(paths[0]):
+        return paths, None
+    fs = layout.filesystem or filesystem(paths[0].rsplit("/", 1)[0])[0]
+    return [p.split("://", 1)[1] for p in paths], fs
+
+
+def select_rows(table: pa.Table, clips: np.ndarray, shape: tuple[int, ...],
+                output_format: str | None) -> pa.Table | dict[str, np.ndarray]:
+    """A Ray Data batch of store rows -> its rows among `clips` (sorted clip ids), store order kept.
+
+    With `output_format`: {"row": int64 position in `clips`, "features": (n, *shape) store dtype,
+    "targets": float32 (`encode_targets`)}; without: the clip, features and event columns as read
+    (validation and test sets, whose raw events are scored).
+    """
+    import pyarrow.compute as pc
+
+    pos = pc.index_in(pc.cast(table["clip"], pa.string()), value_set=pa.array(clips, pa.string()))
+    keep = pc.is_valid(pos)
+    table, pos = table.filter(keep), pos.filter(keep)
+    if output_format is None:
+        return table.select(list(RAY_READ_COLUMNS))
+    return {"row": np.asarray(pos.to_numpy(), dtype=np.int64),
+            "features": decode_features(table["features"], shape),
+            "targets": encode_targets(events_of_table(table), output_format)}
+
+
+def ray_datasets(cfg: ExperimentConfig, plan: dict) -> dict:
+    """The Ray Data engine's datasets of a run (driver side; call inside :func:`ray_data_context`).
+
+    Returns {"stage<k>-rank<r>": each rank's share of each stage (materialised once when
+    plan["materialize"], else read again every epoch), "val", "test", "synth_test" (the sets with
+    rows; each read once per worker start, rank 0 only for the test sets)}.
+    """
+    import ray.data
+
+    layout = plan["layout"]
+
+    def read(rows: RowSet, output_format: str | None):
+        paths, fs = _store_files(layout, np.unique(rows.shard))
+        # One read task per shard: a read split further cannot fuse with the map below, and every
+        # block would then cross the object store twice (measured: BENCHMARKS.md "Ingest engines").
+        ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(
+            list(RAY_READ_COLUMNS))
+        return ds.map_batches(select_rows, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
+                              fn_kwargs={"clips": rows.clips, "shape": layout.feature_shape,
+                                         "output_format": output_format})
+
+    out = {}
+    for rank, share in enumerate(plan["shares"]):
+        for s in cfg.train.stage_numbers:
+            ds = read(share[f"stage{s}"], cfg.model.output_format)
+            out[train_dataset_name(s, rank)] = ds.materialize() if plan["materialize"] else ds
+    for name in ("val", *TEST_SETS):
+        if len(plan["sets"][name]):
+            out[name] = read(plan["sets"][name], None)
+    return out
+
+
+@contextlib.contextmanager
+def ray_data_context(cfg: ExperimentConfig, label_selector: dict[str, str] | None = None):
+    """Ray Data's options for one run, set in the current DataContext while its datasets and its
+    trainer (which copies the context to the workers) are made, restored after; yields them as
+    ExecutionOptions for `ray.train.DataConfig` (which would otherwise drop the label selector).
+
+    preserve_order: each rank's blocks arrive in file order; no progress bars (logs are not a
+    TTY); `data.ray_data_cpus` as the CPU limit (concurrent runs each keep theirs); and
+    `label_selector` (:data:`DATA_NODE_LABEL` on a cluster with data nodes) on every Data task.
+    Parquet is read by Ray's V1 datasource: its footer and sampling tasks follow the label
+    selector, where the V2 one (2.60's default) reads footers in 32 actors placed by "SPREAD" on
+    any node (a trainer node included), which on a 2-core machine is also slower to start.
+    """
+    from ray.data import DataContext, ExecutionResources
+
+    ctx = DataContext.get_current()
+    saved = copy.deepcopy(ctx.execution_options), ctx.enable_progress_bars, ctx.use_datasource_v2
+    opts = ctx.execution_options
+    opts.preserve_order = True
+    if cfg.data.ray_data_cpus is not None:
+        opts.resource_limits = ExecutionResources(cpu=cfg.data.ray_data_cpus)
+    if label_selector:
+        opts.label_selector = dict(label_selector)
+    ctx.enable_progress_bars = False
+    ctx.use_datasource_v2 = False
+    try:
+        yield copy.deepcopy(opts)
+    finally:
+        ctx.execution_options, ctx.enable_progress_bars, ctx.use_datasource_v2 = saved
+
+
+def _rebatched(batches, keep: np.ndarray | None, batch_size: int):
+    """(features, targets, row positions) numpy batches from Ray's torch batches: all rows, or only
+    those where `keep[row]`, refilled to `batch_size` (only the last may be short)."""
+    pending: list[tuple[np.ndarray, ...]] = []
+    n = 0
+    for b in batches:
+        part = (b["features"].numpy(), b["targets"].numpy(), b["row"].numpy())
+        if keep is None:
+            yield part
+            continue
+        m = keep[part[2]]
+        pending.append(tuple(x[m] for x in part))
+        n += int(m.sum())
+        while n >= batch_size:
+            cat = tuple(np.concatenate(xs) for xs in zip(*pending, strict=True))
+            yield tuple(x[:batch_size] for x in cat)
+            pending, n = [tuple(x[batch_size:] for x in cat)], n - batch_size
+    if n:
+        yield tuple(np.concatenate(xs) for xs in zip(*pending, strict=True))
+
+
+class RayTrainSet(StageRows):
+    """The Ray Data engine in a Train worker: one stage's share, taken from the trainer's dataset
+    `dataset` (`ray.train.get_dataset_shard`) as torch batches; this process opens no store file.
+
+    An epoch's rows are those of the row-group engine (all, or the seeded stage-1 subsample, whose
+    other rows are dropped as they arrive); their order is the blocks' (file order) through a local
+    shuffle buffer of `data.shuffle_buffer_rows` rows seeded by (seed, rank, epoch).
+    """
+
+    def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, layout: StoreLayout,
+                 dataset: str, order_log: Path | None = None, shards: Callable | None = None):
+        super().__init__(name, cfg, rank, rows, layout, order_log)
+        self.dataset = dataset
+        self.shards = shards  # name -> DataIterator outside a Train worker (bench/ingest.py); None: Train's
+
+    def _shard(self):
+        if self.shards is not None:
+            return self.shards(self.dataset)
+        import ray.train
+
+        return ray.train.get_dataset_shard(self.dataset)
+
+    def sums(self) -> np.ndarray:
+        """Per channel-mel sums (:func:`feature_sums`) of the normalisation's rows (`_norm_index`,
+        the row-group engine's rows; summed in arrival order, so equal to its sums to rounding)."""
+        want = np.zeros(len(self.rows), dtype=bool)
+        want[self._norm_index()] = True
+        total = None
+        for b in self._shard().iter_batches(batch_size=_SUMS_CHUNK, batch_format="numpy", prefetch_batches=1):
+            feats = b["features"][want[b["row"]]]
+            if len(feats):
+                s = feature_sums(feats)
+                total = s if total is None else total + s
+        return total
+
+    def batches(self, epoch: int, n_batches: int):
+        """Yield `n_batches` (features store-dtype (B, 2, T, M), targets float32) of one epoch; Ray
+        fetches `data.prefetch_batches` batches ahead in a background thread."""
+        idx = self._epoch_index(epoch)
+        keep = None
+        if len(idx) < len(self.rows):
+            keep = np.zeros(len(self.rows), dtype=bool)
+            keep[idx] = True
+        bs = self.cfg.train.batch_size
+        seed = int(np.random.SeedSequence([self.cfg.seed, self.rank, epoch, 37]).generate_state(1)[0])
+        torch_batches = iter(self._shard().iter_torch_batches(
+            batch_size=bs, device="cpu", drop_last=False, prefetch_batches=max(1, self.cfg.data.prefetch_batches),
+            local_shuffle_buffer_size=max(bs, self.cfg.data.shuffle_buffer_rows), local_shuffle_seed=seed))
+        clips: list[np.ndarray] = []
+        try:
+            for feats, targets, pos in _rebatched(torch_batches, keep, bs):
+                if len(clips) >= n_batches:
+                    break
+                clips.append(self.rows.clips[pos])
+                yield feats, targets
+        finally:
+            close = getattr(torch_batches, "close", None)
+            if close is not None:
+                close()
+        self._record(epoch, clips)
+
+
+def clip_batch(iterator, rows: RowSet, shape: tuple[int, ...], keep: Callable | None = None) -> ClipBatch:
+    """A Ray Data set of store rows (`select_rows` without encoding) as a ClipBatch sorted by clip id,
+    like `read_clips(reader, rows)`; `keep(positions in rows) -> bool mask`: only those rows.
+
+    Raises:
+        DataError: the set does not hold exactly the planned rows (store changed since planning).
+    """
+    parts, where = [], []
+    for t in iterator.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        pos = np.searchsorted(rows.clips, np.asarray(t["clip"].to_numpy(zero_copy_only=False)).astype(str))
+        m = keep(pos) if keep is not None else np.ones(len(pos), dtype=bool)
+        parts.append(t.filter(pa.array(m)))
+        where.append(pos[m])
+    pos = np.concatenate(where) if where else np.zeros(0, np.int64)
+    wanted = np.flatnonzero(keep(np.arange(len(rows)))) if keep is not None else np.arange(len(rows))
+    order = np.argsort(pos, kind="stable")
+    if not np.array_equal(pos[order], wanted):
+        raise DataError(f"Ray Data delivered {len(pos)} rows where the plan has {len(wanted)} "
+                        "(store changed since the run was planned?)")
+    table = pa.concat_tables(parts).take(pa.array(order)) if parts else None
+    sub = rows.take(wanted)
+    if table is None:
+        return ClipBatch(sub.clips, sub.splits, sub.domains, np.zeros((0, *shape), np.float32), [])
+    return ClipBatch(sub.clips, sub.splits, sub.domains, decode_features(table["features"], shape),
+                     events_of_table(table).per_clip())
+
+
+def ray_worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int, order_log: Path | None = None):
+    """:func:`worker_sets` for the Ray Data engine (inside a Train worker): (train_sets {stage:
+    RayTrainSet}, val (rank 0), val_mine, tests: a function returning {"test" | "synth_test":
+    ClipBatch}, called by rank 0 at the end)."""
+    import ray.train
+
+    layout, shares = plan["layout"], plan["shares"][rank]
+    shape = layout.feature_shape
+    train_sets = {s: RayTrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], layout, train_dataset_name(s, rank),
+                                 order_log) for s in cfg.train.stage_numbers}
+    val_rows: RowSet = plan["sets"]["val"]
+    val_it = ray.train.get_dataset_shard("val")
+    if rank == 0:
+        val = clip_batch(val_it, val_rows, shape)
+        val_mine = val.every(rank, world)
+    else:
+        val = None
+        val_mine = clip_batch(val_it, val_rows, shape, keep=lambda pos: pos % world == rank)
+
+    def tests() -> dict[str, ClipBatch]:
+        return {n: clip_batch(ray.train.get_dataset_shard(n), plan["sets"][n], shape)
+                for n in TEST_SETS if len(plan["sets"][n])}
+
+    return train_sets, val, val_mine, tests
 
 
 # --- Materialise or stream -----------------------------------------------------------------------

@@ -357,12 +357,13 @@ def _write_csv(path: Path, history: list[dict]) -> None:
 
 @dataclass
 class _WorkerData:
-    """One worker's rows."""
+    """One worker's rows, from either engine (`data.engine`): the loop sees only these fields."""
 
-    train_sets: dict[int, seld_data.TrainSet]  # per stage, this worker's share (held or streamed)
+    train_sets: dict[int, seld_data.StageRows]  # per stage, this worker's share (n_batches, batches, sums)
     val: seld_data.ClipBatch | None  # rank 0: the whole validation set (it fits the thresholds on it)
     val_mine: seld_data.ClipBatch  # the slice this worker scores each epoch
-    reader: seld_data.StoreReader
+    read_tests: Callable[[], dict[str, seld_data.ClipBatch]]  # rank 0 at the end: the test sets
+    reader: seld_data.StoreReader | None  # the row-group engine's reader; None: Ray Data feeds this worker
     plan: dict  # the driver's plan (build_trainer's "plan" entry of the loop config)
     ready_s: float  # seconds it took
 
@@ -425,23 +426,43 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, run_dir: Path,
                       mirror: Mirror | None = None) -> _WorkerData:
     """This worker's training rows (per stage, its share: held once or streamed, as the driver
-    chose), its slice of the validation set (rank 0: all of it). Writes RUN/data/worker-<rank>.json:
-    the clips of each of its stages, how they are held and how many bytes (pushed to ``mirror``,
-    the run folder's object store, if any)."""
+    chose, by its own reader or by Ray Data), its slice of the validation set (rank 0: all of it).
+    Writes RUN/data/worker-<rank>.json: the engine, the clips of each of its stages, how they are
+    held and how many bytes, the store files this process opened so far (0 with Ray Data; updated
+    at the end); pushed to ``mirror``, the run folder's object store, if any."""
     t0 = time.perf_counter()
-    train_sets, val, val_mine, reader = seld_data.worker_sets(cfg, plan, rank, world)
-    held = next(iter(train_sets.values())).held
-    ready_s = time.perf_counter() - t0
-    record = {"rank": rank, "world": world, "path": "materialised" if held is not None else "streamed",
-              "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(val_mine),
-              **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in train_sets.items()}}
     (run_dir / SHARES_DIR).mkdir(exist_ok=True)
+    order_log = run_dir / SHARES_DIR / f"clip-order-rank{rank}.txt" if cfg.data.record_order else None
+    engine = seld_data.engine_of(cfg)
+    if engine == "ray_data":
+        train_sets, val, val_mine, read_tests = seld_data.ray_worker_sets(cfg, plan, rank, world, order_log)
+        reader = None
+    else:
+        train_sets, val, val_mine, reader = seld_data.worker_sets(cfg, plan, rank, world, order_log)
+
+        def read_tests():
+            return {n: seld_data.read_clips(reader, rows) for n, rows in plan["sets"].items()
+                    if n in seld_data.TEST_SETS and len(rows)}
+    ready_s = time.perf_counter() - t0
+    data = _WorkerData(train_sets, val, val_mine, read_tests, reader, plan, ready_s)
+    _record_worker_data(data, run_dir, rank, world, mirror)
+    log.info("rank %d: data ready in %.1f s (%s, %s; %s; val %d, mine %d)", rank, ready_s, engine,
+             "materialised" if plan["materialize"] else "streamed", {k: len(v.rows) for k, v in train_sets.items()},
+             len(plan["sets"]["val"]), len(val_mine))
+    return data
+
+
+def _record_worker_data(data: _WorkerData, run_dir: Path, rank: int, world: int, mirror: Mirror | None) -> None:
+    """Write RUN/data/worker-<rank>.json (see :func:`_read_worker_data`)."""
+    held = getattr(next(iter(data.train_sets.values())), "held", None)
+    record = {"rank": rank, "world": world, "engine": "ray_data" if data.reader is None else "rowgroups",
+              "path": "materialised" if data.plan["materialize"] else "streamed",
+              "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(data.val_mine),
+              "store_files_opened": data.reader.files_opened if data.reader is not None else 0,
+              **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in data.train_sets.items()}}
     write_json_atomic(run_dir / SHARES_DIR / f"worker-{rank}.json", record)
     if mirror is not None:
         mirror.push(only=[f"{SHARES_DIR}/worker-{rank}.json"])
-    log.info("rank %d: data ready in %.1f s (%s; %s; val %d, mine %d)", rank, ready_s, record["path"],
-             {k: len(v.rows) for k, v in train_sets.items()}, len(plan["sets"]["val"]), len(val_mine))
-    return _WorkerData(train_sets, val, val_mine, reader, plan, ready_s)
 
 
 def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
@@ -484,7 +505,7 @@ def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
                    deadline=float(loop_cfg["deadline"]), mirror=loop_cfg.get("mirror"))
 
 
-def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.TrainSet) -> bool:
+def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.StageRows) -> bool:
     """Train a stage's epochs, or those left after a restore; False when the time budget ran out."""
     scfg = w.cfg.train.stage_config(stage)
     resumed = state.resumes(stage)
@@ -516,7 +537,7 @@ def _train_stage(w: _Worker, state: LoopState, stage: int, tset: seld_data.Train
     return True
 
 
-def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.TrainSet, opt) -> dict:
+def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.StageRows, opt) -> dict:
     """Train one epoch, validate, update the selection (rank 0 writes the stage's best model file);
     returns the metrics.csv row."""
     cfg, epoch = w.cfg, state.epoch
@@ -573,11 +594,13 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
         final["data/path"] = "materialised" if data.plan["materialize"] else "streamed"
+        final["data/engine"] = seld_data.engine_of(w.cfg)
         final["data/held_gib"] = round(data.plan["held_bytes"] / 2**30, 4) if data.plan["materialize"] else 0.0
         final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
         write_json_atomic(w.run_dir / METRICS_JSON, final)
         if w.mirror is not None:
             w.mirror.push(skip=MIRROR_SKIP)
+    _record_worker_data(data, w.run_dir, w.rank, w.world, w.mirror)  # the files opened over the whole run
     # The final report carries the test figures and the run's best validation F20 (BEST_F20, as
     # every epoch's report). Its marker is not called "done": Tune reads a "done" key as "end this
     # trial now" and would kill it before the run's files are written.
@@ -605,8 +628,7 @@ def _finish(w: _Worker, data: _WorkerData, state: LoopState) -> dict:
     sel_path = ckpt_dir / stage_checkpoint(sel_stage)
     shutil.copyfile(sel_path, ckpt_dir / SELECTED)
     stage1 = read_model_file(ckpt_dir / stage_checkpoint(1)) if 1 in ran and sel_stage == 2 else None
-    tests = {n: seld_data.read_clips(data.reader, rows) for n, rows in data.plan["sets"].items()
-             if n in ("test", "synth_test") and len(rows)}
+    tests = data.read_tests()
     scores = evaluate_run(w.net, read_model_file(sel_path), data.val, tests, cfg, w.mean, w.std, w.device,
                           w.amp, stage1=stage1)
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
@@ -721,8 +743,11 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
     run_dir = Path(run_dir).resolve()
     plan = choose_data_path(cfg, plan or seld_data.plan_run(cfg, store))
     cpus = cfg.train.cpus_per_worker
+    # Nodes labelled as trainer nodes (a mixed cluster) take the Train workers, and only they do.
+    trainer_nodes = _nodes_labelled(seld_data.TRAINER_NODE_LABEL)
     scaling = ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})})
+                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})},
+                                      label_selector=dict(seld_data.TRAINER_NODE_LABEL) if trainer_nodes else None)
     run_config = ray.train.RunConfig(
         name=name or RAY_RUN_NAME,
         storage_path=(storage_path or mirror.path(RAY_SUBDIR)) if mirror is not None
@@ -734,8 +759,29 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
     )
     loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "plan": plan,
                 "deadline": time.time() + cfg.train.time_budget_s, **({"mirror": mirror} if mirror else {})}
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
-                        run_config=run_config)
+    if seld_data.engine_of(cfg) != "ray_data":
+        return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
+                            run_config=run_config)
+    # Ray Data reads on the data nodes where the cluster has them (else wherever CPUs are free).
+    data_nodes = _nodes_labelled(seld_data.DATA_NODE_LABEL)
+    with seld_data.ray_data_context(cfg, seld_data.DATA_NODE_LABEL if data_nodes else None) as options:
+        t0 = time.perf_counter()
+        datasets = seld_data.ray_datasets(cfg, plan)
+        log.info("data: Ray Data engine, %d datasets%s%s (%.1f s)", len(datasets),
+                 ", materialised" if plan["materialize"] else "",
+                 f", on {data_nodes} data node(s)" if data_nodes else "", time.perf_counter() - t0)
+        # Nothing is split by Ray: each rank takes its own datasets whole (seld/data.py, "The Ray Data engine").
+        return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,
+                            run_config=run_config, datasets=datasets,
+                            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=options))
+
+
+def _nodes_labelled(label: dict[str, str]) -> int:
+    """Alive nodes of the Ray cluster that carry every key/value of `label` (Ray must be up)."""
+    import ray
+
+    return sum(1 for n in ray.nodes()
+               if n.get("Alive") and all(n.get("Labels", {}).get(k) == v for k, v in label.items()))
 
 
 def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *, resume: bool = False,

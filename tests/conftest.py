@@ -67,7 +67,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests that start Ray clusters of their own (several nodes, or `seld train` with its own Ray)
     run last, after every test that uses the session's Ray."""
     own = ("test_multinode.py", "test_scale.py")
-    items.sort(key=lambda item: item.path.name in own)
+    items.sort(key=lambda item: item.path.name in own or item.get_closest_marker("own_cluster") is not None)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,12 @@ def test_gpu_yaml_head_has_no_trial_resources_and_no_secrets():
     assert "MarketType" not in str(head["node_config"])
     assert any("--resources='{\"seld_driver\"" in c for c in raw["head_start_ray_commands"])
     workers = [nt for name, nt in raw["available_node_types"].items() if name != raw["head_node_type"]]
-    assert workers and all(nt["resources"].get("GPU", 0) >= 1 and nt["min_workers"] == 0 for nt in workers)
+    data = [nt for nt in workers if nt.get("labels", {}).get("seld-node") == "data"]
+    gpus = [nt for nt in workers if nt not in data]
+    assert gpus and all(nt["resources"].get("GPU", 0) >= 1 and nt["min_workers"] == 0 for nt in gpus)
+    assert all(nt["labels"] == {"seld-node": "trainer"} for nt in gpus)
+    # One CPU-only data node for Ray Data, always up (its label must be live when a trial starts).
+    assert len(data) == 1 and "GPU" not in data[0]["resources"] and data[0]["min_workers"] == 1
     text = GPU.read_text().lower()
     assert "aws_secret" not in text and "api_key" not in text and "ray==2.60.0" not in text  # pins come from pyproject
     assert any("pip install" in c and "-e ~/seld" in c for c in raw["setup_commands"])

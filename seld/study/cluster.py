@@ -105,7 +105,20 @@ class ClusterPlan:
             # On a cluster a worker's torch threads are the CPUs it reserved (more would oversubscribe a
             # shared node); an embedded Ray keeps the default (the machine's cores / its workers).
             **({"train.torch_threads": max(1, int(self.cpus_per_worker))} if self.source != "embedded" else {}),
+            # On a cluster Ray Data reads the store (on its data nodes, from a bucket if need be);
+            # one machine keeps the measured-faster default (data.engine "auto", seld/data.py).
+            **({"data.engine": "ray_data"} if self.source != "embedded" else {}),
+            # A run that uses Ray Data keeps its share of the CPUs Train leaves free: concurrent runs
+            # left to Ray's division can each get none (a hang, notes/ray-2.60.md).
+            **({"data.ray_data_cpus": self.data_cpus_per_trial()} if self.source == "embedded" else {}),
         }
+
+    def data_cpus_per_trial(self) -> float:
+        """Logical CPUs for one trial's Ray Data tasks on an embedded Ray: those Train workers leave
+        free, shared equally by the concurrent trials (at least 1)."""
+        total = sum(n.cpus * n.max_nodes for n in self.nodes)
+        train = self.concurrency * self.workers_per_trial * self.cpus_per_worker
+        return float(max(1, math.floor((total - train) / self.concurrency)))
 
     def driver_resources(self) -> dict[str, float]:
         """Resources of one trial's driver process (Tune's ``with_resources``): a sliver of
@@ -170,6 +183,11 @@ def load_launcher_file(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def _is_data_node(node_type: dict[str, Any]) -> bool:
+    """Whether a launcher node type is a data node (label seld-node=data: Ray Data only, no trials)."""
+    return (node_type.get("labels") or {}).get("seld-node") == "data"
+
+
 def _nodes_from_launcher(cfg: dict[str, Any]) -> tuple[list[NodeType], list[str]]:
     types_ = cfg["available_node_types"]
     max_total = int(cfg.get("max_workers", 0))
@@ -196,6 +214,8 @@ def _nodes_from_launcher(cfg: dict[str, Any]) -> tuple[list[NodeType], list[str]
     for name, nt in types_.items():
         res = nt.get("resources", {})
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+        if _is_data_node(nt):
+            continue  # CPU-only data nodes run Ray Data, never trials
         # The head counts once and is not limited by the global max_workers (workers are).
         n = 1 if name == head else int(nt.get("max_workers", max_total))
         if cpus > 0 or gpus > 0 or DRIVER_RESOURCE in res:
@@ -291,7 +311,8 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
         else:
             launcher = load_launcher_file(path)
             nodes, setup = _nodes_from_launcher(launcher)
-            max_total = int(launcher.get("max_workers", 0))
+            max_total = int(launcher.get("max_workers", 0)) - sum(
+                int(nt.get("max_workers", 0)) for nt in launcher["available_node_types"].values() if _is_data_node(nt))
     drivers = any(n.drivers for n in nodes)
     nodes = [n for n in nodes if n.cpus > 0 or n.gpus > 0]
     if not nodes:
