@@ -145,7 +145,9 @@ class _Folder:
 
                 fs = filesystem(uri)[0]
             return _Folder(uri, fs)
-        return _Folder(Path(location))
+        # Absolute here, where a store is opened: its shard paths travel to Ray workers, which run
+        # in other folders (a library caller may pass a path relative to its own working folder).
+        return _Folder(Path(os.path.abspath(location)))
 
     def sub(self, name: str) -> _Folder:
         return _Folder(self.location / name) if self.fs is None else _Folder(join(self.location, name), self.fs)

@@ -16,6 +16,25 @@ def default_num_cpus(num_workers: int) -> int:
     return max(4, 2 * num_workers + 2)
 
 
+def quiet_ray_data_console() -> None:
+    """Ray Data's INFO lines (each dataset's plan, "execution finished", Parquet estimates) leave this
+    process's console; its own file handler still writes them to Ray's session log (``ray-data.log``).
+    Ray Data logs to the console through a stream handler of its own on the ``ray.data`` logger;
+    its warnings still reach the console."""
+    import ray.data  # noqa: F401  (configures the ray.data logger on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_not_progress_bar_notice)
+
+
+def _not_progress_bar_notice(record: logging.LogRecord) -> bool:
+    """Drops Ray Data's "Progress bars disabled" warning: the project turns the bars off on purpose
+    (non-TTY logs), so it is not a warning to the user."""
+    return not record.getMessage().startswith("Progress bars")
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
              num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool | None = None,
              env_vars: dict[str, str] | None = None) -> float:
@@ -43,6 +62,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     if log_to_driver is None:
         log_to_driver = os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no", "off")
     quiet = {} if log_to_driver else {"logging_level": logging.WARNING}  # no "Started a local Ray instance" box
+    if not log_to_driver:
+        quiet_ray_data_console()
     runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
