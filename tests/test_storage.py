@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.errors import UserError
+from seld.runfolder import CHECKPOINTED
 from seld.storage import Mirror, is_uri, join, staging_dir
 from seld.study.cluster import check_shared_paths, plan_cluster, storage_path
 
@@ -112,12 +112,12 @@ def _read_object(mirror: Mirror, rel: str) -> bytes:
         return f.read()
 
 
-def _snapshot_epoch(mirror: Mirror, rel: str) -> int | None:
-    """The registered epoch in the bucket's snapshot object (tests/ray_snapshot.py), or None if the
-    object went between the listing and the read."""
+def _registered_epoch(mirror: Mirror, rel: str) -> int | None:
+    """The epoch in a run's checkpointed.json object (the last checkpoint Ray Train registered), or
+    None if the object went between the listing and the read."""
     try:
-        return registered_epoch(_read_object(mirror, rel))
-    except OSError:
+        return json.loads(_read_object(mirror, rel))["epoch"]
+    except (OSError, ValueError):
         return None
 
 
@@ -171,15 +171,16 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         while time.monotonic() < deadline and proc.poll() is None:
             objects = results.remote_files()
             stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
-            # Ray Train's controller registers a reported checkpoint in its snapshot when it next
-            # polls its workers (every 2 s in ray 2.60), so under load metrics.csv can list an epoch
-            # or two more: those are retrained after the kill (still recorded once, timings new).
-            # So kill once the snapshot's latest checkpoint is an epoch metrics.csv lists.
-            snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
-                    and k.endswith(f"/{SNAPSHOT}")]
+            # Ray Train's controller registers a reported checkpoint when it next polls its
+            # workers (every 2 s in ray 2.60), so under load metrics.csv can list an epoch or two
+            # more: those are retrained after the kill (still recorded once, timings new). So kill
+            # once the run's checkpointed.json (written after the registration) names an epoch
+            # metrics.csv lists.
+            marker = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
+                      and k.endswith(f"/{CHECKPOINTED}")]
             blob = _read_object(results, stereo[0]) if stereo else b""
             epochs = _csv_epochs(blob) if blob else []
-            seen = (epochs, _snapshot_epoch(results, snap[0]) if snap else None)
+            seen = (epochs, _registered_epoch(results, marker[0]) if marker else None)
             if seen[1] is not None and seen[1] in epochs:
                 killed_at, kill_epoch = blob, seen[1]
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -189,7 +190,7 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         if proc.poll() is None and killed_at is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert killed_at is not None, (f"no kill point: last (metrics.csv epochs, snapshot epoch) seen {seen}\n"
+    assert killed_at is not None, (f"no kill point: last (metrics.csv epochs, checkpointed epoch) seen {seen}\n"
                                    + proc.stdout.read().decode()[-3000:])
     objects = results.remote_files()
     base_run, stereo_run = _run_folder(objects, "baseline"), _run_folder(objects, "stereo_rcnet")
@@ -246,11 +247,17 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     secret = s3_env.env["AWS_SECRET_ACCESS_KEY"].encode()
     everything = Mirror(tmp_path / "probe", uri)
     assert not [k for k in everything.remote_files() if secret in _read_object(everything, k)]
-    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
-    for root in (tmp_path, session / "logs"):
-        leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-                  and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
-        assert not leaked, leaked
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
+              and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
+    assert not leaked, leaked
+    from ray.util.state import get_log, list_logs
+
+    node = ray_session.get_runtime_context().get_node_id()
+    names = [name for group in list_logs(node_id=node).values() for name in group]
+    assert any("raylet" in name for name in names), names  # the listing found the session's logs
+    leaked = [name for name in names
+              if secret.decode() in "".join(get_log(node_id=node, filename=name, errors="replace"))]
+    assert not leaked, leaked
 
 
 def _load_study():
