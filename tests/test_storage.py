@@ -86,6 +86,107 @@ def test_mirror_pushes_new_and_changed_files_and_pulls_them_back(tmp_path, s3_en
     assert other.child("run").pull(skip=("ray/*",)) == []  # nothing newer
 
 
+def _two_nodes(tmp_path, s3_env) -> tuple[Mirror, Mirror]:
+    """Two staging folders (two nodes) mirroring one folder of a fresh bucket."""
+    uri = f"s3://{s3_env()}/results/run"
+    return Mirror(tmp_path / "node-a", uri), Mirror(tmp_path / "node-b", uri)
+
+
+def test_mirror_equality_is_content_not_clocks(tmp_path, s3_env):
+    """Same-size rewrites are never lost: not when the writer's clock restores the old mtime, not
+    when the reader's file looks newer (a clock ahead), not within S3's one-second timestamps."""
+    import os
+
+    a, b = _two_nodes(tmp_path, s3_env)
+    f = a.local / "metrics.csv"
+    f.parent.mkdir(parents=True)
+    f.write_text("epoch\n0\n")
+    assert a.push() == ["metrics.csv"]
+    assert b.pull() == ["metrics.csv"]
+
+    # A rewrites it, same size, and sets its mtime back to the old one (a clock behind, or a copy
+    # that keeps times): the push still sees the new content.
+    st = f.stat()
+    f.write_text("epoch\n1\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert a.push() == ["metrics.csv"]
+    # B's copy looks newer than the object (B's clock a day ahead), same size: still pulled.
+    g = b.local / "metrics.csv"
+    os.utime(g, (time.time() + 86400, time.time() + 86400))
+    assert b.pull() == ["metrics.csv"] and g.read_text() == "epoch\n1\n"
+    # Two same-size writes within one second of the store's clock: the second still arrives.
+    for text in ("epoch\n2\n", "epoch\n3\n"):
+        f.write_text(text)
+        assert a.push() == ["metrics.csv"]
+        assert b.pull() == ["metrics.csv"] and g.read_text() == text
+    assert a.push() == [] and b.pull() == []  # nothing changed: nothing copied
+
+    # A fresh staging folder holding the same content (no record yet) downloads but reports nothing new.
+    c = Mirror(tmp_path / "node-c", a.uri)
+    (c.local).mkdir()
+    (c.local / "metrics.csv").write_text("epoch\n3\n")
+    assert c.pull() == [] and c.push() == []
+
+
+def test_a_pull_keeps_local_edits_the_store_has_not_seen(tmp_path, s3_env):
+    """The store changed since the last sync: the pull takes it (over a local edit). Only the local
+    file changed: a pending push, which the pull leaves alone and the push sends."""
+    a, b = _two_nodes(tmp_path, s3_env)
+    (a.local).mkdir()
+    (a.local / "study.log").write_text("line 1\n")
+    a.push()
+    b.pull()
+    (b.local / "study.log").write_text("line 1\nline 2 (b)\n")
+    assert b.pull() == [] and (b.local / "study.log").read_text() == "line 1\nline 2 (b)\n"
+    assert b.push() == ["study.log"]
+    assert a.pull() == ["study.log"] and (a.local / "study.log").read_text() == "line 1\nline 2 (b)\n"
+
+
+def test_mirror_propagates_deletions_it_can_vouch_for(tmp_path, s3_env):
+    """A file deleted on one side since it was synced is deleted on the other; never an object of
+    Ray's (`ray/`), another writer's object this node never synced, or one changed since."""
+    a, b = _two_nodes(tmp_path, s3_env)
+    for rel in ("predictions/x.csv", "predictions/y.csv", "ray/train/state.json", "notes.txt"):
+        (a.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a.local / rel).write_text(rel)
+    a.push()
+    assert b.pull() == ["notes.txt", "predictions/x.csv", "predictions/y.csv", "ray/train/state.json"]
+    other = Mirror(tmp_path / "node-c", a.uri)  # a third writer's file, never seen by A
+    (other.local).mkdir()
+    (other.local / "attempts.jsonl").write_text("{}\n")
+    other.push()
+
+    (a.local / "predictions/y.csv").unlink()
+    (a.local / "ray/train/state.json").unlink()
+    assert a.push() == ["predictions/y.csv"]
+    assert sorted(a.remote_files()) == ["attempts.jsonl", "notes.txt", "predictions/x.csv", "ray/train/state.json"]
+    assert b.pull() == ["attempts.jsonl", "predictions/y.csv"]  # the new object, the deletion
+    assert not (b.local / "predictions/y.csv").exists() and (b.local / "attempts.jsonl").exists()
+
+    # B deletes notes.txt while A rewrites it: B's push leaves A's newer object alone.
+    (a.local / "notes.txt").write_text("rewritten by A")
+    a.push()
+    (b.local / "notes.txt").unlink()
+    assert b.push() == []
+    assert "notes.txt" in b.remote_files()
+    assert b.pull() == ["notes.txt"] and (b.local / "notes.txt").read_text() == "rewritten by A"
+    # A deletion under skip patterns is not propagated either.
+    (b.local / "predictions/x.csv").unlink()
+    assert b.push(skip=("predictions/*",)) == [] and "predictions/x.csv" in b.remote_files()
+
+
+def test_a_mirror_without_a_folder_under_the_bucket_is_refused(tmp_path, s3_env):
+    bucket = s3_env()
+    with pytest.raises(UserError, match=rf"^Mirror s3://{bucket}: no folder under the bucket") as e:
+        Mirror(tmp_path, f"s3://{bucket}")
+    assert "\n" not in str(e.value)
+    fs = Mirror(tmp_path, f"s3://{bucket}/p").fs
+    with pytest.raises(UserError, match="no folder under the bucket"):
+        Mirror(tmp_path, f"s3://{bucket}/p", fs)  # a filesystem without its root
+    assert Mirror(tmp_path, f"s3://{bucket}/p").child("run").root == f"{bucket}/p/run"
+
+
 def test_a_missing_bucket_or_an_unreachable_store_is_one_line(tmp_path, s3_env, monkeypatch):
     with pytest.raises(UserError, match=r"^s3://no-such-bucket/x: bucket 'no-such-bucket' not found"):
         Mirror(tmp_path, "s3://no-such-bucket/x").check()
