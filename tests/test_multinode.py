@@ -40,7 +40,8 @@ PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metri
 
 
 # One worker node in its own process, as ray.cluster_utils.Cluster.add_node starts one (its raylet,
-# agents and workers are this process's descendants); SIGTERM stops it cleanly.
+# agents and workers are this process's descendants); SIGTERM stops it cleanly. Private names, in a
+# test only: no public call starts a node that joins on loopback (see add_worker).
 NODE_SCRIPT = """
 import json, signal, sys, time
 import ray._private.node, ray._private.parameter
