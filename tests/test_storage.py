@@ -348,17 +348,13 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     secret = s3_env.env["AWS_SECRET_ACCESS_KEY"].encode()
     everything = Mirror(tmp_path / "probe", uri)
     assert not [k for k in everything.remote_files() if secret in _read_object(everything, k)]
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()
-              and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
-    assert not leaked, leaked
-    from ray.util.state import get_log, list_logs
-
-    node = ray_session.get_runtime_context().get_node_id()
-    names = [name for group in list_logs(node_id=node).values() for name in group]
-    assert any("raylet" in name for name in names), names  # the listing found the session's logs
-    leaked = [name for name in names
-              if secret.decode() in "".join(get_log(node_id=node, filename=name, errors="replace"))]
-    assert not leaked, leaked
+    context = ray_session.get_runtime_context()  # the session's logs: <temp dir>/<session name>/logs
+    session_logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    assert session_logs.is_dir()
+    for root in (tmp_path, session_logs):
+        leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+                  and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
+        assert not leaked, leaked
 
 
 def _load_study():
