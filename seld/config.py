@@ -40,11 +40,11 @@ LABEL_HOP_S = 0.1
 N_LABEL_FRAMES = 50
 FEATURE_HOP_S = 0.02
 N_FEATURE_FRAMES = 251
-# Alignment rule (DESIGN.md): label frame f covers feature frames 5f .. 5f+4; frame 250 is dropped.
+# Alignment rule (docs/DESIGN.md): label frame f covers feature frames 5f .. 5f+4; frame 250 is dropped.
 FEATURE_FRAMES_PER_LABEL = 5
 SAMPLES_PER_LABEL_FRAME = 2_400
 
-# Split folders of the DCASE2025 layout and what each is for (DESIGN.md split table).
+# Split folders of the DCASE2025 layout and what each is for (docs/DESIGN.md split table).
 SPLITS: dict[str, dict[str, str]] = {
     "dev-train-tau": {"domain": "real", "role": "train", "site": "tau"},
     "dev-train-sony": {"domain": "real", "role": "train", "site": "sony"},
@@ -217,7 +217,7 @@ class SynthConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which store rows each stage reads (DESIGN.md split table)."""
+    """Which store rows each stage reads (docs/DESIGN.md split table)."""
 
     # Rooms of the real train folders held out as validation; empty = the last room of each site.
     val_rooms: tuple[int, ...] = ()
@@ -262,7 +262,7 @@ class ModelConfig:
     fusion: Literal["aff", "add", "concat", "early"] = "aff"
     channel_attention: bool = True  # MS-CAM inside each residual block
     temporal_encoding: bool = True  # fixed sinusoidal encoding after the embedding (eq. 2)
-    # Widths are not in the paper: these `paper` sizes are our documented guesses (README table).
+    # Widths are not in the paper: these `paper` sizes are our documented guesses (docs/configuration.md).
     stem_channels: int = 32  # width of MCSAnet's stem conv3x3 (before the residual stages)
     stem_freq_pool: int = 2  # frequency pooling right after the stem (1 = none)
     resnet_channels: tuple[int, ...] = (64, 128, 256)  # one entry per residual stage
@@ -437,7 +437,7 @@ PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "model.baseline_rnn_hidden": 64,
         "model.baseline_n_heads": 4,
         "train.batch_size": 32,
-        # The fair training policy (README "Training policy"): every stage stops once validation F20
+        # The fair training policy (docs/training-policy.md): every stage stops once validation F20
         # has not improved for 4 epochs, under one budget of 20 epochs per run shared by every row of
         # a study (Stereo-RCnet: 12 + 8; Baseline-A: 20 in its one stage, see baseline_overrides).
         "train.stage1.epochs": 12,

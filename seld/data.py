@@ -162,7 +162,7 @@ def validation_rooms(index, data_cfg: DataConfig) -> dict[str, tuple[int, ...]]:
 
 
 def plan_rows(index, cfg: ExperimentConfig) -> dict[str, list[str]]:
-    """Clip ids of each set of a run (sorted), per the split table of DESIGN.md.
+    """Clip ids of each set of a run (sorted), per the split table of docs/DESIGN.md.
 
     Returns a dict over DATASET_NAMES: "stage1" (train rows of cfg.data.stage1_domains minus the
     validation rooms), "stage2" (real train rows minus validation rooms), "val" (validation rooms;

@@ -135,7 +135,7 @@ def machine_record(device) -> dict[str, str]:
     """What the numbers of a run depend on beyond its config, seed and data: the device, and on
     CPU the instruction set ATen's vectorised kernels were dispatched to. Float32 kernels round
     differently across instruction sets and devices, so one config and seed trained on two kinds of
-    machine agree to about 5 digits at first and drift apart over epochs (README, Reproducibility).
+    machine agree to about 5 digits at first and drift apart over epochs (docs/reproducibility.md).
     Recorded in metrics.json as ``machine/*``; ``machine/kind`` is the one-line summary the study
     tables quote (no commas: a caption lists kinds comma-separated)."""
     dev = torch.device(device)

@@ -728,22 +728,37 @@ def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path
     return write_report(rows, study_dir, tables, curves, counters)
 
 
-def paste_into_readme(readme: Path, table_md: Path, marker: str) -> bool:
-    """Replace the block between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in `readme`
-    by the contents of `table_md`, so the README's results are generated, never typed.
-
-    Returns whether the README changed. A README without the markers is an error naming them.
-    """
-    readme, table_md = Path(readme), Path(table_md)
-    text = readme.read_text()
+def marked_file(readme: Path, marker: str) -> Path:
+    """The file that holds the ``<!-- marker:start -->`` ... ``<!-- marker:end -->`` block: `readme`
+    itself, or else one of the ``docs/*.md`` beside it (Table 1 lives in the README, the extended
+    ablation and the sweep confirmation in docs/results.md). A marker held nowhere is an error naming it."""
+    readme = Path(readme)
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    if start not in text or end not in text:
-        raise DataError(f"{readme}: no '{start}' ... '{end}' block to paste {table_md.name} into")
+    for path in (readme, *sorted((readme.parent / "docs").glob("*.md"))):
+        if path.is_file():
+            text = path.read_text()
+            if start in text and end in text:
+                return path
+    raise DataError(f"{readme}: no '{start}' ... '{end}' block in it or in {readme.parent / 'docs'}/*.md "
+                    "to paste the table into")
+
+
+def paste_into_readme(readme: Path, table_md: Path, marker: str) -> Path | None:
+    """Replace the block between ``<!-- marker:start -->`` and ``<!-- marker:end -->`` in the file
+    that holds it (`readme`, or one of the ``docs/*.md`` beside it: see `marked_file`) by the
+    contents of `table_md`, so the documented results are generated, never typed.
+
+    Returns the file changed, or None when it already held this table.
+    """
+    target, table_md = marked_file(readme, marker), Path(table_md)
+    text = target.read_text()
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     body = table_md.read_text().strip()
     new = f"{head}{start}\n{body}\n{end}{tail}"
-    if new != text:
-        with atomic_write(readme) as tmp:
-            tmp.write_text(new)
-    return new != text
+    if new == text:
+        return None
+    with atomic_write(target) as tmp:
+        tmp.write_text(new)
+    return target

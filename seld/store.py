@@ -85,7 +85,7 @@ class StoreIncomplete(DataError):
 
 # --- Planning --------------------------------------------------------------------------------------
 def split_info(split: str) -> dict[str, str]:
-    """domain, role, site of a split folder (DESIGN.md split table; `eval` = stereo_eval/eval)."""
+    """domain, role, site of a split folder (docs/DESIGN.md split table; `eval` = stereo_eval/eval)."""
     if split == EVAL_SPLIT:
         return {"domain": "real", "role": "eval", "site": "eval"}
     return SPLITS[split]

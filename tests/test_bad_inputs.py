@@ -1,4 +1,4 @@
-"""Bad inputs not already covered by the module tests (the README's "Bad inputs" table lists them all): each gives
+"""Bad inputs not already covered by the module tests (docs/bad-inputs.md lists them all): each gives
 one line naming the file or field, a non-zero exit, and leaves what was already written intact."""
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def test_full_disk_during_training_is_one_line_naming_the_checkpoint(smoke_store
     assert list((run / CHECKPOINT_DIR).iterdir()) == []
 
 
-# --- One line per error, as the README promises ------------------------------------------------------------
+# --- One line per error, as docs/bad-inputs.md promises ------------------------------------------------------------
 def _tiny_run(root: Path) -> Path:
     """A run folder with an untrained smoke model and thresholds (enough for `seld predict`)."""
     import numpy as np

@@ -51,7 +51,7 @@ def test_sweep_confirmation_regenerates_byte_for_byte_with_report_only(tmp_path)
     _regenerated("confirm.py", "local", "sweep-confirm", tmp_path, n_runs=6, tables={"confirmation"})
     paired = pd.read_csv(tmp_path / "sweep-confirm" / "confirmation_paired.csv")
     assert set(paired["verdict"]) <= {"better", "no difference detected", "worse"}
-    assert (paired.loc[paired["metric"] == "f20", "verdict"] == "better").all()  # the finding the README states
+    assert (paired.loc[paired["metric"] == "f20", "verdict"] == "better").all()  # the finding docs/results.md states
 
 
 def test_extended_ablation_regenerates_byte_for_byte_with_report_only(tmp_path):

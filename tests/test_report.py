@@ -186,6 +186,23 @@ def test_caption_names_the_commit_and_marks_results_of_a_dirty_tree(tmp_path):
     assert text.startswith("intro\n") and text.endswith("rest\n") and "OLD BLOCK" not in text
 
 
+def test_paste_goes_to_the_file_that_holds_the_marker(tmp_path):
+    """`--readme README.md` pastes Table 1 into the README and the other studies' tables into the
+    docs/*.md that holds their markers; a marker held nowhere is one error naming it."""
+    write_report(_rows().assign(git_sha="0123456789ab"), tmp_path, [SPEC])
+    readme, results = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    results.parent.mkdir()
+    readme.write_text("front door\n")
+    results.write_text("# Results\n<!-- ablation-extended:table1:start -->\nOLD\n<!-- ablation-extended:table1:end -->\nend\n")
+    assert paste_into_readme(readme, tmp_path / "table1.md", "ablation-extended:table1") == results
+    assert readme.read_text() == "front door\n"
+    text = results.read_text()
+    assert "OLD" not in text and "Trained at commit `0123456789ab`." in text and text.endswith("end\n")
+    assert paste_into_readme(readme, tmp_path / "table1.md", "ablation-extended:table1") is None  # unchanged
+    with pytest.raises(DataError, match=r"no '<!-- sweep-confirm:table1:start -->'.*docs/\*\.md"):
+        paste_into_readme(readme, tmp_path / "table1.md", "sweep-confirm:table1")
+
+
 def test_error_bars_of_bounded_metrics_stay_in_range():
     bars = clipped_error_bars(np.array([2.0, 99.0, 50.0, np.nan]), np.array([5.0, 5.0, 3.0, np.nan]), "f20")
     # [lengths below], [lengths above]: 2 - 5 would go under 0 %, 99 + 5 over 100 %.

@@ -1,4 +1,4 @@
-"""`seld` command line: one subcommand per pipeline stage (DESIGN.md "The command line").
+"""`seld` command line: one subcommand per pipeline stage (docs/DESIGN.md "The command line").
 
 Each module in this package defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> int``; they are discovered here, so adding a stage never edits this file.

@@ -233,8 +233,9 @@ def _paste_readme(study: Study, out: Path, opts: Options) -> None:
     if opts.readme is None or not study.tables:
         return
     table = study.tables[0]
-    if paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}"):
-        log.info("pasted %s into %s", out / f"{table.name}.md", opts.readme)
+    pasted = paste_into_readme(opts.readme, out / f"{table.name}.md", f"{study.name}:{table.name}")
+    if pasted is not None:
+        log.info("pasted %s into %s", out / f"{table.name}.md", pasted)
 
 
 def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, opts: Options,

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--max-retries", type=int, default=1, help="retries of a failing run before it is recorded as failed")
     parser.add_argument("--time-budget-s", type=float, help="hard bound per run, seconds (train.time_budget_s)")
     parser.add_argument("--readme", type=Path,
-                        help="paste the main table into this README's '<!-- STUDY:TABLE:start -->' block")
+                        help="paste the main table into the '<!-- STUDY:TABLE:start -->' block of this README "
+                        "or of the docs/*.md beside it (whichever holds it)")
     parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, and Ray Tune's periodic status table and trial tracebacks")

@@ -47,7 +47,7 @@ class Options:
     trials: int | None = None
     concurrency: int | None = None
     time_budget_s: float | None = None
-    readme: Path | None = None  # paste the first table's markdown into this README's marked block
+    readme: Path | None = None  # paste the first table's markdown into the marked block of this README or its docs/
     verbose: bool = False  # debug logging and Tune's own status table (-v)
 
 

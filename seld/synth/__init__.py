@@ -1,4 +1,4 @@
-"""Generated SELD dataset in the DCASE2025 layout (DESIGN.md "Generated dataset").
+"""Generated SELD dataset in the DCASE2025 layout (docs/DESIGN.md "Generated dataset").
 
 Reads a :class:`SynthConfig`; writes under ``out``:
 * ``foa/<split>/foa_dev/<split>/fold<F>_room<R>_mix<NNN>.wav``: 4-channel FOA recordings (ACN/SN3D
@@ -9,7 +9,7 @@ Reads a :class:`SynthConfig`; writes under ``out``:
   the same code path as for real FOA data;
 * ``synth.json``: the config, its hash and which stages are complete.
 
-Splits (DESIGN.md table): dev-train-tau/sony (fold3) and dev-test-tau/sony (fold4) hold the
+Splits (docs/DESIGN.md table): dev-train-tau/sony (fold3) and dev-test-tau/sony (fold4) hold the
 "real-like" domain, dev-train-synth (fold3) and dev-test-synth (fold4) the synthetic domain.
 Rooms are disjoint between all six splits; room numbers are unique over sites and domains.
 The same config and seed give byte-identical files; each recording has its own seed, so the
