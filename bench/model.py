@@ -1,11 +1,12 @@
-"""Training throughput of Stereo-RCnet and Baseline-A (clips/s for forward + backward + AdamW step),
+"""Training throughput of Stereo-RCnet and Baseline-A (clips/s for forward + backward + optimiser
+step, the optimiser the training builds: Adam with L2 weight decay, seld.train.stage_optimizer),
 FLOPs per clip and achieved FLOP/s against the machine's measured matmul peak.
 
     .venv/bin/python bench/model.py                          # CPU: local and paper sizes, variants
     python bench/model.py --device cuda --amp bf16 --presets paper --out bench_gpu.json
 
 On CPU it also measures what makes training fast (threads, channels-last, torch.compile, fused
-AdamW) for the local Stereo-RCnet, against the plain run measured in the same process.
+Adam) for the local Stereo-RCnet, against the plain run measured in the same process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from seld.config import BASELINE_OVERRIDES, apply_overrides, preset_config  # noqa: E402
 from seld.model import build_model, count_flops  # noqa: E402
+from seld.train import stage_optimizer  # noqa: E402
 
 log = logging.getLogger("bench.model")
 
@@ -59,14 +61,21 @@ def model_cfg(preset: str, name: str):
     return cfg
 
 
-def throughput(cfg, device: str, batch: int, steps: int, warmup: int, amp: str | None = None,
+def throughput(cfg, stage, device: str, batch: int, steps: int, warmup: int, amp: str | None = None,
                channels_last: bool = False, compile_model: bool = False, fused_adam: bool = False) -> float:
-    """Clips per second of full training steps (forward, MSE-style loss, backward, AdamW step)."""
+    """Clips per second of full training steps (forward, MSE-style loss, backward, optimiser step).
+
+    Args:
+        cfg: the model config; stage: the StageConfig whose optimiser the training builds
+            (:func:`seld.train.stage_optimizer`); fused_adam: that optimiser with ``fused=True``.
+    """
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if fused_adam else None)
+    opt = stage_optimizer(model, stage)
+    if fused_adam:  # the same optimiser and hyper-parameters, fused kernel
+        opt = type(opt)(model.parameters(), **{**opt.defaults, "fused": True})
     fwd = torch.compile(model) if compile_model else model
     x = torch.randn(batch, 2, 251, 64, device=device)
     if channels_last:
@@ -127,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.compile:
                     variants.append(("compile", {"amp": args.amp, "compile_model": True}))
             elif preset == "local" and name == "stereo_rcnet" and not args.no_variants:
-                variants += [("channels_last", {"channels_last": True}), ("fused_adamw", {"fused_adam": True}),
+                variants += [("channels_last", {"channels_last": True}), ("fused_adam", {"fused_adam": True}),
                              ("1_thread", {"threads": 1})]
                 if args.compile:
                     variants.append(("compile", {"compile_model": True}))
@@ -136,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 if threads:
                     torch.set_num_threads(threads)
                 try:
-                    cps = throughput(cfg, dev, batch, steps, warm, **kw)
+                    cps = throughput(cfg, preset_config(preset).train.stage1, dev, batch, steps, warm, **kw)
                 except Exception as e:  # report and go on: one variant failing must not hide the rest
                     log.warning("%s %s %s failed: %s", preset, name, label, e)
                     continue

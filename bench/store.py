@@ -24,7 +24,7 @@ import soundfile as sf
 from seld import labels
 from seld.config import FeatureConfig
 from seld.features import load_audio, log_mel_librosa
-from seld.store import build_store, open_store
+from seld.store import build_store, decode_features, open_store
 
 SR = 24_000
 
@@ -87,8 +87,8 @@ def main() -> None:
         a = pq.ParquetDataset(sorted(f16.glob("shard-dev-test-tau-*.parquet"))).read(columns=["clip", "features"])
         b = pq.ParquetDataset(sorted(f32.glob("shard-dev-test-tau-*.parquet"))).read(columns=["clip", "features"])
         assert a.column("clip").to_pylist() == b.column("clip").to_pylist()
-        xa = a.column("features").combine_chunks().flatten().to_numpy().astype(np.float32)
-        xb = b.column("features").combine_chunks().flatten().to_numpy()
+        xa = decode_features(a.column("features"), (-1,)).astype(np.float32)
+        xb = decode_features(b.column("features"), (-1,))
         res["float16_max_abs_err_db"] = float(np.abs(xa - xb).max())
         res["float16_mean_abs_err_db"] = float(np.abs(xa - xb).mean())
         # Paper's training set: about 105 000 clips.

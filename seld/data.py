@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from seld import labels
 from seld.config import N_LABEL_FRAMES, DataConfig, ExperimentConfig
 from seld.errors import DataError
+from seld.store import decode_features, feature_encoding, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _SUMS_CHUNK = 256  # rows per float64 chunk of the normalisation sums (bounds it
 class StoreLayout:
     """Where the rows of a store live: its shard files and their Parquet row groups.
 
-    shards: shard paths (manifest order); group_starts: per shard, the first row of each row group
+    shards: shard paths or URIs (manifest order); group_starts: per shard, the first row of each row group
     and the shard's row count at the end; feature_shape: (2, 251, n_mels); dtype: the store's
     feature dtype ("float16" or "float32").
     """
@@ -63,6 +64,7 @@ class StoreLayout:
     group_starts: tuple[np.ndarray, ...]
     feature_shape: tuple[int, int, int]
     dtype: str
+    filesystem: object = None  # a bucket store's pyarrow filesystem (seld.store.StoreInfo.filesystem)
 
     @property
     def bytes_per_row(self) -> int:
@@ -93,15 +95,18 @@ def read_index(store: str | Path, features_cfg=None, layout: StoreLayout | None 
     layout = layout or store_layout(store, features_cfg)
     frames = []
     for i, p in enumerate(layout.shards):
-        frame = pq.read_table(p, columns=list(INDEX_COLUMNS)).to_pandas()
+        frame = open_shard(p, layout.filesystem).read(columns=list(INDEX_COLUMNS)).to_pandas()
         frame["shard"] = np.int32(i)
         frame["row"] = np.arange(len(frame), dtype=np.int64)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
 
-def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
+def store_layout(store: str | Path, features_cfg=None, filesystem=None) -> StoreLayout:
     """The shards and row groups of a store, from the Parquet footers, checked against the manifest.
+
+    `store`: a folder or an `s3://` / `gs://` URI; `filesystem`: the bucket's pyarrow filesystem to
+    read it with (else one from this process's credentials); the layout carries it to the workers.
 
     Raises:
         DataError: a shard's row count or feature size is not what the manifest says (a damaged or
@@ -109,19 +114,19 @@ def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
     """
     from seld.store import open_store
 
-    info = open_store(store, features_cfg)
+    info = open_store(store, features_cfg, filesystem)
     shape = tuple(int(v) for v in info.manifest["feature_shape"])
     n_features = int(np.prod(shape))
     starts = []
     for entry, path in zip(info.manifest["shards"], info.shards, strict=True):
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = open_shard(path, info.filesystem).metadata
         except (OSError, pa.ArrowException) as e:
             raise DataError(f"{path}: unreadable shard ({e}); rebuild the store with `seld features`") from None
         if meta.num_rows != entry["rows"]:
             raise DataError(f"{path}: {meta.num_rows} rows, the manifest says {entry['rows']} "
                             "(store changed or damaged; rebuild it with `seld features`)")
-        width = meta.schema.to_arrow_schema().field("features").type.list_size
+        width = feature_encoding(meta.schema.to_arrow_schema().field("features").type, str(path))[1]
         if width != n_features:
             raise DataError(f"{path}: features of {width} values per row, the manifest says "
                             f"{'x'.join(map(str, shape))} = {n_features}; rebuild it with `seld features`")
@@ -129,7 +134,8 @@ def store_layout(store: str | Path, features_cfg=None) -> StoreLayout:
         starts.append(np.cumsum([0, *sizes], dtype=np.int64))
     if not info.shards:
         raise DataError(f"{store}: the store has no shards; run `seld features DATA --out STORE`")
-    return StoreLayout(tuple(str(p) for p in info.shards), tuple(starts), shape, info.manifest["feature_dtype"])
+    return StoreLayout(tuple(str(p) for p in info.shards), tuple(starts), shape, info.manifest["feature_dtype"],
+                       info.filesystem)
 
 
 # --- Row selection (pure; from the index) ---------------------------------------------------------
@@ -332,8 +338,7 @@ def events_of_table(table: pa.Table) -> EventTable:
 
 
 def _features_of_table(table: pa.Table, layout: StoreLayout) -> np.ndarray:
-    col = table["features"].combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *layout.feature_shape)
+    return decode_features(table["features"], layout.feature_shape)  # either encoding, a view of the buffer
 
 
 class StoreReader:
@@ -359,7 +364,7 @@ class StoreReader:
                    file: pq.ParquetFile | None = None) -> tuple[np.ndarray, EventTable]:
         """Features (k, 2, 251, n_mels) and events of rows `rows_in_group` (rows of the shard);
         `file`: the shard, already open."""
-        file = file or pq.ParquetFile(self.layout.shards[shard])
+        file = file or open_shard(self.layout.shards[shard], self.layout.filesystem)
         # One thread per read: the reading threads are the parallelism, next to the torch threads.
         table = file.read_row_group(int(group), columns=list(ROW_COLUMNS), use_threads=False)
         local = np.asarray(rows_in_group, dtype=np.int64) - self.layout.group_starts[shard][group]
@@ -383,7 +388,7 @@ class StoreReader:
             sel = order[a:b]
             shard = int(rows.shard[sel[0]])
             if shard != file_shard:
-                file, file_shard = pq.ParquetFile(self.layout.shards[shard]), shard
+                file, file_shard = open_shard(self.layout.shards[shard], self.layout.filesystem), shard
             f, ev = self.read_group(shard, int(groups[sel[0]]), rows.row[sel], file)
             feats[sel] = f
             parts.append(ev)

@@ -299,7 +299,8 @@ def predict_dir(run_dir: str | Path, wav_dirs: str | Path | Sequence[str | Path]
             target = out_dir / (path.stem + ".csv")
             labels.write_csv(target, events)
             report.written.append(target)
-        log.info("%s: %d CSVs written to %s", wav_dir, len(spans), out_dir)
+        # DEBUG: the caller says what was written in all (`seld predict`: one line on stdout).
+        log.debug("%s: %d CSVs written to %s", wav_dir, len(spans), out_dir)
     return report
 
 

@@ -37,6 +37,7 @@ METRICS: tuple[tuple[str, str, int], ...] = (
 BREAKDOWN_GROUPS: tuple[str, ...] = ("site", "distance", "polyphony")
 REQUIRED_COLUMNS: tuple[str, ...] = ("variant", "seed", "status")
 COUNTERS_NPZ = "counters.npz"  # a study's per-test-file counters of its runs (seld.paired)
+SEQUENTIAL_JSON = "sequential.json"  # the plan of a study that added seeds sequentially (--seeds auto)
 
 
 @dataclass(frozen=True)
@@ -333,15 +334,23 @@ def _seed_values(rows: pd.DataFrame, row: TableRow, metric: str) -> dict[int, fl
     return {int(s): float(v) for s, v in zip(runs["seed"], vals, strict=True) if np.isfinite(v)}
 
 
-def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray] | None
-            ) -> tuple[list[str], list[list[str]], pd.DataFrame] | None:
+def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray] | None,
+            mde_target: float = 2.0, plan=None) -> tuple[list[str], list[list[str]], pd.DataFrame] | None:
     """The table's paired differences (``spec.comparisons``): markdown header and body, and the
-    long-format records of ``<table>_paired.csv``."""
+    long-format records of ``<table>_paired.csv``.
+
+    Args:
+        mde_target: the F20 difference (pp) whose seeds-to-detect each comparison reports.
+        plan: the study's :class:`seld.paired.SequentialPlan` (``--seeds auto``), or None: each
+            verdict comparison then rests on the seeds its sequential test used, its interval over
+            seeds is the repeated confidence interval, and a column says how it ended.
+    """
     from seld.paired import (
         HIGHER_IS_BETTER,
-        paired_file_jackknife,
+        minimum_detectable_effect,
         paired_t,
-        run_counters_key,
+        seeds_for_effect,
+        sequential_look,
         verdict,
     )
 
@@ -349,38 +358,113 @@ def _paired(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray]
         return None
     by_label = {r.label: r for r in spec.rows}
     with_verdict = any(c.verdict for c in spec.comparisons)
+    sequential = plan is not None and with_verdict
     header = ["Comparison (A − B)", "Δ F20 (pp), seeds", "Δ F20 (pp), files", "Δ DOAE_CD (°), seeds",
-              "Δ RDE_CD, seeds", "seeds"] + (["verdict (F20)"] if with_verdict else [])
+              "Δ RDE_CD, seeds", "seeds", "MDE F20 (pp)", f"seeds for {mde_target:g} pp"]
+    header += ["verdict (F20)"] if with_verdict else []
+    header += ["sequential seeds"] if sequential else []
     body, recs = [], []
     for comp in spec.comparisons:
         a, b = by_label[comp.a], by_label[comp.b]
-        seeds_iv, files_iv = {}, {}
+
+        def files_at(seeds: tuple[int, ...], m: str, a: TableRow = a, b: TableRow = b):
+            return _files_interval(counters, a, b, seeds, m)
+
+        seeds_iv, files_iv, verdicts, mde, n_target, ends = {}, {}, {}, {}, {}, {}
+        seq = None
+        if sequential and comp.verdict:  # the test is on F20; the other metrics over the same seeds
+            va, vb = _seed_values(rows, a, "f20"), _seed_values(rows, b, "f20")
+            seq = sequential_look(va, vb, plan, HIGHER_IS_BETTER["f20"], lambda sd: files_at(sd, "f20"))
+            prefix = []
+            for s in plan.seeds:
+                if s not in va or s not in vb:
+                    break
+                prefix.append(s)
+            seq_seeds = prefix[:seq.n_seeds]
         for m, _, _ in METRICS:
             va, vb = _seed_values(rows, a, m), _seed_values(rows, b, m)
-            seeds_iv[m] = paired_t(va, vb)
-            files_iv[m] = None
-            common = sorted(set(va) & set(vb))
-            keys = [(run_counters_key(a.variant, s, a.prefix), run_counters_key(b.variant, s, b.prefix))
-                    for s in common]
-            if counters and keys and all(ka in counters and kb in counters for ka, kb in keys):
-                files_iv[m] = paired_file_jackknife(np.stack([counters[ka] for ka, _ in keys]),
-                                                    np.stack([counters[kb] for _, kb in keys]), m)
-        v = verdict(seeds_iv["f20"], files_iv["f20"], HIGHER_IS_BETTER["f20"]) if comp.verdict else ""
+            if seq is not None and m == "f20":
+                used = seq_seeds
+                seeds_iv[m], files_iv[m], verdicts[m] = seq.interval, seq.files, seq.verdict
+                ends[m] = _sequential_end(seq.state, seq.n_seeds, plan)
+            else:
+                used = sorted(set(va) & set(vb)) if seq is None else [s for s in seq_seeds if s in va and s in vb]
+                seeds_iv[m] = paired_t({s: va[s] for s in used}, {s: vb[s] for s in used})
+                files_iv[m] = files_at(tuple(used), m) if used else None
+                verdicts[m] = verdict(seeds_iv[m], files_iv[m], HIGHER_IS_BETTER[m]) if comp.verdict else ""
+                ends[m] = ""
+            d = np.asarray([va[s] - vb[s] for s in used], dtype=np.float64)
+            sd = float(d.std(ddof=1)) if d.size >= 2 else math.nan
+            mde[m] = minimum_detectable_effect(sd, int(d.size))
+            n_target[m] = seeds_for_effect(mde_target, sd) if m == "f20" and d.size >= 2 else None
+        f20_target = ("–" if not np.isfinite(mde["f20"]) else
+                      str(n_target["f20"]) if n_target["f20"] is not None else "> 1000")
         cells = [f"{comp.a} − {comp.b}", _fmt_diff(seeds_iv["f20"], 1), _fmt_diff(files_iv["f20"], 1),
                  _fmt_diff(seeds_iv["doae_cd"], 1), _fmt_diff(seeds_iv["rde_cd"], 3),
-                 str(seeds_iv["f20"].n)]
-        body.append(cells + ([v] if with_verdict else []))
+                 str(seeds_iv["f20"].n), _fmt_plain(mde["f20"], 1) or "–", f20_target]
+        cells += [verdicts["f20"]] if with_verdict else []
+        cells += [ends["f20"] or "–"] if sequential else []
+        body.append(cells)
         for m, _, _ in METRICS:
             fi = files_iv[m]
-            recs.append({
+            rec = {
                 "a": comp.a, "b": comp.b, "metric": m,
                 "seeds_estimate": seeds_iv[m].estimate, "seeds_lo": seeds_iv[m].lo,
                 "seeds_hi": seeds_iv[m].hi, "n_seeds": seeds_iv[m].n,
                 "files_estimate": fi.estimate if fi else math.nan, "files_lo": fi.lo if fi else math.nan,
                 "files_hi": fi.hi if fi else math.nan, "n_files": fi.n if fi else 0,
-                "verdict": verdict(seeds_iv[m], fi, HIGHER_IS_BETTER[m]) if comp.verdict else "",
-            })
+                "verdict": verdicts[m],
+                "mde": mde[m],
+                "mde_target": mde_target if m == "f20" else math.nan,
+                "n_seeds_for_target": n_target[m] if n_target[m] is not None else math.nan,
+            }
+            if sequential:
+                rec["sequential"] = ends[m]
+            recs.append(rec)
     return header, body, pd.DataFrame.from_records(recs)
+
+
+def _files_interval(counters: dict[str, np.ndarray] | None, a: TableRow, b: TableRow, seeds: Sequence[int],
+                    metric: str):
+    """The paired file interval of rows A - B over ``seeds`` (None unless every run's counters exist)."""
+    from seld.paired import paired_file_jackknife, run_counters_key
+
+    keys = [(run_counters_key(a.variant, s, a.prefix), run_counters_key(b.variant, s, b.prefix)) for s in seeds]
+    if not (counters and keys and all(ka in counters and kb in counters for ka, kb in keys)):
+        return None
+    return paired_file_jackknife(np.stack([counters[ka] for ka, _ in keys]),
+                                 np.stack([counters[kb] for _, kb in keys]), metric)
+
+
+def sequential_status(rows: pd.DataFrame, spec: TableSpec, counters: dict[str, np.ndarray] | None, plan
+                      ) -> list[tuple[TableRow, TableRow, object]]:
+    """Where each verdict comparison of ``spec`` stands on F20 under ``plan`` (a
+    :class:`seld.paired.SequentialPlan`): (row A, row B, :class:`seld.paired.SequentialResult`), the
+    same replay the tables show (a study with ``--seeds auto`` decides which runs to add from it)."""
+    from seld.paired import HIGHER_IS_BETTER, sequential_look
+
+    rows = check_rows(rows)
+    by_label = {r.label: r for r in spec.rows}
+    out = []
+    for comp in spec.comparisons:
+        if not comp.verdict:
+            continue
+        a, b = by_label[comp.a], by_label[comp.b]
+        res = sequential_look(_seed_values(rows, a, "f20"), _seed_values(rows, b, "f20"), plan,
+                              HIGHER_IS_BETTER["f20"], lambda seeds, a=a, b=b: _files_interval(counters, a, b, seeds, "f20"))
+        out.append((a, b, res))
+    return out
+
+
+def _sequential_end(state: str, n: int, plan) -> str:
+    """How a comparison's sequential test ended, in words for the table."""
+    if state == "settled":
+        return f"settled at {n}"
+    if state == "cannot settle":
+        return f"stopped at {n}: cannot settle by {plan.max_seeds}"
+    if state == "max":
+        return f"open at MAX ({n})"
+    return f"stopped at {n} by the budget" if plan.stopped_by_budget else f"open at {n}: unfinished"
 
 
 PAIRED_NOTE = (
@@ -391,7 +475,19 @@ PAIRED_NOTE = (
     "applied to the difference), which holds the choice of test clips; `–` where the runs' per-file "
     "counters are not recorded. Verdict on F20 at 95 %: *better* or *worse* only when every defined "
     "interval (seeds, files) excludes 0 on the same side, else *no difference detected*; with one seed "
-    "the file interval alone decides."
+    "the file interval alone decides. *MDE*: the minimum detectable effect over seeds, the smallest true "
+    "F20 difference the two-sided paired t-test on these seeds detects at 95 % confidence with 80 % "
+    "power (exact noncentral-t power, at the observed standard deviation of the per-seed differences); "
+    "*seeds for N pp*: the fewest seeds that would detect a difference of N pp at that standard deviation."
+)
+SEQUENTIAL_NOTE = (
+    "Seeds were added sequentially (`--seeds auto:{max}`): after the planned seeds ({n0}), a comparison got "
+    "one more seed at a time while its verdict was unsettled, up to {max}. Its interval over seeds is the "
+    "*repeated* 95 % confidence interval at its last look (a group-sequential paired t-test with "
+    "Lan-DeMets O'Brien-Fleming-type alpha spending, one look per seed: the false-verdict rate over all "
+    "looks stays 5 %), its verdict the first look at which it settled; DOAE_CD and RDE_CD are shown over the "
+    "same seeds with their plain intervals. *stopped … cannot settle*: its "
+    "conditional power at {max} seeds fell below {futility:.0f} %; *open at MAX*: unsettled at {max} seeds."
 )
 
 
@@ -632,7 +728,8 @@ def _curves_png(path: Path, curves: pd.DataFrame, rows: pd.DataFrame | None = No
 # --- Entry point -----------------------------------------------------------------------------------
 def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
                  curves: pd.DataFrame | None = None,
-                 counters: dict[str, np.ndarray] | None = None) -> list[Path]:
+                 counters: dict[str, np.ndarray] | None = None, mde_target: float = 2.0,
+                 plan=None) -> list[Path]:
     """Write every table and plot of a study from its rows.
 
     Args:
@@ -643,6 +740,8 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
         curves: per-epoch rows (``curves.csv``: variant, seed, epoch, ``val/f20`` ...), optional.
         counters: per-test-file counters of the runs (``counters.npz``: ``variant|seed|prefix`` ->
             (n_files, 13, K)), optional: the paired differences' file intervals.
+        mde_target: the F20 difference (pp) whose seeds-to-detect the paired sections report.
+        plan: the study's :class:`seld.paired.SequentialPlan` when it added seeds sequentially.
 
     Returns:
         The paths written, in order. Deterministic: the same rows give the same bytes.
@@ -666,9 +765,12 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
                 _md_table(["System (paper, real data)", *[h for _, h, _ in METRICS]],
                           [[label, f"{f:.2f}", f"{d:.1f}", f"{r:.2f}"] for label, (f, d, r) in spec.paper.items()]),
             ]
-        paired = _paired(rows, spec, counters)
+        paired = _paired(rows, spec, counters, mde_target, plan)
         if paired:
-            md += ["## Paired differences", "", PAIRED_NOTE, "", _md_table(paired[0], paired[1])]
+            md += ["## Paired differences", "", PAIRED_NOTE, ""]
+            if plan is not None and "sequential seeds" in paired[0]:
+                md += [SEQUENTIAL_NOTE.format(max=plan.max_seeds, n0=plan.n_planned, futility=100 * plan.futility), ""]
+            md += [_md_table(paired[0], paired[1])]
         gap = _domain_gap(rows, spec, stats_)
         if gap:
             md += ["## Domain gap: the synthetic-domain test split (dev-test-synth)", "", _md_table(*gap)]
@@ -711,10 +813,10 @@ def write_report(rows: pd.DataFrame, out_dir: Path, tables: Sequence[TableSpec],
     return written
 
 
-def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path]:
-    """`--report-only`: read ``summary.csv`` (and ``curves.csv``, ``counters.npz`` if present) and
-    write the report."""
-    from seld.paired import load_counters
+def report_from_files(study_dir: Path, tables: Sequence[TableSpec], mde_target: float = 2.0) -> list[Path]:
+    """`--report-only`: read ``summary.csv`` (and ``curves.csv``, ``counters.npz``, ``sequential.json``
+    if present) and write the report."""
+    from seld.paired import load_counters, read_plan
 
     study_dir = Path(study_dir)
     summary = study_dir / "summary.csv"
@@ -725,7 +827,8 @@ def report_from_files(study_dir: Path, tables: Sequence[TableSpec]) -> list[Path
     curves = pd.read_csv(curves_path) if curves_path.is_file() else None
     counters_path = study_dir / COUNTERS_NPZ
     counters = load_counters(counters_path)[1] if counters_path.is_file() else None
-    return write_report(rows, study_dir, tables, curves, counters)
+    plan = read_plan(study_dir / SEQUENTIAL_JSON)
+    return write_report(rows, study_dir, tables, curves, counters, mde_target, plan)
 
 
 def marked_file(readme: Path, marker: str) -> Path:

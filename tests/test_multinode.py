@@ -237,7 +237,10 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
     # A node-local --out on this multi-node cluster: refused in one line before anything runs.
     env = {**os.environ, "RAY_ADDRESS": cluster.address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0", "WANDB_API_KEY": CANARY, "WANDB_MODE": "offline",
-           "WANDB_DIR": str(storage / "wandb")}
+           "WANDB_DIR": str(storage / "wandb"),
+           # The workers' own lines ("restored from checkpoint after epoch N") reach the study's
+           # console only with -v or this (the default keeps them in Ray's logs).
+           "RAY_LOG_TO_DRIVER": "1"}
     study = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--cluster", str(LOOPBACK),
              "--storage", str(storage), "--cache-dir", str(cache), "--max-retries", "1",
              "--set", f"train.stage1.epochs={STAGE1_EPOCHS}", "--set", "train.stage2.epochs=1",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from seld.config import config_hash
 from seld.errors import UserError
 from seld.runfolder import CHECKPOINTED
 from seld.storage import Mirror, is_uri, join, staging_dir
@@ -48,14 +49,100 @@ def test_results_of_an_object_store_study_are_staged_locally(tmp_path, monkeypat
     assert study_mirror(out, "ablation", plan_cluster(None, preset_config("smoke"))) is None
 
 
-def test_multi_node_with_an_object_store_needs_a_shared_cache_dir(tmp_path):
+def test_multi_node_with_an_object_store_needs_no_shared_filesystem(tmp_path):
+    """With an object store the feature store goes to the bucket: no --cache-dir is needed (one
+    given is the user's shared filesystem); a filesystem storage still refuses node-local folders."""
     from seld.config import preset_config
 
     plan = plan_cluster(ROOT / "cluster/loopback.yaml", preset_config("smoke"), "s3://b/p")
     assert plan.multi_node
-    with pytest.raises(UserError, match="--storage s3://b/p: on the multi-node cluster .* pass --cache-dir"):
-        check_shared_paths(plan, {"--out": None, "--cache-dir": None})
+    check_shared_paths(plan, {"--out": None, "--cache-dir": None})
     check_shared_paths(plan, {"--out": None, "--cache-dir": tmp_path})
+    shared = plan_cluster(ROOT / "cluster/loopback.yaml", preset_config("smoke"), str(tmp_path / "shared"))
+    with pytest.raises(UserError, match="--cache-dir /tmp/node-local: not on the shared storage"):
+        check_shared_paths(shared, {"--out": None, "--cache-dir": Path("/tmp/node-local")})
+
+
+def test_features_straight_to_a_bucket_read_back_as_the_local_store(smoke_data, smoke_store, s3_env, caplog):
+    """`seld features DATA --out s3://...` writes the store to the bucket; opened from there (manifest,
+    index, row groups, rows read by the training workers' reader) it is the local store; a rerun
+    keeps finished shards; converting it works in the bucket too."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    from seld import data
+    from seld.cli import main
+    from seld.store import open_store
+
+    uri = f"s3://{s3_env('store')}/seld/store"
+    assert main(["features", str(smoke_data), "--out", uri]) == 0
+    local, remote = open_store(smoke_store), open_store(uri)
+    assert remote.path == f"{uri}/{smoke_store.name}" and remote.manifest == local.manifest
+    assert [s.rsplit("/", 1)[1] for s in remote.shards] == [p.name for p in local.shards]
+    fs, paths = remote.arrow_paths()
+    assert isinstance(fs, pafs.S3FileSystem) and paths[0] == remote.shards[0].removeprefix("s3://")
+    assert pickle.loads(pickle.dumps(remote)).filesystem.get_file_info(paths[0]).size == local.manifest["shards"][0]["bytes"]
+
+    layout_l, layout_r = data.store_layout(smoke_store), data.store_layout(uri)
+    index_l, index_r = data.read_index(smoke_store, layout=layout_l), data.read_index(uri, layout=layout_r)
+    assert index_r.equals(index_l) and len(index_r) == sum(local.n_rows.values())
+    assert all(np.array_equal(a, b) for a, b in zip(layout_r.group_starts, layout_l.group_starts, strict=True))
+    pick = index_l["clip"].to_numpy()[np.random.default_rng(0).permutation(len(index_l))[:40]]
+    feats_l, ev_l = data.StoreReader(layout_l).read(data.row_set(index_l, pick))
+    # The row-group reader through the bucket's filesystem, in a process that got the layout pickled.
+    feats_r, ev_r = pickle.loads(pickle.dumps(data.StoreReader(layout_r))).read(data.row_set(index_r, pick))
+    np.testing.assert_array_equal(feats_r, feats_l)
+    np.testing.assert_array_equal(ev_r.offsets, ev_l.offsets)
+    np.testing.assert_array_equal(ev_r.azimuth, ev_l.azimuth)
+
+    # Resumable: a run cut off (one shard and the manifest gone) recomputes only that shard.
+    fs.delete_file(paths[1])
+    fs.delete_file(paths[0].rsplit("/", 1)[0] + "/manifest.json")
+    n = len(paths)
+    with caplog.at_level("INFO", logger="seld.store"):
+        assert main(["features", str(smoke_data), "--out", uri]) == 0
+    assert f"{n - 1} of {n} shards already done" in caplog.text
+    assert open_store(uri).manifest == local.manifest
+
+
+def test_a_damaged_or_missing_bucket_store_is_one_line(smoke_store, s3_env, monkeypatch, tmp_path, capsys):
+    import pyarrow.fs as pafs
+
+    from seld import data
+    from seld.errors import DataError
+    from seld.storage import filesystem
+    from seld.store import open_store
+
+    bucket = s3_env("store")
+    uri = f"s3://{bucket}/store"
+    fs = filesystem(uri)[0]
+    pafs.copy_files(str(smoke_store), f"{bucket}/store/{smoke_store.name}", destination_filesystem=fs)
+    assert open_store(uri).manifest == open_store(smoke_store).manifest  # a copied store reads
+
+    def one_line(fn, pattern):
+        with pytest.raises(DataError, match=pattern) as e:
+            fn()
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    one_line(lambda: open_store("s3://no-such-bucket-x/store"),
+             r"^s3://no-such-bucket-x/store: bucket 'no-such-bucket-x' not found")
+    from seld.cli import main
+
+    assert main(["train", "s3://no-such-bucket-x/store", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == ("seld train: error: s3://no-such-bucket-x/store: bucket "
+                                               "'no-such-bucket-x' not found (check the URI, or AWS_ENDPOINT_URL)")
+    assert not (tmp_path / "run").exists()
+    one_line(lambda: open_store(f"s3://{bucket}/nothing"), r"no feature store folder")
+    shards = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{bucket}/store/{smoke_store.name}"))
+                    if i.base_name.startswith("shard-"))
+    with fs.open_output_stream(shards[0]) as f:
+        f.write(b"PAR1 not a shard")
+    one_line(lambda: data.store_layout(uri), rf"^s3://{shards[0]}: unreadable shard")
+    fs.delete_file(shards[1])
+    one_line(lambda: open_store(uri), rf"shards listed in the manifest are missing: s3://{shards[1]}$")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    one_line(lambda: open_store(uri), rf"^{uri}: cannot read the feature store")
 
 
 def test_mirror_pushes_new_and_changed_files_and_pulls_them_back(tmp_path, s3_env):
@@ -391,3 +478,60 @@ def test_a_sweep_pushes_its_optuna_journal_at_every_trial_event(tmp_path, s3_env
         other = Mirror(tmp_path / f"other-{event}", f"s3://{bucket}/results/sweep")
         other.pull()
         assert (other.local / "optuna.journal").read_text() == (staging / "optuna.journal").read_text()
+
+
+def test_a_study_with_a_bucket_storage_puts_its_feature_store_in_the_bucket(smoke_data, smoke_store, s3_env,
+                                                                            tmp_path):
+    """prepare_data with an s3:// storage and no --cache-dir writes the store to
+    <storage>/cache/store-<data hash>, which the driver's planner reads; --cache-dir keeps it local."""
+    from seld import data
+    from seld.config import preset_config
+    from seld.study import Options, prepare_data
+    from seld.synth import dataset_hash
+
+    cfg = preset_config("smoke")
+    h = dataset_hash(cfg.synth)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"synth-{h}").symlink_to(smoke_data, target_is_directory=True)  # the session's dataset: not generated again
+    storage = f"s3://{s3_env('study')}/prefix"
+    plan = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke"), work, storage)
+    assert plan.store == f"{storage}/cache/store-{h}/features-{config_hash(cfg.features)}"
+    assert not (work / f"store-{h}").exists()
+    rows = data.plan_run(cfg, plan.store)["rows"]
+    assert len(rows["stage1"]) > 0 and len(rows["test"]) > 0
+    import shutil
+
+    shutil.copytree(smoke_store.parent, work / f"store-{h}")  # the session's store: nothing extracted again
+    local = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke", cache_dir=work), work, storage)
+    assert local.store == (work / f"store-{h}" / f"features-{config_hash(cfg.features)}").resolve()
+
+
+@pytest.mark.ray
+def test_ray_data_reads_a_bucket_store_as_one_tensor_batch(smoke_store, s3_env, ray_session):
+    """`ray.data.read_parquet` over a bucket store (StoreInfo.arrow_paths: the bucket's filesystem,
+    pickled to Ray's read tasks with its credentials) yields the features of a batch as one
+    (n, 2, 251, 64) float16 array, equal to the local store's rows."""
+    import numpy as np
+    import pyarrow.fs as pafs
+    import ray.data
+
+    from seld import data
+    from seld.storage import filesystem
+    from seld.store import open_store
+
+    bucket = s3_env("store")
+    uri = f"s3://{bucket}/store"
+    pafs.copy_files(str(smoke_store), f"{bucket}/store/{smoke_store.name}", destination_filesystem=filesystem(uri)[0])
+    info = open_store(uri)
+    fs, paths = info.arrow_paths()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["clip", "features"])
+    batch = ds.take_batch(16, batch_format="numpy")
+    assert batch["features"].shape == (16, 2, 251, 64) and batch["features"].dtype == np.float16
+    index = data.read_index(smoke_store)
+    rows = data.row_set(index, batch["clip"])  # sorted by clip id
+    order = np.argsort(batch["clip"])
+    assert list(rows.clips) == list(batch["clip"][order])
+    want, _ = data.StoreReader(data.store_layout(smoke_store)).read(rows)
+    np.testing.assert_array_equal(batch["features"][order], want)

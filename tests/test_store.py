@@ -16,11 +16,12 @@ from seld.cli import main as cli_main
 from seld.config import FeatureConfig, config_hash
 from seld.errors import DataError
 from seld.features import load_audio, log_mel
-from seld.store import StoreIncomplete, build_store, open_store
+from seld.store import StoreIncomplete, build_store, convert_store, open_store
 
 SR = 24_000
 F16 = FeatureConfig()
 F32 = FeatureConfig(store_dtype="float32")
+TENSOR_F16 = "extension<arrow.fixed_shape_tensor[value_type=halffloat, shape=[2,251,64]]>"
 # (split, clip stem) of the tiny dataset; the eval clip has no labels.
 CLIPS = [
     ("dev-train-tau", "fold3_room4_mix001_deg010_start0000"),
@@ -78,8 +79,9 @@ def test_rows_columns_and_manifest(tiny_data, tiny_store):
     assert m["feature_config"]["n_mels"] == 64 and m["skipped"] == {}
     assert len(info.shards) == 5 and all(len(s["sources_sha256"]) == 64 for s in m["shards"])
     assert 64_000 < m["bytes_per_clip"] < 80_000  # 2*251*64 float16 = 64 256 bytes + events
+    assert m["feature_encoding"] == "fixed_shape_tensor" and info.encoding == "fixed_shape_tensor"
     schema = pq.read_schema(info.shards[0])
-    assert str(schema.field("features").type) == "fixed_size_list<element: halffloat>[32128]"
+    assert str(schema.field("features").type) == TENSOR_F16
     rows = _rows(tiny_store)
     assert set(rows) == {stem for _, stem in CLIPS}
     for i, (split, stem) in enumerate(CLIPS):
@@ -194,7 +196,7 @@ def test_feature_column_reads_flat_by_row_group(tiny_store):
 
     info = open_store(tiny_store)
     f = pq.ParquetFile(info.shards[0])
-    assert str(f.schema_arrow.field("features").type) == "fixed_size_list<element: halffloat>[32128]"
+    assert str(f.schema_arrow.field("features").type) == TENSOR_F16
     reader = data.StoreReader(data.store_layout(tiny_store))
     feats, _ = reader.read_group(0, 0, np.arange(f.metadata.row_group(0).num_rows))
     assert feats.dtype == np.float16 and feats.shape[1:] == (2, 251, 64)
@@ -211,3 +213,151 @@ def test_smoke_store_covers_the_smoke_dataset(smoke_data, smoke_store):
     index = pq.ParquetDataset(list(info.shards)).read(columns=["clip", "split", "domain", "role"]).to_pandas()
     assert set(index["domain"]) == {"real", "synthetic"} and set(index["role"]) == {"train", "test"}
     assert index["clip"].is_unique
+
+
+# How stores were written before the tensor encoding (seld/store.py at aa49798).
+OLD_WRITER = {"use_dictionary": ["clip", "split", "domain", "role", "site"],
+              "compression": {c: "none" if c == "features" else "snappy"
+                              for c in ("clip", "split", "domain", "role", "site", "room", "fold", "features",
+                                        "ev_frame", "ev_class", "ev_source", "ev_azimuth", "ev_distance")}}
+
+
+def _downgrade_shard(path) -> None:
+    """A shard as shards were written before the tensor encoding: the features column a flat
+    fixed-size list of the same values; the same row groups and metadata."""
+    import pyarrow as pa
+
+    f = pq.ParquetFile(path)
+    groups = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+    table = f.read()
+    col = table["features"]
+    flat = pa.chunked_array([c.storage for c in col.chunks], col.type.storage_type)
+    table = table.set_column(table.schema.get_field_index("features"), "features", flat)
+    table = table.replace_schema_metadata(f.schema_arrow.metadata)
+    del f
+    with pq.ParquetWriter(path, table.schema, **OLD_WRITER) as w:
+        start = 0
+        for n in groups:
+            w.write_table(table.slice(start, n), row_group_size=n)
+            start += n
+
+
+def downgrade_to_list_encoding(folder, only=None) -> None:
+    """A store (or only the shard file `only` of it) as written before the tensor encoding: a
+    manifest without `feature_encoding` (a list-encoded store) or saying the list (a conversion cut off)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = folder / f"{entry['name']}.parquet"
+        if only is None or path == only:
+            _downgrade_shard(path)
+        entry["bytes"] = path.stat().st_size
+    manifest.pop("feature_encoding")
+    if only is not None:
+        manifest["feature_encoding"] = "fixed_size_list"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _read_all(store):
+    """(index, features, events, layout) of every row of a store, through the training workers' reader."""
+    from seld import data
+
+    layout = data.store_layout(store)
+    index = data.read_index(store, layout=layout)
+    feats, events = data.StoreReader(layout).read(data.row_set(index, index["clip"].to_numpy()))
+    return index, feats, events, layout
+
+
+def _same_events(a, b) -> None:
+    for name in ("offsets", "frame", "cls", "source", "azimuth", "distance"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_an_old_list_encoded_store_reads_the_same_and_converts_in_one_command(tiny_store, tmp_path, capsys):
+    """A store written before the tensor encoding (fixed-size list) reads with the same values and
+    row groups; `seld store convert` rewrites it shard by shard (resumable), the same rows bit for bit."""
+    index, feats, events, layout = _read_all(tiny_store)
+    assert feats.dtype == np.float16 and feats.shape == (10, 2, 251, 64) and len(events) == 10
+    old = tmp_path / tiny_store.name
+    shutil.copytree(tiny_store, old)
+    downgrade_to_list_encoding(old)
+    assert str(pq.read_schema(old / "shard-eval-00000.parquet").field("features").type).startswith("fixed_size_list")
+    assert open_store(old).encoding == "fixed_size_list"
+    assert cli_main(["store", "info", str(old)]) == 0 and "as fixed_size_list" in capsys.readouterr().out
+    i2, f2, e2, l2 = _read_all(old)
+    assert i2.equals(index) and f2.dtype == np.float16
+    np.testing.assert_array_equal(f2, feats)
+    _same_events(e2, events)
+    assert all(np.array_equal(a, b) for a, b in zip(l2.group_starts, layout.group_starts, strict=True))
+
+    assert cli_main(["store", "convert", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "10 clips" in out and "as fixed_shape_tensor" in out
+    info = open_store(old)
+    assert info.encoding == "fixed_shape_tensor" and info.hash == config_hash(F16) and old.name == tiny_store.name
+    for shard in info.shards:
+        assert str(pq.read_schema(shard).field("features").type) == TENSOR_F16
+    assert info.manifest["bytes_total"] == sum(os.path.getsize(s) for s in info.shards)
+    i3, f3, e3, l3 = _read_all(old)
+    np.testing.assert_array_equal(f3, feats)
+    _same_events(e3, events)
+    assert all(np.array_equal(a, b) for a, b in zip(l3.group_starts, layout.group_starts, strict=True))
+    # Resumable: a conversion cut off (one shard still a list, the manifest not yet updated)
+    # rewrites only what is left.
+    only = old / "shard-dev-train-tau-00001.parquet"
+    downgrade_to_list_encoding(old, only)
+    stamps = {p.name: p.stat().st_mtime_ns for p in old.glob("shard-*.parquet")}
+    info = convert_store(old)
+    changed = {p.name for p in old.glob("shard-*.parquet") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {only.name} and info.encoding == "fixed_shape_tensor"
+    np.testing.assert_array_equal(_read_all(old)[1], feats)
+
+
+def test_features_on_an_old_store_convert_its_shards_without_recomputing(tiny_data, tmp_path, caplog):
+    folder = build_store(tiny_data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    before = _read_all(folder)[1]
+    sums = [s["sources_sha256"] for s in open_store(folder).manifest["shards"]]
+    downgrade_to_list_encoding(folder)
+    with caplog.at_level("INFO", logger="seld.store"):
+        build_store(tiny_data, tmp_path / "store", F16, n_procs=1, shard_rows=3)
+    assert "5 of 5 shards already done" in caplog.text and "0 computed" in caplog.text
+    info = open_store(folder)
+    assert info.encoding == "fixed_shape_tensor" and [s["sources_sha256"] for s in info.manifest["shards"]] == sums
+    for shard in info.shards:
+        assert str(pq.read_schema(shard).field("features").type) == TENSOR_F16
+    np.testing.assert_array_equal(_read_all(folder)[1], before)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_training_on_a_converted_store_in_a_bucket_gives_the_same_results_bit_for_bit(smoke_store, ray_session,
+                                                                                      s3_env, tmp_path):
+    """The row-group engine trains the same run on a list-encoded store (a folder) and on it
+    converted and put in a bucket (`seld train s3://...`: the Train worker reads its row groups
+    through the bucket's filesystem, which the plan carries): the same metrics.csv (timings aside),
+    scores and thresholds, bit for bit."""
+    import csv
+
+    import pyarrow.fs as pafs
+
+    from seld.storage import filesystem
+
+    old = tmp_path / smoke_store.name
+    shutil.copytree(smoke_store, old)
+    downgrade_to_list_encoding(old)
+    args = ["--preset", "smoke", "--set", "train.torch_threads=1"]
+    assert cli_main(["train", str(old), "--out", str(tmp_path / "list"), *args]) == 0
+    assert convert_store(old).encoding == "fixed_shape_tensor"
+    uri = f"s3://{s3_env('train')}/store"
+    pafs.copy_files(str(old), f"{uri.removeprefix('s3://')}/{old.name}", destination_filesystem=filesystem(uri)[0])
+    assert cli_main(["train", uri, "--out", str(tmp_path / "tensor"), *args]) == 0
+    before, after = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("list", "tensor"))
+    timing = {"train/time_s", "train/data_wait_frac", "elapsed_s"}
+
+    def table(run):
+        return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader((run / "metrics.csv").open())]
+
+    assert len(table(tmp_path / "list")) == before["cost/epochs"] > 0
+    assert table(tmp_path / "tensor") == table(tmp_path / "list")
+    scores = [k for k in before if k.split("/")[0] in ("val", "val_pp", "test", "test_pp", "stage1_test")]
+    assert scores and {k: after[k] for k in scores} == {k: before[k] for k in scores}
+    assert (tmp_path / "list" / "thresholds.json").read_text() == (tmp_path / "tensor" / "thresholds.json").read_text()

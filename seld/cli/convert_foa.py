@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from seld.cli import existing_path, user_path
 from seld.config import SPLITS
 
 NAME = "convert-foa"
@@ -17,8 +18,8 @@ DATA/metadata_dev/<split>/*.csv named fold<F>_room<R>_mix<NNN>_deg<VVV>_start<SS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("foa_root", metavar="FOA_ROOT", help="folder holding foa_dev/ and metadata_dev/")
-    parser.add_argument("--out", required=True, metavar="DATA", help="dataset root to write into")
+    parser.add_argument("foa_root", metavar="FOA_ROOT", type=existing_path("FOA root"), help="folder holding foa_dev/ and metadata_dev/")
+    parser.add_argument("--out", type=user_path, required=True, metavar="DATA", help="dataset root to write into")
     parser.add_argument("--split", default="dev-train-synth", choices=list(SPLITS),
                         help="split folder for the clips (default: dev-train-synth)")
     parser.add_argument("--clips", type=int, required=True, metavar="N", help="number of 5-s clips")

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 
+from seld.cli import existing_path
 from seld.errors import UserError
 from seld.metrics import score_dirs
 
@@ -24,9 +25,9 @@ jackknife interval, keyed as a training run's metrics.json keys them (test_pp/si
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reference_dir", metavar="REFERENCE_DIR",
+    parser.add_argument("reference_dir", metavar="REFERENCE_DIR", type=existing_path("reference folder"),
                         help="folder of reference CSVs (searched recursively)")
-    parser.add_argument("prediction_dir", metavar="PREDICTIONS_DIR",
+    parser.add_argument("prediction_dir", metavar="PREDICTIONS_DIR", type=existing_path("prediction folder"),
                         help="folder of prediction CSVs (searched recursively)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (f20 in percent, doae_cd, rde_cd, ...)")

@@ -5,21 +5,28 @@ from __future__ import annotations
 import argparse
 import json
 
+from seld.cli import existing_path, path_or_uri
+
 NAME = "features"
 HELP = "extract log-mel features of a DCASE2025-layout dataset into a Parquet feature store"
 EXAMPLE = """example:
   seld features data --out store
   seld features /data/DCASE2025_SELD --out store --splits dev-train-tau dev-test-tau --procs 2
   seld features data --out store --set features.store_dtype=float32
+  seld features data --out s3://my-bucket/seld/store     # straight into a bucket (AWS_* variables)
 
 Writes STORE/features-<hash>/shard-*.parquet and manifest.json (<hash> = the feature config's hash,
-so another config writes another folder). Rerunning resumes: finished shards are kept. Unreadable
-input files are listed and the command exits non-zero after storing every other clip."""
+so another config writes another folder); STORE is a folder or an s3:// / gs:// bucket prefix.
+Rerunning resumes: finished shards are kept. Unreadable input files are listed and the command
+exits non-zero after storing every other clip. `seld store convert STORE` brings a store written
+before the tensor encoding of the features column up to date."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", metavar="DATA", help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
-    parser.add_argument("--out", required=True, metavar="STORE", help="store root folder")
+    parser.add_argument("data", metavar="DATA", type=existing_path("dataset root"),
+                        help="dataset root (stereo_dev/, metadata_dev/, stereo_eval/)")
+    parser.add_argument("--out", type=path_or_uri, required=True, metavar="STORE",
+                        help="store root: a folder, or a bucket URI (s3://bucket/prefix, gs://bucket/prefix)")
     parser.add_argument("--splits", nargs="+", metavar="SPLIT", help="only these split folders (eval = stereo_eval/eval)")
     parser.add_argument("--procs", type=int, default=None, help="parallel workers (default: CPU count)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -28,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from seld.config import ConfigError, ExperimentConfig, apply_overrides, parse_set_args
-    from seld.store import build_store
+    from seld.store import build_store, open_store
 
     overrides = {}
     for key, value in parse_set_args(args.set).items():
@@ -40,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         overrides[key if key.startswith("features.") else f"features.{key}"] = value
     cfg = apply_overrides(ExperimentConfig(), overrides).features
     folder = build_store(args.data, args.out, cfg, splits=args.splits, n_procs=args.procs, progress=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = open_store(folder).manifest
     print(f"{folder}: {manifest['n_rows_total']} clips {json.dumps(manifest['n_rows'])}, "
           f"{manifest['bytes_per_clip']:.0f} bytes/clip")
     return 0

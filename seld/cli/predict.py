@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from seld.cli import absolute, existing_path, user_path
 from seld.errors import DataError
 
 NAME = "predict"
@@ -18,12 +18,17 @@ EXAMPLE = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="training run folder")
-    p.add_argument("wav_dirs", type=Path, nargs="+", metavar="WAV_DIR", help="folder(s) of wav files")
-    p.add_argument("--out", type=Path, required=True, help="folder for the CSVs")
-    p.add_argument("--checkpoint", help="checkpoint path or name in RUN/checkpoints (default: selected)")
+    p.add_argument("run", type=existing_path("run folder"), help="training run folder")
+    p.add_argument("wav_dirs", type=existing_path("wav folder"), nargs="+", metavar="WAV_DIR", help="folder(s) of wav files")
+    p.add_argument("--out", type=user_path, required=True, help="folder for the CSVs")
+    p.add_argument("--checkpoint", type=_checkpoint, help="checkpoint path or name in RUN/checkpoints (default: selected)")
     p.add_argument("--threshold", type=float, help="one activity threshold (default RUN/thresholds.json)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def _checkpoint(value: str) -> str:
+    """A checkpoint file the user typed (made absolute), or a name inside RUN/checkpoints (kept)."""
+    return str(absolute(value)) if absolute(value).is_file() else value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from seld.cli import user_path
 from seld.config import PRESETS, ConfigError, parse_set_args, preset_config
 
 NAME = "synth"
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=PRESETS, default="local", help="dataset size preset (default: local)")
-    parser.add_argument("--out", required=True, help="dataset root folder (created)")
+    parser.add_argument("--out", type=user_path, required=True, help="dataset root folder (created)")
     parser.add_argument("--seed", type=int, default=None, help="generator seed (default: the preset's, 0)")
     parser.add_argument("--set", action="append", metavar="synth.KEY=VALUE", dest="overrides",
                         help="override a generator field, e.g. synth.n_synth_train=200 (repeatable)")

@@ -2,19 +2,30 @@
 
 Reads a :class:`Study` and the command-line options; writes ``results/<study>/summary.csv`` (one
 tidy row per run), ``curves.csv``, the run folders under ``runs/`` and, through :mod:`seld.report`,
-the tables and plots.
+the tables and plots. With ``--seeds auto[:MAX]`` it then adds seeds one at a time, only to the rows
+of comparisons still unsettled (:mod:`seld.paired`'s group-sequential test), and writes the plan to
+``sequential.json``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from seld.config import ExperimentConfig, preset_config, run_hash
-from seld.paired import gather_study_counters
-from seld.report import COUNTERS_NPZ, TableSpec, paste_into_readme, report_from_files
+from seld.errors import UserError
+from seld.paired import SequentialPlan, gather_study_counters, load_counters, write_plan
+from seld.report import (
+    COUNTERS_NPZ,
+    SEQUENTIAL_JSON,
+    TableSpec,
+    paste_into_readme,
+    report_from_files,
+    sequential_status,
+)
 from seld.runfolder import METRICS_CSV, METRICS_JSON, atomic_write
 from seld.storage import Mirror
 from seld.study.cluster import (
@@ -38,7 +49,9 @@ from seld.study.prepare import DataPlan, prepare_data, train_counts
 from seld.study.progress import (
     PlannedRun,
     append_to_log,
+    planned_epoch_clips,
     progress_callback,
+    recorded_costs,
     resources_line,
     study_log,
 )
@@ -105,17 +118,20 @@ def run_study(study: Study, opts: Options) -> Path | str:
     mirror = study_mirror(out, study.name, plan)  # an object-store storage: `out` is its staging folder
     if opts.report_only:
         with mirrored(mirror):
-            report_from_files(out, study.tables)
+            report_from_files(out, study.tables, opts.mde_target)
             _paste_readme(study, out, opts)
         return out / "summary.csv"
-    seeds = tuple(opts.seeds) if opts.seeds else study.seeds
+    sequential = sequential_plan(study, opts)
+    seeds = (sequential.seeds[:sequential.n_planned] if sequential else
+             tuple(opts.seeds) if opts.seeds else study.seeds)
     counts = train_counts(base, opts)
     runs = _runs(study, seeds, plan, opts, out, counts)
     if opts.dry_run:
         hours = max(estimate_run_hours(r.cfg, *counts, plan) for r in runs)
         budget = max(r.cfg.train.time_budget_s for r in runs)
+        more = f", then up to {sequential.max_seeds} seeds per row where unsettled" if sequential else ""
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
-                                                    f"{len(study.variants)} variants x {len(seeds)} seeds)",
+                                                    f"{len(study.variants)} variants x {len(seeds)} seeds{more})",
                            budget_s=budget)
     check_shared_paths(plan, {"--out": None if mirror else out, "--cache-dir": opts.cache_dir})
     with mirrored(mirror):
@@ -126,24 +142,28 @@ def run_study(study: Study, opts: Options) -> Path | str:
             if mirror is not None:
                 log.info("storage %s: results, run folders and checkpoints (staged in %s)", mirror.uri, out)
             work = out / "_work"
-            data = prepare_data(base, opts, work)
+            data = prepare_data(base, opts, work, plan.storage)
+            if sequential is not None:
+                write_plan(out / SEQUENTIAL_JSON, sequential)
+            else:  # a plan left by an earlier --seeds auto sitting would describe other runs
+                (out / SEQUENTIAL_JSON).unlink(missing_ok=True)
             errors = _train_pending(study, runs, data, plan, out, opts, mirror)
             if mirror is not None:  # what the trials pushed (their rank 0 may have run on other nodes)
                 mirror.pull(skip=DRIVER_PULL_SKIP)
             rows = _write_summary(study, runs, errors, data, out)
-            paths = report_from_files(out, study.tables)
+            if sequential is not None:
+                rows = _add_seeds(study, sequential, runs, errors, data, plan, out, opts, counts, mirror)
+            paths = report_from_files(out, study.tables, opts.mde_target)
             _paste_readme(study, out, opts)
-            n_failed = sum(r["status"] != "ok" for r in rows)
-            log.info("study %s: %d ok, %d failed; summary in %s", study.name, len(rows) - n_failed, n_failed,
-                     out / "summary.csv")
+            # The study's one closing line (in study.log too); the table follows it.
+            n_bad = sum(r["status"] != "ok" for r in rows)
+            log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
+                     n_bad, out / "summary.csv")
         table = main_table(study, out)
         if table:
             append_to_log(out, table)
     if opts.wandb:
         log_tables_to_wandb(study.name, out, [out / "summary.csv", *paths, log_path])
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    log.info("study %s: %d ok, %d failed or truncated; summary in %s", study.name, len(rows) - n_bad,
-             n_bad, out / "summary.csv")
     return out / "summary.csv"
 
 
@@ -154,20 +174,103 @@ def _runs(study: Study, seeds: tuple[int, ...], plan: ClusterPlan, opts: Options
     ``counts``: (real, synthetic) training clips, for the planned time budget of the `paper` preset
     (:func:`seld.study.cluster.budget_overrides`).
     """
-    runs = []
-    for v in study.variants:
-        for seed in seeds:
-            overrides = {**study.overrides, **v.overrides, **plan.overrides(), **opts.sets, "seed": seed}
-            if opts.time_budget_s:
-                overrides["train.time_budget_s"] = opts.time_budget_s
-            hours = estimate_run_hours(preset_config(study.preset, overrides), *counts, plan)
-            overrides.update(budget_overrides(study.preset, overrides, hours))
-            cfg = preset_config(study.preset, overrides)
-            # Named by the run's identity, not its bounds: a run its time budget stopped keeps its
-            # folder under another --time-budget-s, and --resume continues it there.
-            run_dir = out / "runs" / f"{v.name}-s{seed}-{run_hash(cfg)[:8]}"
-            runs.append(Run(v, seed, overrides, cfg, run_dir))
-    return runs
+    return [_run(study, v, seed, plan, opts, out, counts) for v in study.variants for seed in seeds]
+
+
+def _run(study: Study, v: Variant, seed: int, plan: ClusterPlan, opts: Options, out: Path,
+         counts: tuple[int, int]) -> Run:
+    overrides = {**study.overrides, **v.overrides, **plan.overrides(), **opts.sets, "seed": seed}
+    if opts.time_budget_s:
+        overrides["train.time_budget_s"] = opts.time_budget_s
+    hours = estimate_run_hours(preset_config(study.preset, overrides), *counts, plan)
+    overrides.update(budget_overrides(study.preset, overrides, hours))
+    cfg = preset_config(study.preset, overrides)
+    # Named by the run's identity, not its bounds: a run its time budget stopped keeps its
+    # folder under another --time-budget-s, and --resume continues it there.
+    run_dir = out / "runs" / f"{v.name}-s{seed}-{run_hash(cfg)[:8]}"
+    return Run(v, seed, overrides, cfg, run_dir)
+
+
+def sequential_plan(study: Study, opts: Options) -> SequentialPlan | None:
+    """The plan of ``--seeds auto[:MAX]`` (None without it): the study's seeds first, then the next
+    integers up to MAX seeds in all. A one-line UserError when the study cannot use it."""
+    if opts.seeds_auto_max is None:
+        if opts.budget_device_hours is not None:
+            raise UserError("--budget-device-hours: only with --seeds auto (a fixed grid trains every run)")
+        return None
+    if not any(c.verdict for t in study.tables for c in t.comparisons):
+        raise UserError(f"--seeds auto: study {study.name!r} has no comparison with a verdict to settle")
+    planned = tuple(study.seeds)
+    if opts.seeds_auto_max < len(planned):
+        raise UserError(f"--seeds auto:{opts.seeds_auto_max}: fewer than the study's {len(planned)} planned seeds")
+    extra = tuple(range(max(planned) + 1, max(planned) + 1 + opts.seeds_auto_max - len(planned)))
+    return SequentialPlan(planned + extra, len(planned))
+
+
+def runs_wanted(rows, counters: dict | None, tables: tuple[TableSpec, ...],
+                sequential: SequentialPlan) -> set[tuple[str, int]]:
+    """The (variant, seed) runs the unsettled comparisons need next: for each verdict comparison
+    whose sequential test is still running at n seeds, its two rows' variants with the plan's first
+    n + 1 seeds (runs already in ``rows`` included).
+
+    Args:
+        rows: the study's summary rows (summary.csv as a DataFrame).
+        counters: its counters.npz arrays (the file intervals take part in a verdict), or None.
+    """
+    wanted: set[tuple[str, int]] = set()
+    for spec in tables:
+        for a, b, res in sequential_status(rows, spec, counters, sequential):
+            if res.state == "running":
+                wanted |= {(row.variant, s) for row in (a, b) for s in sequential.seeds[:res.n_seeds + 1]}
+    return wanted
+
+
+def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors: dict[str, str],
+               data: DataPlan, plan: ClusterPlan, out: Path, opts: Options, counts: tuple[int, int],
+               mirror: Mirror | None) -> list[dict[str, Any]]:
+    """``--seeds auto``: while a verdict comparison is unsettled and can still settle, train the next
+    seed of its two rows' variants (all such comparisons advance together, one Tune fit per round),
+    rewrite the summary and look again. Decisions come only from summary.csv and counters.npz, so a
+    --resume replays them and trains only what is missing. Appends to ``runs``; returns the rows."""
+    import pandas as pd
+
+    by_name = {v.name: v for v in study.variants}
+    order = {v.name: i for i, v in enumerate(study.variants)}
+    attempted = {(r.variant.name, r.seed) for r in runs}  # trained (or tried) once in this sitting
+    while True:
+        rows = pd.read_csv(out / "summary.csv")  # the values the tables read, to the digit
+        counters = load_counters(out / COUNTERS_NPZ)[1] if (out / COUNTERS_NPZ).is_file() else None
+        ok = {(str(r.variant), int(r.seed)) for r in rows.itertuples() if r.status == "ok"}
+        wanted = runs_wanted(rows, counters, study.tables, sequential)
+        todo = sorted(wanted - ok - attempted, key=lambda k: (sequential.seeds.index(k[1]), order[k[0]]))
+        if not todo:
+            if wanted - ok:
+                log.warning("study %s: %d wanted run(s) failed; their comparisons stay open: %s", study.name,
+                            len(wanted - ok), ", ".join(f"{v}-s{s}" for v, s in sorted(wanted - ok)))
+            break
+        new = [_run(study, by_name[v], seed, plan, opts, out, counts) for v, seed in todo]
+        to_train = [r for r in new if not (r.run_dir / METRICS_JSON).exists()]
+        if opts.budget_device_hours is not None and to_train:
+            hours = pd.to_numeric(rows["device_hours"], errors="coerce") if "device_hours" in rows else pd.Series([0.0])
+            used = float(hours.fillna(0).sum())
+            per_run = float(hours[rows["status"] == "ok"].mean()) if "device_hours" in rows else math.nan
+            need = len(to_train) * (per_run if math.isfinite(per_run) else 0.0)
+            if used + need > opts.budget_device_hours:
+                log.info("study %s: %.3f device-hours used, the next %d run(s) need about %.3f: over the "
+                         "budget of %g; no more seeds", study.name, used, len(to_train), need,
+                         opts.budget_device_hours)
+                write_plan(out / SEQUENTIAL_JSON, replace(sequential, stopped_by_budget=True))
+                break
+        log.info("study %s: adding %s for the comparisons still unsettled", study.name,
+                 ", ".join(f"{v}-s{s}" for v, s in todo))
+        attempted |= set(todo)
+        runs += new
+        errors.update(_train_pending(study, new, data, plan, out, opts, mirror))
+        if mirror is not None:
+            mirror.pull(skip=DRIVER_PULL_SKIP)
+        runs.sort(key=lambda r: (order[r.variant.name], sequential.seeds.index(r.seed)))
+        _write_summary(study, runs, errors, data, out)
+    return pd.read_csv(out / "summary.csv").to_dict("records")
 
 
 def training_order(pending: list[Run]) -> list[Run]:
@@ -201,10 +304,13 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
             }
             for r in pending
         }
-        planned = {r.run_id: PlannedRun(f"{r.variant.name} seed {r.seed}", r.variant.name, r.cfg.train.max_epochs)
+        counts = train_counts(pending[0].cfg, opts)  # the time left counts each epoch's clips
+        planned = {r.run_id: PlannedRun(f"{r.variant.name} seed {r.seed}", r.variant.name, r.cfg.train.max_epochs,
+                                        planned_epoch_clips(r.cfg, *counts))
                    for r in pending}
         progress = progress_callback(planned, n_total=len(runs), n_done_before=len(runs) - len(pending),
-                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries)
+                                     concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries,
+                                     recorded=recorded_costs(out / "summary.csv"))
         errors = _tune_grid(specs, plan, out, study.name, opts, progress)
     return errors
 

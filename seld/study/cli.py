@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from seld.cli import configure_logging
+from seld.cli import absolute_overrides, configure_logging, existing_path, path_or_uri, user_path
 from seld.config import ConfigError, parse_set_args
 from seld.errors import UserError
 from seld.storage import is_uri, join
@@ -21,15 +22,26 @@ from seld.study.options import Options, results_dir
 from seld.study.sweep import Sweep, run_sweep
 
 
+def _storage_arg(value: str) -> str:
+    """``--storage``: a URI as typed, else an absolute path (``$VARS`` expanded first, as the
+    cluster files' SELD_STORAGE is)."""
+    return path_or_uri(os.path.expandvars(value))
+
+
 def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], default_preset: str,
                   sweep: bool = False) -> None:
     parser.add_argument("--preset", choices=list(presets), default=default_preset,
                         help=f"study size (default {default_preset})")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<study>)")
-    parser.add_argument("--data-root", type=Path, help="real data in the DCASE2025 layout (default: the generated dataset)")
-    parser.add_argument("--synth-root", type=Path, help="extra synthetic stereo data (dev-train-synth) to add in stage 1")
-    parser.add_argument("--cluster", type=Path, help="Ray cluster launcher YAML or SLURM sbatch file to size trials from")
-    parser.add_argument("--storage", help="shared storage every node mounts, for results, run folders, "
+    # Paths are made absolute here, where they enter (the trials run in Ray's folders, not the shell's);
+    # the inputs must exist: one line naming the path as typed otherwise, before Ray starts.
+    parser.add_argument("--out", type=user_path, default=None, help="results folder (default results/<study>)")
+    parser.add_argument("--data-root", type=existing_path("--data-root"),
+                        help="real data in the DCASE2025 layout (default: the generated dataset)")
+    parser.add_argument("--synth-root", type=existing_path("--synth-root"),
+                        help="extra synthetic stereo data (dev-train-synth) to add in stage 1")
+    parser.add_argument("--cluster", type=existing_path("--cluster", "file"),
+                        help="Ray cluster launcher YAML or SLURM sbatch file to size trials from")
+    parser.add_argument("--storage", type=_storage_arg, help="shared storage every node mounts, for results, run folders, "
                         "checkpoints and caches, or an object store (s3://bucket/prefix, gs://...) "
                         "for results, run folders and checkpoints (default: the cluster file's SELD_STORAGE)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (trials, resources, device-hours) and exit")
@@ -38,10 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     parser.add_argument("--report-only", action="store_true", help="regenerate tables and plots from the recorded rows")
     parser.add_argument("--set", action="append", dest="sets", metavar="KEY=VALUE",
                         help="config override for every run, e.g. --set train.stage1.epochs=2")
-    parser.add_argument("--cache-dir", type=Path, help="where generated data and stores are cached (default OUT/_work)")
+    parser.add_argument("--cache-dir", type=user_path, help="where generated data and stores are cached (default OUT/_work)")
     parser.add_argument("--max-retries", type=int, default=1, help="retries of a failing run before it is recorded as failed")
     parser.add_argument("--time-budget-s", type=float, help="hard bound per run, seconds (train.time_budget_s)")
-    parser.add_argument("--readme", type=Path,
+    parser.add_argument("--readme", type=existing_path("--readme", "file"),
                         help="paste the main table into the '<!-- STUDY:TABLE:start -->' block of this README "
                         "or of the docs/*.md beside it (whichever holds it)")
     parser.add_argument("--concurrency", type=int, help="trials at once (default: from the cluster plan)")
@@ -50,17 +62,47 @@ def add_arguments(parser: argparse.ArgumentParser, presets: Sequence[str], defau
     if sweep:
         parser.add_argument("--trials", type=int, help="number of trials (default: the sweep's)")
     else:
-        parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")),
-                            help="comma-separated seeds (default: the preset's)")
+        parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's), or auto[:MAX]: "
+                            "after them, add seeds one at a time to the comparisons whose verdict is "
+                            "still unsettled, up to MAX per row (default 8; group-sequential test)")
+        parser.add_argument("--budget-device-hours", type=float,
+                            help="with --seeds auto: add no seed once the study has used this many device-hours")
+        parser.add_argument("--mde-target", type=float, default=2.0,
+                            help="F20 difference (pp) whose seeds-to-detect the paired tables report (default 2)")
+
+
+def parse_seeds(text: str | None) -> tuple[tuple[int, ...] | None, int | None]:
+    """``--seeds``: (the seeds, None) for "0,1,2"; (None, MAX) for "auto[:MAX]"; (None, None) unset."""
+    from seld.paired import DEFAULT_MAX_SEEDS
+
+    if text is None:
+        return None, None
+    try:
+        if text == "auto" or text.startswith("auto:"):
+            n_max = int(text[5:]) if text != "auto" else DEFAULT_MAX_SEEDS
+            if n_max >= 2:
+                return None, n_max
+        else:
+            return tuple(int(x) for x in text.split(",")), None
+    except ValueError:
+        pass
+    raise UserError(f"--seeds {text!r}: expected comma-separated integers (0,1,2) or auto[:MAX] with MAX >= 2")
 
 
 def options_from_args(args: argparse.Namespace, name: str) -> Options:
+    seeds, seeds_auto_max = parse_seeds(getattr(args, "seeds", None))
+    for flag, value in (("--budget-device-hours", getattr(args, "budget_device_hours", None)),
+                        ("--mde-target", getattr(args, "mde_target", 2.0))):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} {value}: expected a positive number")
     return Options(
         out=results_dir(args.out, name, cluster=args.cluster, storage=args.storage),
         preset=args.preset, data_root=args.data_root, synth_root=args.synth_root, cluster=args.cluster,
         storage=args.storage,
         dry_run=args.dry_run, wandb=args.wandb, resume=args.resume, report_only=args.report_only,
-        seeds=getattr(args, "seeds", None), sets=parse_set_args(args.sets), cache_dir=args.cache_dir,
+        seeds=seeds, seeds_auto_max=seeds_auto_max,
+        budget_device_hours=getattr(args, "budget_device_hours", None), mde_target=getattr(args, "mde_target", 2.0),
+        sets=absolute_overrides(parse_set_args(args.sets)), cache_dir=args.cache_dir,
         max_retries=args.max_retries, trials=getattr(args, "trials", None),
         concurrency=args.concurrency, time_budget_s=args.time_budget_s, readme=args.readme,
         verbose=args.verbose,
@@ -74,7 +116,11 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     is_sweep = isinstance(next(iter(declarations.values())), Sweep)
     add_arguments(parser, list(declarations), default_preset, sweep=is_sweep)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as e:  # an input path that does not exist: one line, before anything starts
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        return 2
     configure_logging(args.verbose, brief=True)
     decl = declarations[args.preset]
     try:

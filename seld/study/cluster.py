@@ -243,12 +243,8 @@ def check_shared_paths(plan: ClusterPlan, paths: dict[str, Path | None]) -> None
     if not plan.multi_node:
         return
     if is_uri(plan.storage):
-        # Results go to the object store from each node's staging folder; the feature store is read
-        # with file I/O by every Train worker, so it must be on a path every node mounts.
-        if paths.get("--cache-dir") is None:
-            raise UserError(f"--storage {plan.storage}: on the multi-node cluster {plan.source} the feature "
-                            "store must be on a path every node mounts (an object store holds results, run "
-                            "folders and checkpoints only); pass --cache-dir on a shared filesystem")
+        # Results go to the object store from each node's staging folder, and so does the feature
+        # store (seld.study.prepare), unless --cache-dir names a folder: the user's shared filesystem.
         return
     for name, path in paths.items():
         if path is None:

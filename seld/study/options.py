@@ -41,6 +41,9 @@ class Options:
     resume: bool = False
     report_only: bool = False
     seeds: tuple[int, ...] | None = None
+    seeds_auto_max: int | None = None  # --seeds auto[:MAX]: add seeds sequentially up to MAX per row
+    budget_device_hours: float | None = None  # --seeds auto adds no seeds beyond this study total
+    mde_target: float = 2.0  # F20 difference (pp) whose seeds-to-detect the paired tables report
     sets: dict[str, str] = field(default_factory=dict)
     cache_dir: Path | None = None
     max_retries: int = 1
@@ -68,7 +71,7 @@ def results_dir(out: Path | None, name: str, *, cluster: Path | None = None,
     if out is None:
         if storage:
             return _storage_results(storage_path(storage), name)
-        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path("results") / name
+        return DEFAULT_OUT_SENTINEL if plan_storage_named(cluster) else Path.cwd() / "results" / name
     if out == DEFAULT_OUT_SENTINEL and plan is not None and plan.storage:
         return _storage_results(plan.storage, name)
     return Path(out)

@@ -1,5 +1,7 @@
 """A study's data: reads the user's DCASE2025 root (plus an optional synthetic root) or generates the
 dataset; writes the feature store; both cached by hash under the cache folder (default OUT/_work).
+With an object-store storage (``s3://`` / ``gs://``) and no --cache-dir, the feature store is written
+to the bucket (``<storage>/cache/store-<hash>``), where every node reads it: no shared filesystem.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from seld.config import ExperimentConfig
 from seld.errors import UserError
+from seld.storage import is_uri, join
 from seld.study.options import Options
 
 # Clip counts of the real DCASE2025 stereo development set (spec §1) when no store is at hand.
@@ -19,7 +22,7 @@ DCASE2025_DEV_CLIPS = {"train": 20_000, "test": 10_000}
 
 @dataclass(frozen=True)
 class DataPlan:
-    store: Path
+    store: Path | str  # the store folder, or its URI in the storage's bucket
     data_root: Path
     data_hash: str
     dataset: str  # "generated" | "real"
@@ -52,8 +55,16 @@ def _merge_roots(data_root: Path, synth_root: Path, out: Path) -> Path:
     return out
 
 
-def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path) -> DataPlan:
-    """Generate (or reuse) the dataset and build (or reuse) its feature store; both cached by hash."""
+def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path, storage: str | None = None) -> DataPlan:
+    """Generate (or reuse) the dataset and build (or reuse) its feature store; both cached by hash.
+
+    Args:
+        work: the cache folder when --cache-dir is not given (the study's OUT/_work).
+        storage: the study's storage (the cluster plan's ``storage``): a bucket URI puts the store in
+            the bucket (``<storage>/cache/store-<data hash>``) unless --cache-dir names a folder;
+            the dataset itself is generated (or merged) in the local cache folder, where only this
+            driver reads it.
+    """
     from seld.store import build_store
 
     cache = Path(opts.cache_dir) if opts.cache_dir else work
@@ -71,9 +82,13 @@ def prepare_data(cfg: ExperimentConfig, opts: Options, work: Path) -> DataPlan:
 
         data_hash, dataset = dataset_hash(cfg.synth), "generated"
         root = generate_dataset(cfg.synth, cache / f"synth-{data_hash}", progress=True)
-    store = build_store(root, cache / f"store-{data_hash}", cfg.features, progress=True)  # a bar, as `seld features` shows
+    if is_uri(storage) and opts.cache_dir is None:
+        store_root = join(storage, "cache", f"store-{data_hash}")
+    else:
+        store_root = cache / f"store-{data_hash}"
+    store = build_store(root, store_root, cfg.features, progress=True)  # a bar, as `seld features` shows
     # Absolute paths: trials run in Ray workers whose working directory is not the driver's.
-    return DataPlan(Path(store).resolve(), Path(root).resolve(), data_hash, dataset)
+    return DataPlan(store if is_uri(store) else Path(store).resolve(), Path(root).resolve(), data_hash, dataset)
 
 
 def train_counts(cfg: ExperimentConfig, opts: Options) -> tuple[int, int]:

@@ -27,11 +27,23 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 @dataclass(frozen=True)
 class PlannedRun:
     """A run the study will train: how it is named in the lines, its variant (runs of one variant
-    share epoch times in the estimate) and its epoch budget (stage 2 may stop before it)."""
+    share measured times in the estimate), its epoch budget (stage 2 may stop before it) and, when
+    known, the clips each epoch of that budget trains (a stage-2 epoch of real clips only is
+    shorter than a stage-1 epoch over real and synthetic ones)."""
 
     label: str
     variant: str
     n_epochs: int
+    epoch_clips: tuple[int, ...] = ()  # len n_epochs when given
+
+
+def planned_epoch_clips(cfg, n_train_real: int, n_train_synth: int) -> tuple[int, ...]:
+    """The training clips of each epoch of ``cfg``'s budget, stage by stage (as
+    :func:`seld.study.cluster.estimate_run_hours` counts them): stage 1 trains the domains of
+    ``data.stage1_domains``, stage 2 the real clips."""
+    clips = {1: n_train_real * ("real" in cfg.data.stage1_domains)
+             + n_train_synth * ("synthetic" in cfg.data.stage1_domains), 2: n_train_real}
+    return tuple(clips[s] for s in cfg.train.stage_numbers for _ in range(cfg.train.stage_config(s).epochs))
 
 
 @dataclass
@@ -51,23 +63,74 @@ class _Attempt:
 
 @dataclass
 class EtaModel:
-    """Time left from measured times: epoch seconds per variant, trial start-up (start to the end
-    of the first epoch, less that epoch) and finishing (last epoch to the run's end: test scoring).
+    """Time left from measured times, per variant: training seconds per clip, the rest of an
+    epoch (validation), trial start-up (start to the end of the first epoch, less its training) and
+    finishing (last epoch to the run's end: test scoring).
+
+    A variant uses its own measured times once it has them. One not measured yet in this sitting
+    borrows the measured variants' times, scaled by the two variants' ratio in ``recorded`` (the
+    study folder's earlier summary.csv, e.g. the committed one on a fresh clone) where both are
+    recorded there; else it takes the measured variants' times as they are (pooled). Without the
+    ratio, the first Baseline-A runs (whose GRU trains about half as many clips a second on a CPU and
+    whose scoring takes ten times longer) made the time left 1.4-1.9x too long (issue 25).
 
     The estimate counts every unfinished run's whole epoch budget (early stopping in stage 2 or by
-    ASHA only makes it shorter) and divides the work by the runs that can go at once.
+    ASHA only makes it shorter), each epoch by its clips when the plan gives them (else by the
+    variant's mean epoch), and divides the work by the runs that can go at once.
     """
 
     concurrency: int
-    epoch_s: dict[str, list[float]] = field(default_factory=dict)
-    start_s: list[float] = field(default_factory=list)
-    finish_s: list[float] = field(default_factory=list)
+    # variant -> {"clips_per_s": training clips a second, "finish_s": seconds of scoring} as recorded
+    recorded: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    epoch_s: dict[str, list[float]] = field(default_factory=dict)  # epoch wall seconds
+    train_s: dict[str, list[float]] = field(default_factory=dict)  # training seconds of an epoch ...
+    clips: dict[str, list[float]] = field(default_factory=dict)  # ... and the clips it trained
+    rest_s: dict[str, list[float]] = field(default_factory=dict)  # the rest of an epoch (validation)
+    start_s: dict[str, list[float]] = field(default_factory=dict)
+    finish_s: dict[str, list[float]] = field(default_factory=dict)
 
-    def epoch_time(self, variant: str) -> float | None:
-        own = self.epoch_s.get(variant)
-        pooled = [t for ts in self.epoch_s.values() for t in ts]
-        times = own or pooled
-        return sum(times) / len(times) if times else None
+    def _ratio(self, variant: str, other: str, key: str) -> float | None:
+        """How much longer ``variant`` takes than ``other`` by their recorded ``key`` (None unless both)."""
+        mine, theirs = (self.recorded.get(v, {}).get(key, math.nan) for v in (variant, other))
+        if not (math.isfinite(mine) and math.isfinite(theirs) and mine > 0 and theirs > 0):
+            return None
+        return theirs / mine if key == "clips_per_s" else mine / theirs
+
+    def _borrowed(self, measured: dict[str, list[float]], variant: str, key: str) -> list[float]:
+        """``variant``'s own values, else the measured variants' scaled by the recorded ratio
+        (those with one recorded), else theirs as they are."""
+        if measured.get(variant):
+            return measured[variant]
+        scaled = [x * r for v, xs in measured.items() if (r := self._ratio(variant, v, key)) is not None for x in xs]
+        return scaled or [x for xs in measured.values() for x in xs]
+
+    def add_epoch(self, variant: str, seconds: float, train_s: float = math.nan, clips: float = math.nan,
+                  whole: bool = True) -> None:
+        """One measured epoch: its seconds and (when reported) its training seconds and clips.
+        ``whole``: ``seconds`` covers training and validation (False for an attempt's first epoch,
+        timed by its training alone)."""
+        self.epoch_s.setdefault(variant, []).append(seconds)
+        if math.isfinite(train_s) and math.isfinite(clips) and clips > 0 and train_s >= 0:
+            self.train_s.setdefault(variant, []).append(train_s)
+            self.clips.setdefault(variant, []).append(clips)
+            if whole:
+                self.rest_s.setdefault(variant, []).append(max(0.0, seconds - train_s))
+
+    def add_start(self, variant: str, seconds: float) -> None:
+        self.start_s.setdefault(variant, []).append(seconds)
+
+    def add_finish(self, variant: str, seconds: float) -> None:
+        self.finish_s.setdefault(variant, []).append(seconds)
+
+    def epoch_time(self, variant: str, clips: float | None = None) -> float | None:
+        """Seconds of one epoch of ``variant`` (training ``clips`` clips when given: seconds per
+        clip plus the rest of an epoch), or None before any epoch was measured."""
+        per_clip = {v: [sum(ts) / sum(self.clips[v])] for v, ts in self.train_s.items() if sum(self.clips[v]) > 0}
+        if clips is not None and per_clip:
+            rest = self.rest_s.get(variant) or [t for ts in self.rest_s.values() for t in ts]
+            return clips * _mean(self._borrowed(per_clip, variant, "clips_per_s")) + _mean(rest)
+        times = self._borrowed(self.epoch_s, variant, "clips_per_s")
+        return _mean(times) if times else None
 
     def seconds_left(self, open_runs: list[tuple[PlannedRun, int, bool]]) -> float | None:
         """Seconds until every open run is done, or None before any epoch was measured.
@@ -77,15 +140,34 @@ class EtaModel:
         """
         if not open_runs:
             return 0.0
-        start = _mean(self.start_s)
-        finish = _mean(self.finish_s)
         work = 0.0
         for run, done, started in open_runs:
-            per_epoch = self.epoch_time(run.variant)
-            if per_epoch is None:
+            if run.epoch_clips:
+                times = [self.epoch_time(run.variant, c) for c in run.epoch_clips[done:]]
+            else:
+                times = [self.epoch_time(run.variant)] * max(run.n_epochs - done, 0)
+            if self.epoch_time(run.variant) is None:
                 return None
-            work += max(run.n_epochs - done, 0) * per_epoch + finish + (0.0 if started else start)
+            work += sum(t for t in times if t is not None)
+            work += _mean(self._borrowed(self.finish_s, run.variant, "finish_s"))
+            if not started:
+                work += _mean(self.start_s.get(run.variant) or [t for ts in self.start_s.values() for t in ts])
         return work / max(1, min(self.concurrency, len(open_runs)))
+
+
+def recorded_costs(summary_csv: Path) -> dict[str, dict[str, float]]:
+    """Per variant, the mean ``cost/train_clips_per_s`` and ``cost/finish_s`` of the finished runs
+    in a study's summary.csv (:class:`EtaModel`'s ``recorded``); empty when there is none."""
+    import pandas as pd
+
+    if not Path(summary_csv).is_file():
+        return {}
+    rows = pd.read_csv(summary_csv)
+    cols = {"cost/train_clips_per_s": "clips_per_s", "cost/finish_s": "finish_s"}
+    if not {"variant", "status", *cols} <= set(rows.columns):
+        return {}
+    ok = rows[rows["status"] == "ok"].groupby("variant")[list(cols)].mean()
+    return {v: {cols[k]: float(x) for k, x in r.items() if math.isfinite(x)} for v, r in ok.iterrows()}
 
 
 def _mean(xs: list[float]) -> float:
@@ -164,7 +246,8 @@ def _guarded(hook):
 
 
 def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done_before: int,
-                      concurrency: int, max_retries: int, default_epochs: int = 0):
+                      concurrency: int, max_retries: int, default_epochs: int = 0,
+                      recorded: Mapping[str, Mapping[str, float]] | None = None):
     """The Tune callback that logs a study's events (imports Ray; see :class:`StudyProgress`)."""
     from ray.tune import Callback
 
@@ -178,11 +261,12 @@ def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done
             n_done_before: runs finished by an earlier start (--resume).
             concurrency: runs at once (for the time left).
             max_retries: retries of a failing run (Tune's FailureConfig.max_failures).
+            recorded: the variants' recorded costs (:func:`recorded_costs`) for the time left.
         """
 
         def __init__(self) -> None:
             self.attempts: dict[str, _Attempt] = {}
-            self.eta = EtaModel(concurrency)
+            self.eta = EtaModel(concurrency, recorded or {})
             self.n_started = 0
             self.n_ok = 0
             self.n_failed = 0
@@ -222,18 +306,19 @@ def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done
             if result.get(RUN_FINISHED):
                 att.finished = True
                 if att.t_last_epoch is not None:
-                    self.eta.finish_s.append(now - att.t_last_epoch)
+                    self.eta.add_finish(att.run.variant, now - att.t_last_epoch)
                 self.n_ok += 1
                 log.info("%s · %s", finished_line(att.run.label, result, now - att.t_start), self._progress())
                 return
             if "epoch" not in result:
                 return
             elapsed = _num(result, "elapsed_s")
-            if att.last_elapsed_s is not None and math.isfinite(elapsed):
+            whole = att.last_elapsed_s is not None and math.isfinite(elapsed)
+            if whole:
                 seconds = elapsed - att.last_elapsed_s
             else:  # the first epoch of an attempt: its training time (validation not timed apart)
                 seconds = _num(result, "train/time_s")
-                self.eta.start_s.append(max(0.0, now - att.t_start - seconds))
+                self.eta.add_start(att.run.variant, max(0.0, now - att.t_start - seconds))
             att.last_elapsed_s = elapsed if math.isfinite(elapsed) else None
             att.t_last_epoch = now
             att.epochs_done += 1
@@ -241,7 +326,8 @@ def progress_callback(planned: Mapping[str, PlannedRun], *, n_total: int, n_done
             if math.isfinite(f20) and not f20 <= att.best_f20:
                 att.best_f20 = f20
             if math.isfinite(seconds):
-                self.eta.epoch_s.setdefault(att.run.variant, []).append(seconds)
+                self.eta.add_epoch(att.run.variant, seconds, _num(result, "train/time_s"),
+                                   _num(result, "train/clips"), whole=whole)
             log.info("%s", epoch_line(att.run.label, result, att.run.n_epochs, seconds))
 
         @_guarded

@@ -17,7 +17,7 @@ def default_num_cpus(num_workers: int) -> int:
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpus: int | None = None,
-             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool = True,
+             num_workers: int = 1, include_dashboard: bool = True, log_to_driver: bool | None = None,
              env_vars: dict[str, str] | None = None) -> float:
     """Start an embedded local Ray on loopback, or connect to `address` / $RAY_ADDRESS: the one
     place the project starts Ray (`seld train`, the studies' :func:`seld.study.cluster.start_ray`).
@@ -27,8 +27,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     :func:`default_num_cpus`) and `num_gpus` GPUs (default: Ray's detection). `env_vars` go to
     every task and actor of this job (trials, Train workers) through Ray's runtime environment,
     merged with a `ray job submit` job's own; they are kept in memory, never written or logged here.
-    `log_to_driver`: worker logs reach this process (and so `ray job logs`). Returns the seconds it
-    took (0.0 when Ray was already up).
+    `log_to_driver`: the workers' output (and Ray's own INFO lines here) reach this process's
+    console; default: Ray's RAY_LOG_TO_DRIVER, which the command lines set to 0 unless -v (the
+    lines stay in Ray's logs). Returns the seconds it took (0.0 when Ray was already up).
     """
     # Before Ray is imported: bind and advertise loopback only, write no auth token.
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -39,14 +40,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     if ray.is_initialized():
         return 0.0
     t0 = time.perf_counter()
+    if log_to_driver is None:
+        log_to_driver = os.environ.get("RAY_LOG_TO_DRIVER", "1").strip().lower() not in ("0", "false", "no", "off")
+    quiet = {} if log_to_driver else {"logging_level": logging.WARNING}  # no "Started a local Ray instance" box
     runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env)
+        ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
         return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
     ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env)
+             _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
     return time.perf_counter() - t0

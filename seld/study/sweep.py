@@ -210,7 +210,7 @@ def run_sweep(sweep: Sweep, opts: Options) -> Path | str:
             remaining = n_trials - len(done)
             log.info("sweep %s: %d of %d trials finished before, %d to run; event lines also in %s", sweep.name,
                      len(done), n_trials, max(remaining, 0), log_path)
-            data = prepare_data(base, opts, out / "_work")
+            data = prepare_data(base, opts, out / "_work", plan.storage)
             if remaining > 0:
                 spec = {"preset": sweep.preset, "overrides": overrides, "store": str(data.store),
                         "run_dir": str((out / "runs").resolve()), "tags": [sweep.name],
