@@ -34,6 +34,7 @@ ATTEMPTS = "attempts.jsonl"  # one line per start of the run by a study
 WANDB_DIR = "wandb"  # W&B's offline log (wandb.init(dir=run folder) makes it)
 RAY_SUBDIR = "ray"  # Ray Train storage (per-epoch resume states)
 SHARES_DIR = "data"  # worker-<rank>.json: the clips each Train worker trained on, held or streamed
+CHECKPOINTED = "checkpointed.json"  # {"epoch", "stage"} of the last checkpoint Ray Train registered
 # What a run folder's mirror (seld.storage, an object-store --storage) leaves alone: Ray's resume
 # states go to the store directly (Ray Train's storage_path), and a resumed run starts a new W&B
 # run (its offline logs are pushed once, by the trial, at the end).

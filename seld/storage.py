@@ -1,8 +1,11 @@
 """Object-store storage (``s3://bucket/prefix``, ``gs://bucket/prefix``) through ``pyarrow.fs``: a
 folder of this node (the staging folder) mirrored to a folder of the store. Reads and writes files
-of both; plain pyarrow, no Ray. Run folders and study folders are written with file I/O in their
-staging folder and pushed (new or changed files, one object each, written whole) after every epoch
-and at the end; a (re)started trial or study first pulls what the store holds.
+of both, and the staging folder's record of what was last synced (``.seld-mirror.json``); plain
+pyarrow, no Ray. Run folders and study folders are written with file I/O in their staging folder and
+pushed (files whose content changed, one object each, written whole; deletions) after every epoch
+and at the end; a (re)started trial or study first pulls what the store holds. To free a node's
+disk, delete a whole staging folder (its record goes with it), never single files: a file deleted
+from a synced folder is deleted from the store by the next push.
 
 The store is reached with the standard AWS variables (``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for a non-AWS server, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``, and
@@ -15,9 +18,11 @@ to the processes it is handed to, in memory: nothing is written to a file or a l
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import os
 import re
-import shutil
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +38,8 @@ REQUEST_TIMEOUT_S = 120.0
 MAX_ATTEMPTS = 3
 STAGING_ENV = "SELD_STAGING_DIR"  # node-local root of the staging folders (default ~/.cache/seld/staging)
 _CHUNK = 1 << 20
+RECORD = ".seld-mirror.json"  # in a staging folder: what was last synced (hidden: never pushed)
+RAY_STATE = "ray"  # a run folder's Ray Train storage (seld.runfolder.RAY_SUBDIR): never deleted by a push
 
 
 def is_uri(value: str | os.PathLike | None) -> bool:
@@ -103,34 +110,76 @@ def _one_line(e: BaseException) -> str:
 
 def _skipped(rel: str, skip: Sequence[str]) -> bool:
     name = rel.rsplit("/", 1)[-1]
-    # Hidden files are the atomic writers' temporaries (seld.runfolder.temp_path) and probes.
+    # Hidden files are the atomic writers' temporaries (seld.runfolder.temp_path), probes and the
+    # mirror's own record (RECORD).
     return name.startswith(".") or name.endswith(".tmp") or any(fnmatch.fnmatch(rel, p) for p in skip)
+
+
+def _ray_state(rel: str) -> bool:
+    """Whether ``rel`` lies in a ``ray/`` folder: Ray Train writes its resume states to the store
+    itself (``storage_path``), so a staging folder never holds them and a push never deletes them."""
+    return rel.startswith(f"{RAY_STATE}/") or f"/{RAY_STATE}/" in rel
+
+
+def _local_stat(path: Path) -> list[int] | None:
+    """What identifies a local file's content without reading it: size, mtime, ctime (which no
+    program can set back, so a rewrite that restores the mtime still shows) and inode."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 @dataclass
 class Mirror:
     """A staging folder (``local``, on this node) mirrored to a storage URI (``uri``).
 
-    Picklable: handed to trials and Train workers, it carries its filesystem (endpoint, region and
-    any keys from the environment where it was made) in memory.
+    Files are equal when their content is: a local file by its SHA-256, an object by its ETag (the
+    store changes it with every write; S3's timestamps have one-second resolution and the nodes'
+    clocks may disagree, so times decide nothing). What was last synced, per relative path (the
+    local file's SHA-256 and stat, the object's ETag), is recorded in the staging folder
+    (``RECORD``, a hidden file: never pushed), so every process on this node shares it.
+
+    * :meth:`push` makes the store equal the staging folder: it uploads each file whose content
+      differs from what was last synced, and deletes each object whose local file was deleted since
+      it was synced, unless the object changed since (another writer's) or lies in a ``ray/``
+      folder (Ray's resume states, which Ray writes to the store itself).
+    * :meth:`pull` makes the staging folder equal the store: it downloads each object that changed
+      since it was synced (or was never synced and differs), and deletes each local file whose
+      object was deleted, unless the local file changed since (a pending push).
+
+    Only what this node synced is ever deleted, so several writers (a trial's driver, Train's rank
+    0 and controller, possibly on other nodes) can share a folder. Picklable: handed to trials and
+    Train workers, it carries its filesystem (endpoint, region and any keys from the environment
+    where it was made) in memory; the record stays with each node's staging folder.
 
     Attributes:
         local: the staging folder.
-        uri: ``s3://bucket/prefix/...`` or ``gs://...``.
+        uri: ``s3://bucket/prefix/...`` or ``gs://...``, with a prefix (a mirror never owns a bucket's root).
     """
 
     local: Path
     uri: str
     fs: object = field(default=None, repr=False)
-    root: str = ""  # the uri as a path of ``fs`` (bucket/prefix)
-    # relative path -> (size, mtime_ns) of the local file as last pulled or pushed by this process
-    synced: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    root: str = ""  # the uri as a path of ``fs`` (bucket/prefix); derived from ``uri`` when ``fs`` is None
 
     def __post_init__(self) -> None:
         self.local = Path(self.local)
-        self.uri = check_uri(self.uri)
+        self.uri = check_uri(self.uri, "Mirror")
         if self.fs is None:
             self.fs, self.root = filesystem(self.uri)
+        if "/" not in self.root.strip("/"):
+            raise UserError(f"Mirror {self.uri}: no folder under the bucket (root {self.root!r}); a mirror "
+                            "pushes and deletes only under bucket/prefix, never at a bucket's root")
 
     def child(self, name: str) -> Mirror:
         """The mirror of the subfolder ``name`` (same filesystem)."""
@@ -173,64 +222,151 @@ class Mirror:
         return {i.path[n:]: (i.size, i.mtime.timestamp() if i.mtime else 0.0)
                 for i in infos if i.type == pafs.FileType.File}
 
+    def etag(self, rel: str) -> str | None:
+        """The object's ETag (its content's identity in the store), or None when there is no object.
+
+        A store whose objects carry no ETag falls back to size and modification time (then equal
+        sizes written within one second look alike)."""
+        try:
+            with self.fs.open_input_file(f"{self.root}/{rel}") as f:
+                meta = {k.lower(): (v.decode() if isinstance(v, bytes) else str(v)) for k, v in f.metadata().items()}
+        except FileNotFoundError:
+            return None
+        except OSError:
+            if rel not in self.remote_files():
+                return None
+            raise
+        return meta.get("etag") or f"{meta.get('content-length')}@{meta.get('last-modified')}"
+
+    # --- The record of what was last synced (this node's, in the staging folder) -----------------------
+    def _read_record(self) -> dict[str, dict]:
+        try:
+            data = json.loads((self.local / RECORD).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data.get("files", {}) if data.get("uri") == self.uri else {}
+
+    def _write_record(self, changed: dict[str, dict | None]) -> None:
+        """Merge this operation's entries (None: forget) into the record on disk: another process
+        may have recorded other files meanwhile. A lost entry costs a copy, never an update."""
+        if not changed:
+            return
+        files = self._read_record()
+        for rel, entry in changed.items():
+            if entry is None:
+                files.pop(rel, None)
+            else:
+                files[rel] = entry
+        self.local.mkdir(parents=True, exist_ok=True)
+        tmp = self.local / f"{RECORD}.{os.getpid()}-{threading.get_ident()}"
+        tmp.write_text(json.dumps({"uri": self.uri, "files": files}, sort_keys=True))
+        os.replace(tmp, self.local / RECORD)
+
+    def _local_sha(self, rel: str, record: dict[str, dict]) -> str | None:
+        """The local file's SHA-256 (from the record while its stat is unchanged), or None if absent."""
+        stat = _local_stat(self.local / rel)
+        if stat is None:
+            return None
+        entry = record.get(rel)
+        if entry and entry.get("stat") == stat:
+            return entry["sha256"]
+        return _sha256(self.local / rel)
+
     def pull(self, skip: Sequence[str] = ()) -> list[str]:
-        """Copy to the staging folder every object that is missing there, of another size or newer
-        than the local file (each written under a temporary name, then renamed).
+        """Make the staging folder equal the store (see the class docstring): download each object
+        that changed since it was last synced (each written under a temporary name, then renamed),
+        delete each local file whose object was deleted since.
 
         Args:
             skip: ``fnmatch`` patterns of relative paths to leave alone (``runs/*/checkpoints/*``).
         Returns:
-            The relative paths copied.
+            The relative paths whose local content changed (downloaded or deleted).
         """
+        record = self._read_record()
+        remote = {rel for rel in self.remote_files() if not _skipped(rel, skip)}
+        changed: dict[str, dict | None] = {}
         copied = []
-        for rel, (size, mtime) in sorted(self.remote_files().items()):
-            if _skipped(rel, skip):
+        for rel in sorted(remote):
+            etag = self.etag(rel)
+            if etag is None:  # deleted since the listing
                 continue
+            entry = record.get(rel)
+            if entry and entry.get("etag") == etag:
+                continue  # unchanged in the store since it was synced: local edits are pending pushes
             dst = self.local / rel
-            st = dst.stat() if dst.is_file() else None
-            if st is not None and st.st_size == size and (not mtime or st.st_mtime >= mtime):
-                continue
+            old = self._local_sha(rel, record)
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.pull-{os.getpid()}")
+            h = hashlib.sha256()
             try:
                 with self.fs.open_input_stream(f"{self.root}/{rel}") as src, open(tmp, "wb") as f:
-                    shutil.copyfileobj(src, f, _CHUNK)
-                os.replace(tmp, dst)
+                    for chunk in iter(lambda src=src: src.read(_CHUNK), b""):
+                        h.update(chunk)
+                        f.write(chunk)
+                if h.hexdigest() != old:
+                    os.replace(tmp, dst)
+                    copied.append(rel)
             finally:
                 tmp.unlink(missing_ok=True)
-            st = dst.stat()
-            self.synced[rel] = (st.st_size, st.st_mtime_ns)
-            copied.append(rel)
+            changed[rel] = {"sha256": h.hexdigest(), "etag": etag, "stat": _local_stat(dst)}
+        for rel, entry in sorted(record.items()):
+            if rel in remote or _skipped(rel, skip):
+                continue
+            if self._local_sha(rel, record) == entry.get("sha256"):
+                (self.local / rel).unlink(missing_ok=True)  # deleted in the store; unchanged here
+                copied.append(rel)
+            changed[rel] = None
+        self._write_record(changed)
         return copied
 
     def push(self, skip: Sequence[str] = (), only: Sequence[str] | None = None) -> list[str]:
-        """Copy to the store every file of the staging folder that is new or changed since this
-        mirror last pulled or pushed it (one object per file, written whole: readers never see half).
+        """Make the store equal the staging folder (see the class docstring): upload each file whose
+        content changed since it was last synced (one object per file, written whole: readers never
+        see half), delete each object whose local file was deleted since it was synced.
 
         Args:
             skip: ``fnmatch`` patterns of relative paths not to push (hidden files never are).
-            only: when given, push only these relative paths (those that exist).
+            only: when given, push only these relative paths (those that exist; those that do not
+                are deleted in the store as above).
         Returns:
-            The relative paths copied.
+            The relative paths uploaded or deleted in the store.
         """
+        record = self._read_record()
         if only is not None:
-            rels = [r for r in only if (self.local / r).is_file()]
+            rels = sorted(set(only))
         else:
-            rels = sorted(str(p.relative_to(self.local).as_posix()) for p in self.local.rglob("*") if p.is_file()) \
+            local = sorted(p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file()) \
                 if self.local.is_dir() else []
+            rels = sorted(set(local) | set(record))
+        changed: dict[str, dict | None] = {}
         copied = []
         for rel in rels:
             if _skipped(rel, skip):
                 continue
             src = self.local / rel
             try:
-                st = src.stat()
-                if self.synced.get(rel) == (st.st_size, st.st_mtime_ns):
+                sha = self._local_sha(rel, record)
+                if sha is None:
+                    if rel in record:
+                        changed[rel] = None
+                        if not _ray_state(rel) and self.etag(rel) == record[rel].get("etag"):
+                            self.fs.delete_file(f"{self.root}/{rel}")  # deleted here since it was synced
+                            copied.append(rel)
                     continue
+                if record.get(rel, {}).get("sha256") == sha:
+                    continue
+                stat = _local_stat(src)
+                h = hashlib.sha256()
                 with open(src, "rb") as f, self.fs.open_output_stream(f"{self.root}/{rel}") as out:
-                    shutil.copyfileobj(f, out, _CHUNK)
+                    for chunk in iter(lambda f=f: f.read(_CHUNK), b""):
+                        h.update(chunk)
+                        out.write(chunk)
             except FileNotFoundError:  # replaced or removed while we looked: the next push has it
                 continue
-            self.synced[rel] = (st.st_size, st.st_mtime_ns)
+            # What was uploaded is what was read (a file replaced meanwhile differs in stat or hash:
+            # the next push sends it again).
+            changed[rel] = {"sha256": h.hexdigest(), "etag": self.etag(rel),
+                            "stat": stat if h.hexdigest() == sha else None}
             copied.append(rel)
+        self._write_record(changed)
         return copied

@@ -727,7 +727,8 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         cfg: the experiment config (train.* gives workers, CPUs/GPU, failures, time budget).
         store: the feature store folder.
         run_dir: the run folder (must exist; rank 0 writes metrics, checkpoints, predictions here).
-        run_callbacks: Ray Train callbacks (e.g. Tune's TuneReportCallback).
+        run_callbacks: Ray Train callbacks (e.g. Tune's TuneReportCallback), after the run's own
+            (:class:`seld.train_callbacks.CheckpointMarker`: RUN/checkpointed.json).
         storage_path, name: where Ray keeps the resume states (default RUN/ray/train); the same
             pair again resumes from the latest state.
         plan: the run's data plan (`seld.data.plan_run`), made here when not given. Each worker gets
@@ -739,6 +740,8 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
     """
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from seld.train_callbacks import CheckpointMarker
 
     run_dir = Path(run_dir).resolve()
     plan = choose_data_path(cfg, plan or seld_data.plan_run(cfg, store))
@@ -755,7 +758,7 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         storage_filesystem=mirror.fs if mirror is not None else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        callbacks=list(run_callbacks) or None,
+        callbacks=[CheckpointMarker(run_dir, mirror), *run_callbacks],
     )
     loop_cfg = {"config": to_dict(cfg), "run_dir": str(run_dir), "plan": plan,
                 "deadline": time.time() + cfg.train.time_budget_s, **({"mirror": mirror} if mirror else {})}

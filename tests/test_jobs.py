@@ -41,6 +41,7 @@ def test_working_dir_package_holds_only_the_code(tmp_path, include_gitignore):
     store, a study's run folders and work cache, a .venv/ and wandb/: Ray's working-dir packaging
     (as `ray job submit --working-dir .` calls it, also with .gitignore ignored:
     RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) packs the code files only, well under Ray's 512 MiB."""
+    # Private, in a test only: Ray has no public call that builds the package without submitting a job.
     from ray._private.runtime_env.packaging import create_package
 
     repo = _checkout_copy(tmp_path / "checkout")

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from ray_snapshot import SNAPSHOT
 
 from seld.config import preset_config
+from seld.runfolder import CHECKPOINTED
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "cluster/loopback.yaml"
@@ -40,7 +40,8 @@ PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metri
 
 
 # One worker node in its own process, as ray.cluster_utils.Cluster.add_node starts one (its raylet,
-# agents and workers are this process's descendants); SIGTERM stops it cleanly.
+# agents and workers are this process's descendants); SIGTERM stops it cleanly. Private names, in a
+# test only: no public call starts a node that joins on loopback (see add_worker).
 NODE_SCRIPT = """
 import json, signal, sys, time
 import ray._private.node, ray._private.parameter
@@ -203,6 +204,14 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
+def _checkpointed_epoch(run: Path) -> int | None:
+    """The epoch of the last checkpoint Ray Train registered for a run (RUN/checkpointed.json)."""
+    try:
+        return json.loads((run / CHECKPOINTED).read_text())["epoch"]
+    except (OSError, ValueError):
+        return None
+
+
 def _train_worker_pid(cluster: LoopbackCluster) -> int | None:
     from ray.util.state import list_actors
 
@@ -248,7 +257,6 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
         proc = subprocess.Popen([*study, "--wandb"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     kills: list[dict] = []
     target: Path | None = None
-    last_n, last_change = 0, time.time()
     deadline = time.time() + 420
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -258,19 +266,16 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
                 target = next((p for p in started if _rows(p)), None)
                 continue
             n = len(_rows(target))
-            if n != last_n:
-                last_n, last_change = n, time.time()
             for k in kills:  # the first epoch finished after each kill: training again
                 if "again_s" not in k and n > k["rows"]:
                     k["again_s"] = round(time.time() - k["t"], 1)
             if len(kills) == 3:
                 continue
             # Kill once this trial has trained a new epoch since the last restore, while epochs
-            # remain, after Train registered that epoch's checkpoint (its snapshot file written
-            # since the row appeared): during the next epoch, as a spot reclaim strikes epochs of
+            # remain, after Train registered that epoch's checkpoint (RUN/checkpointed.json names
+            # the last row's epoch): during the next epoch, as a spot reclaim strikes epochs of
             # minutes, not in the instant between a 0.5-s epoch's row and its registration.
-            snapshot = target.parent / SNAPSHOT
-            registered = snapshot.exists() and snapshot.stat().st_mtime >= last_change
+            registered = _checkpointed_epoch(target.parent) == n - 1
             if n >= (kills[-1]["rows"] + 1 if kills else 2) and n <= STAGE1_EPOCHS - 2 and registered:
                 pid = _train_worker_pid(cluster)
                 node = cluster.node_of_pid(pid) if pid else None

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.config import config_hash
 from seld.errors import UserError
+from seld.runfolder import CHECKPOINTED
 from seld.storage import Mirror, is_uri, join, staging_dir
 from seld.study.cluster import check_shared_paths, plan_cluster, storage_path
 
@@ -173,6 +173,107 @@ def test_mirror_pushes_new_and_changed_files_and_pulls_them_back(tmp_path, s3_en
     assert other.child("run").pull(skip=("ray/*",)) == []  # nothing newer
 
 
+def _two_nodes(tmp_path, s3_env) -> tuple[Mirror, Mirror]:
+    """Two staging folders (two nodes) mirroring one folder of a fresh bucket."""
+    uri = f"s3://{s3_env()}/results/run"
+    return Mirror(tmp_path / "node-a", uri), Mirror(tmp_path / "node-b", uri)
+
+
+def test_mirror_equality_is_content_not_clocks(tmp_path, s3_env):
+    """Same-size rewrites are never lost: not when the writer's clock restores the old mtime, not
+    when the reader's file looks newer (a clock ahead), not within S3's one-second timestamps."""
+    import os
+
+    a, b = _two_nodes(tmp_path, s3_env)
+    f = a.local / "metrics.csv"
+    f.parent.mkdir(parents=True)
+    f.write_text("epoch\n0\n")
+    assert a.push() == ["metrics.csv"]
+    assert b.pull() == ["metrics.csv"]
+
+    # A rewrites it, same size, and sets its mtime back to the old one (a clock behind, or a copy
+    # that keeps times): the push still sees the new content.
+    st = f.stat()
+    f.write_text("epoch\n1\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    assert a.push() == ["metrics.csv"]
+    # B's copy looks newer than the object (B's clock a day ahead), same size: still pulled.
+    g = b.local / "metrics.csv"
+    os.utime(g, (time.time() + 86400, time.time() + 86400))
+    assert b.pull() == ["metrics.csv"] and g.read_text() == "epoch\n1\n"
+    # Two same-size writes within one second of the store's clock: the second still arrives.
+    for text in ("epoch\n2\n", "epoch\n3\n"):
+        f.write_text(text)
+        assert a.push() == ["metrics.csv"]
+        assert b.pull() == ["metrics.csv"] and g.read_text() == text
+    assert a.push() == [] and b.pull() == []  # nothing changed: nothing copied
+
+    # A fresh staging folder holding the same content (no record yet) downloads but reports nothing new.
+    c = Mirror(tmp_path / "node-c", a.uri)
+    (c.local).mkdir()
+    (c.local / "metrics.csv").write_text("epoch\n3\n")
+    assert c.pull() == [] and c.push() == []
+
+
+def test_a_pull_keeps_local_edits_the_store_has_not_seen(tmp_path, s3_env):
+    """The store changed since the last sync: the pull takes it (over a local edit). Only the local
+    file changed: a pending push, which the pull leaves alone and the push sends."""
+    a, b = _two_nodes(tmp_path, s3_env)
+    (a.local).mkdir()
+    (a.local / "study.log").write_text("line 1\n")
+    a.push()
+    b.pull()
+    (b.local / "study.log").write_text("line 1\nline 2 (b)\n")
+    assert b.pull() == [] and (b.local / "study.log").read_text() == "line 1\nline 2 (b)\n"
+    assert b.push() == ["study.log"]
+    assert a.pull() == ["study.log"] and (a.local / "study.log").read_text() == "line 1\nline 2 (b)\n"
+
+
+def test_mirror_propagates_deletions_it_can_vouch_for(tmp_path, s3_env):
+    """A file deleted on one side since it was synced is deleted on the other; never an object of
+    Ray's (`ray/`), another writer's object this node never synced, or one changed since."""
+    a, b = _two_nodes(tmp_path, s3_env)
+    for rel in ("predictions/x.csv", "predictions/y.csv", "ray/train/state.json", "notes.txt"):
+        (a.local / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a.local / rel).write_text(rel)
+    a.push()
+    assert b.pull() == ["notes.txt", "predictions/x.csv", "predictions/y.csv", "ray/train/state.json"]
+    other = Mirror(tmp_path / "node-c", a.uri)  # a third writer's file, never seen by A
+    (other.local).mkdir()
+    (other.local / "attempts.jsonl").write_text("{}\n")
+    other.push()
+
+    (a.local / "predictions/y.csv").unlink()
+    (a.local / "ray/train/state.json").unlink()
+    assert a.push() == ["predictions/y.csv"]
+    assert sorted(a.remote_files()) == ["attempts.jsonl", "notes.txt", "predictions/x.csv", "ray/train/state.json"]
+    assert b.pull() == ["attempts.jsonl", "predictions/y.csv"]  # the new object, the deletion
+    assert not (b.local / "predictions/y.csv").exists() and (b.local / "attempts.jsonl").exists()
+
+    # B deletes notes.txt while A rewrites it: B's push leaves A's newer object alone.
+    (a.local / "notes.txt").write_text("rewritten by A")
+    a.push()
+    (b.local / "notes.txt").unlink()
+    assert b.push() == []
+    assert "notes.txt" in b.remote_files()
+    assert b.pull() == ["notes.txt"] and (b.local / "notes.txt").read_text() == "rewritten by A"
+    # A deletion under skip patterns is not propagated either.
+    (b.local / "predictions/x.csv").unlink()
+    assert b.push(skip=("predictions/*",)) == [] and "predictions/x.csv" in b.remote_files()
+
+
+def test_a_mirror_without_a_folder_under_the_bucket_is_refused(tmp_path, s3_env):
+    bucket = s3_env()
+    with pytest.raises(UserError, match=rf"^Mirror s3://{bucket}: no folder under the bucket") as e:
+        Mirror(tmp_path, f"s3://{bucket}")
+    assert "\n" not in str(e.value)
+    fs = Mirror(tmp_path, f"s3://{bucket}/p").fs
+    with pytest.raises(UserError, match="no folder under the bucket"):
+        Mirror(tmp_path, f"s3://{bucket}/p", fs)  # a filesystem without its root
+    assert Mirror(tmp_path, f"s3://{bucket}/p").child("run").root == f"{bucket}/p/run"
+
+
 def test_a_missing_bucket_or_an_unreachable_store_is_one_line(tmp_path, s3_env, monkeypatch):
     with pytest.raises(UserError, match=r"^s3://no-such-bucket/x: bucket 'no-such-bucket' not found"):
         Mirror(tmp_path, "s3://no-such-bucket/x").check()
@@ -199,12 +300,12 @@ def _read_object(mirror: Mirror, rel: str) -> bytes:
         return f.read()
 
 
-def _snapshot_epoch(mirror: Mirror, rel: str) -> int | None:
-    """The registered epoch in the bucket's snapshot object (tests/ray_snapshot.py), or None if the
-    object went between the listing and the read."""
+def _registered_epoch(mirror: Mirror, rel: str) -> int | None:
+    """The epoch in a run's checkpointed.json object (the last checkpoint Ray Train registered), or
+    None if the object went between the listing and the read."""
     try:
-        return registered_epoch(_read_object(mirror, rel))
-    except OSError:
+        return json.loads(_read_object(mirror, rel))["epoch"]
+    except (OSError, ValueError):
         return None
 
 
@@ -258,15 +359,16 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         while time.monotonic() < deadline and proc.poll() is None:
             objects = results.remote_files()
             stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
-            # Ray Train's controller registers a reported checkpoint in its snapshot when it next
-            # polls its workers (every 2 s in ray 2.60), so under load metrics.csv can list an epoch
-            # or two more: those are retrained after the kill (still recorded once, timings new).
-            # So kill once the snapshot's latest checkpoint is an epoch metrics.csv lists.
-            snap = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
-                    and k.endswith(f"/{SNAPSHOT}")]
+            # Ray Train's controller registers a reported checkpoint when it next polls its
+            # workers (every 2 s in ray 2.60), so under load metrics.csv can list an epoch or two
+            # more: those are retrained after the kill (still recorded once, timings new). So kill
+            # once the run's checkpointed.json (written after the registration) names an epoch
+            # metrics.csv lists.
+            marker = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
+                      and k.endswith(f"/{CHECKPOINTED}")]
             blob = _read_object(results, stereo[0]) if stereo else b""
             epochs = _csv_epochs(blob) if blob else []
-            seen = (epochs, _snapshot_epoch(results, snap[0]) if snap else None)
+            seen = (epochs, _registered_epoch(results, marker[0]) if marker else None)
             if seen[1] is not None and seen[1] in epochs:
                 killed_at, kill_epoch = blob, seen[1]
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -276,7 +378,7 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
         if proc.poll() is None and killed_at is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert killed_at is not None, (f"no kill point: last (metrics.csv epochs, snapshot epoch) seen {seen}\n"
+    assert killed_at is not None, (f"no kill point: last (metrics.csv epochs, checkpointed epoch) seen {seen}\n"
                                    + proc.stdout.read().decode()[-3000:])
     objects = results.remote_files()
     base_run, stereo_run = _run_folder(objects, "baseline"), _run_folder(objects, "stereo_rcnet")
@@ -333,8 +435,10 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     secret = s3_env.env["AWS_SECRET_ACCESS_KEY"].encode()
     everything = Mirror(tmp_path / "probe", uri)
     assert not [k for k in everything.remote_files() if secret in _read_object(everything, k)]
-    session = Path(ray_session._private.worker._global_node.get_session_dir_path())
-    for root in (tmp_path, session / "logs"):
+    context = ray_session.get_runtime_context()  # the session's logs: <temp dir>/<session name>/logs
+    session_logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    assert session_logs.is_dir()
+    for root in (tmp_path, session_logs):
         leaked = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()
                   and p.stat().st_size < 50_000_000 and secret in p.read_bytes()]
         assert not leaked, leaked

@@ -484,7 +484,7 @@ def test_a_sitting_trains_started_runs_first_then_the_declared_order(tmp_path):
     the reference and whole variants, so the comparisons made so far can be read."""
     from seld.config import preset_config
     from seld.study import Variant
-    from seld.study.ablation import training_order
+    from seld.study.ablation import Run, training_order
 
     cfg = preset_config("smoke")
     names = ["stereo_rcnet", "no_channel_attention", "fusion_add", "baseline"]
@@ -493,10 +493,10 @@ def test_a_sitting_trains_started_runs_first_then_the_declared_order(tmp_path):
         for seed in (0, 1):
             run_dir = tmp_path / f"{name}-s{seed}"
             run_dir.mkdir()
-            runs.append((Variant(name, {}), seed, {}, cfg, run_dir))
+            runs.append(Run(Variant(name, {}), seed, {}, cfg, run_dir))
     for started in ("fusion_add-s1", "baseline-s0"):
         (tmp_path / started / "metrics.csv").write_text("epoch\n0\n")
-    order = [f"{v.name}-s{seed}" for v, seed, *_ in training_order(runs)]
+    order = [r.run_id for r in training_order(runs)]
     assert order == ["fusion_add-s1", "baseline-s0", "stereo_rcnet-s0", "stereo_rcnet-s1",
                      "no_channel_attention-s0", "no_channel_attention-s1", "fusion_add-s0", "baseline-s1"]
     assert order != sorted(order)

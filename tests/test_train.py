@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.config import config_hash, preset_config, run_hash
 from seld.errors import UserError
+from seld.runfolder import CHECKPOINTED
 from seld.study.session import default_num_cpus
 from seld.train import prepare_run_dir, run_training
 
@@ -87,18 +87,20 @@ def test_worker_killed_after_an_epoch_restores_from_its_checkpoint(smoke_store, 
     assert (run / "thresholds.json").read_text() == (tmp_path / "straight" / "thresholds.json").read_text()
 
 
-def _registered_epoch(snapshot: Path) -> int | None:
-    """The epoch of the latest checkpoint Ray has registered for a local run (tests/ray_snapshot.py)."""
-    return registered_epoch(snapshot.read_bytes() if snapshot.exists() else None)
+def _registered_epoch(run: Path) -> int | None:
+    """The epoch of the last checkpoint Ray Train has registered for a run (RUN/checkpointed.json,
+    written by the run's CheckpointMarker), or None before the first."""
+    marker = run / CHECKPOINTED
+    return json.loads(marker.read_text())["epoch"] if marker.exists() else None
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed(smoke_store, tmp_path):
     """`seld train` killed (SIGKILL of its process group, driver and embedded Ray) once Ray has
-    registered a checkpoint resumes with --resume from that checkpoint: every epoch is in
-    metrics.csv once, and the epochs up to the registered one are the same rows (same timings),
-    not trained again."""
+    registered a checkpoint (RUN/checkpointed.json) resumes with --resume from that checkpoint:
+    every epoch is in metrics.csv once, and the epochs up to the registered one are the same rows
+    (same timings), not trained again."""
     import subprocess
     import sys
 
@@ -112,12 +114,11 @@ def test_resume_after_the_driver_is_killed(smoke_store, tmp_path):
            "--set", "train.stage1.epochs=3", "--set", "train.time_budget_s=3600"]
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=log)
-    snapshot = run / SNAPSHOT
     deadline, kill_epoch = time.time() + 300, None
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            epoch = _registered_epoch(snapshot)
+            epoch = _registered_epoch(run)
             if epoch is None or not (run / "metrics.csv").exists():
                 continue
             rows = list(csv.DictReader((run / "metrics.csv").open()))
@@ -132,7 +133,7 @@ def test_resume_after_the_driver_is_killed(smoke_store, tmp_path):
     assert kill_epoch is not None, (tmp_path / "first.log").read_text()[-3000:]
     before = list(csv.DictReader((run / "metrics.csv").open()))
     assert not (run / "metrics.json").exists(), "the run finished before the kill"
-    registered = _registered_epoch(snapshot)  # it may have moved on between the read and the kill
+    registered = _registered_epoch(run)  # it may have moved on between the read and the kill
     assert registered is not None and registered >= kill_epoch
     out = subprocess.run([*cmd[:-4], "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

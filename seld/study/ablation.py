@@ -94,8 +94,20 @@ class Study:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
-# One run of the grid: its variant, seed, dotted overrides, config and run folder.
-Run = tuple[Variant, int, dict[str, Any], ExperimentConfig, Path]
+@dataclass(frozen=True)
+class Run:
+    """One run of the grid: its variant, seed, dotted overrides, config and run folder."""
+
+    variant: Variant
+    seed: int
+    overrides: dict[str, Any]
+    cfg: ExperimentConfig
+    run_dir: Path
+
+    @property
+    def run_id(self) -> str:
+        """``<variant>-s<seed>``: the run's name in Tune, progress lines and errors."""
+        return f"{self.variant.name}-s{self.seed}"
 
 
 def run_study(study: Study, opts: Options) -> Path | str:
@@ -115,8 +127,8 @@ def run_study(study: Study, opts: Options) -> Path | str:
     counts = train_counts(base, opts)
     runs = _runs(study, seeds, plan, opts, out, counts)
     if opts.dry_run:
-        hours = max(estimate_run_hours(cfg, *counts, plan) for _, _, _, cfg, _ in runs)
-        budget = max(cfg.train.time_budget_s for _, _, _, cfg, _ in runs)
+        hours = max(estimate_run_hours(r.cfg, *counts, plan) for r in runs)
+        budget = max(r.cfg.train.time_budget_s for r in runs)
         more = f", then up to {sequential.max_seeds} seeds per row where unsettled" if sequential else ""
         return format_plan(plan, len(runs), hours, f"study {study.name!r} (preset {study.preset}, "
                                                     f"{len(study.variants)} variants x {len(seeds)} seeds{more})",
@@ -176,7 +188,7 @@ def _run(study: Study, v: Variant, seed: int, plan: ClusterPlan, opts: Options, 
     # Named by the run's identity, not its bounds: a run its time budget stopped keeps its
     # folder under another --time-budget-s, and --resume continues it there.
     run_dir = out / "runs" / f"{v.name}-s{seed}-{run_hash(cfg)[:8]}"
-    return v, seed, overrides, cfg, run_dir
+    return Run(v, seed, overrides, cfg, run_dir)
 
 
 def sequential_plan(study: Study, opts: Options) -> SequentialPlan | None:
@@ -224,7 +236,7 @@ def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors
 
     by_name = {v.name: v for v in study.variants}
     order = {v.name: i for i, v in enumerate(study.variants)}
-    attempted = {(v.name, seed) for v, seed, *_ in runs}  # trained (or tried) once in this sitting
+    attempted = {(r.variant.name, r.seed) for r in runs}  # trained (or tried) once in this sitting
     while True:
         rows = pd.read_csv(out / "summary.csv")  # the values the tables read, to the digit
         counters = load_counters(out / COUNTERS_NPZ)[1] if (out / COUNTERS_NPZ).is_file() else None
@@ -237,7 +249,7 @@ def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors
                             len(wanted - ok), ", ".join(f"{v}-s{s}" for v, s in sorted(wanted - ok)))
             break
         new = [_run(study, by_name[v], seed, plan, opts, out, counts) for v, seed in todo]
-        to_train = [r for r in new if not (r[4] / METRICS_JSON).exists()]
+        to_train = [r for r in new if not (r.run_dir / METRICS_JSON).exists()]
         if opts.budget_device_hours is not None and to_train:
             hours = pd.to_numeric(rows["device_hours"], errors="coerce") if "device_hours" in rows else pd.Series([0.0])
             used = float(hours.fillna(0).sum())
@@ -256,7 +268,7 @@ def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors
         errors.update(_train_pending(study, new, data, plan, out, opts, mirror))
         if mirror is not None:
             mirror.pull(skip=DRIVER_PULL_SKIP)
-        runs.sort(key=lambda r: (order[r[0].name], sequential.seeds.index(r[1])))
+        runs.sort(key=lambda r: (order[r.variant.name], sequential.seeds.index(r.seed)))
         _write_summary(study, runs, errors, data, out)
     return pd.read_csv(out / "summary.csv").to_dict("records")
 
@@ -266,36 +278,36 @@ def training_order(pending: list[Run]) -> list[Run]:
     epochs in metrics.csv) first, then the study's declared order (variants, then seeds). The
     reference variant is declared first, so it trains before the variants compared with it, and a
     sitting stopped part-way leaves whole comparisons rather than scattered half-runs."""
-    return sorted(pending, key=lambda r: not (r[4] / METRICS_CSV).exists())  # stable: declared order kept
+    return sorted(pending, key=lambda r: not (r.run_dir / METRICS_CSV).exists())  # stable: declared order kept
 
 
 def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterPlan, out: Path,
                    opts: Options, mirror: Mirror | None = None) -> dict[str, str]:
     """Train the runs without a metrics.json; returns run_id -> error text of the trials that failed.
     ``mirror``: the study folder's object store (each trial gets its run folder's)."""
-    truncated = [r for r in runs if run_status(r[4], r[3], None)[0] == "time_budget"]
-    pending = training_order([r for r in runs if not (r[4] / METRICS_JSON).exists()] + truncated)
+    truncated = [r for r in runs if run_status(r.run_dir, r.cfg, None)[0] == "time_budget"]
+    pending = training_order([r for r in runs if not (r.run_dir / METRICS_JSON).exists()] + truncated)
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
-    for v, seed, _, cfg, _dir in truncated:
+    for r in truncated:
         log.info("%s seed %d: stopped by its time budget before; continued from its last epoch "
-                 "(train.time_budget_s=%g s for this attempt)", v.name, seed, cfg.train.time_budget_s)
+                 "(train.time_budget_s=%g s for this attempt)", r.variant.name, r.seed, r.cfg.train.time_budget_s)
     errors: dict[str, str] = {}
     if pending:
         env = trial_env(opts, study.name)
         specs = {
-            f"{v.name}-s{seed}": {
-                "preset": study.preset, "overrides": overrides, "store": str(data.store),
-                "run_dir": str(run_dir.resolve()), "tags": [study.name, v.name, f"seed{seed}"],
+            r.run_id: {
+                "preset": study.preset, "overrides": r.overrides, "store": str(data.store),
+                "run_dir": str(r.run_dir.resolve()), "tags": [study.name, r.variant.name, f"seed{r.seed}"],
                 "wandb": {"project": "seld", "group": study.name} if opts.wandb else None, "env": env,
-                **({"mirror": mirror.child(f"runs/{run_dir.name}")} if mirror is not None else {}),
+                **({"mirror": mirror.child(f"runs/{r.run_dir.name}")} if mirror is not None else {}),
             }
-            for v, seed, overrides, _, run_dir in pending
+            for r in pending
         }
-        counts = train_counts(pending[0][3], opts)  # the time left counts each epoch's clips
-        planned = {f"{v.name}-s{seed}": PlannedRun(f"{v.name} seed {seed}", v.name, cfg.train.max_epochs,
-                                                   planned_epoch_clips(cfg, *counts))
-                   for v, seed, _, cfg, _ in pending}
+        counts = train_counts(pending[0].cfg, opts)  # the time left counts each epoch's clips
+        planned = {r.run_id: PlannedRun(f"{r.variant.name} seed {r.seed}", r.variant.name, r.cfg.train.max_epochs,
+                                        planned_epoch_clips(r.cfg, *counts))
+                   for r in pending}
         progress = progress_callback(planned, n_total=len(runs), n_done_before=len(runs) - len(pending),
                                      concurrency=opts.concurrency or plan.concurrency, max_retries=opts.max_retries,
                                      recorded=recorded_costs(out / "summary.csv"))
@@ -308,16 +320,15 @@ def _write_summary(study: Study, runs: list[Run], errors: dict[str, str], data: 
     """summary.csv (one row per run, failed ones with their error) and curves.csv; returns the rows."""
     sha = git_sha()
     rows = []
-    for v, seed, _, cfg, run_dir in runs:
-        run_id = f"{v.name}-s{seed}"
-        status, error = run_status(run_dir, cfg, errors.get(run_id))
-        rows.append(summary_row(study.name, v.name, seed, cfg, run_dir, out, data, sha, status, error, {}))
+    for r in runs:
+        status, error = run_status(r.run_dir, r.cfg, errors.get(r.run_id))
+        rows.append(summary_row(study.name, r.variant.name, r.seed, r.cfg, r.run_dir, out, data, sha, status,
+                                error, {}))
     write_rows(rows, out / "summary.csv", SUMMARY_COLUMNS)
     # Per-test-file counters of the finished runs: the tables' paired file intervals (--report-only).
-    ok = [(v.name, seed, run_dir) for (v, seed, _, _, run_dir), r in zip(runs, rows, strict=True)
-          if r["status"] == "ok"]
+    ok = [(r.variant.name, r.seed, r.run_dir) for r, row in zip(runs, rows, strict=True) if row["status"] == "ok"]
     gather_study_counters(out / COUNTERS_NPZ, ok)
-    curves = read_curves([(v.name, seed, run_dir) for v, seed, _, _, run_dir in runs])
+    curves = read_curves([(r.variant.name, r.seed, r.run_dir) for r in runs])
     if curves is not None:
         with atomic_write(out / "curves.csv") as tmp:
             curves.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
