@@ -76,16 +76,6 @@ class StoreLayout:
         return int(np.prod(self.feature_shape)) * np.dtype(self.dtype).itemsize
 
 
-def shard_paths(store: str | Path, features_cfg=None) -> list[Path]:
-    """Parquet shard files of a store, in manifest order (checked against `features_cfg` when given)."""
-    from seld.store import open_store
-
-    paths = [Path(p) for p in open_store(store, features_cfg).shards]
-    if not paths:
-        raise DataError(f"{store}: the store has no shards; run `seld features DATA --out STORE`")
-    return paths
-
-
 def read_index(store: str | Path, features_cfg=None, layout: StoreLayout | None = None):
     """The store's index: clip, split, domain, role, site, room, and where each row lives (`shard`:
     position in :func:`store_layout`'s shards, `row`: row within the shard). No features are read;
@@ -675,7 +665,7 @@ def ordered_map(fn: Callable, items: list, threads: int, depth: int) -> Iterator
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def plan_run(cfg: ExperimentConfig, store: str | Path) -> dict:
+def plan_run(cfg: ExperimentConfig, store: str | Path, filesystem=None) -> dict:
     """The driver's data plan of a run, from the store's index columns only (no features read).
 
     Returns {"layout": StoreLayout, "rows": {set: clip ids} (seld.data.plan_rows), "shares": per rank
@@ -684,7 +674,7 @@ def plan_run(cfg: ExperimentConfig, store: str | Path) -> dict:
     :func:`choose_path`) before handing it to the workers. Raises DataError naming the store when a set
     the config needs is empty.
     """
-    layout = store_layout(store, cfg.features)
+    layout = store_layout(store, cfg.features, filesystem)  # a bucket store: the layout carries `filesystem`
     index = read_index(store, cfg.features, layout)  # the footers are read once
     try:
         rows = plan_rows(index, cfg)

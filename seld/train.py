@@ -788,7 +788,8 @@ def _nodes_labelled(label: dict[str, str]) -> int:
 
 
 def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *, resume: bool = False,
-                 wandb: dict | None = None, run_callbacks=(), mirror: Mirror | None = None) -> dict:
+                 wandb: dict | None = None, run_callbacks=(), mirror: Mirror | None = None,
+                 store_filesystem=None) -> dict:
     """Train one run end to end and return the content of RUN/metrics.json.
 
     Args:
@@ -796,6 +797,8 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
             metrics and the per-class table to one W&B run in RUN/wandb (offline unless WANDB_MODE).
         mirror: the run folder's object store, ``run_dir`` being its staging folder (already
             pulled by the caller): pushed after config.json is written and at the end.
+        store_filesystem: a bucket store's pyarrow filesystem (credentials in memory, as the
+            mirror's); None: built from this process's environment (seld.storage).
     """
     import ray.train
 
@@ -806,7 +809,7 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     run_dir = Path(run_dir).resolve()
     # Plan once, from the store's index (feature config, the splits each set needs, each worker's
     # share): bad input fails here, before anything is created or started.
-    plan = seld_data.plan_run(cfg, store)
+    plan = seld_data.plan_run(cfg, store, store_filesystem)
     t_ray = init_ray(num_workers=cfg.train.num_workers)
     plan = choose_data_path(cfg, plan)  # a forced materialise that cannot fit fails here, before any file
     run_dir.mkdir(parents=True, exist_ok=True)

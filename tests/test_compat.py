@@ -53,3 +53,17 @@ def test_importing_compat_imports_no_library():
 
     code = "import sys, seld.compat; assert not {'ray', 'optuna'} & set(sys.modules), sorted(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode == 0
+
+
+def test_no_private_ray_or_optuna_name_outside_compat():
+    """The product reaches Ray's and Optuna's private names only through seld/compat.py (issue 26's
+    check: `grep -rn "\\._[a-z]" seld/ | grep -E "ray|optuna"` finds nothing else), so an upgrade
+    breaks in one place that says where."""
+    import re
+
+    private = re.compile(r"\._[a-z]")
+    found = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+             for p in sorted((ROOT / "seld").rglob("*.py")) if p.name != "compat.py"
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if private.search(line) and re.search(r"ray|optuna", line)]
+    assert not found, "private names outside seld/compat.py:\n" + "\n".join(found)

@@ -535,3 +535,47 @@ def test_ray_data_reads_a_bucket_store_as_one_tensor_batch(smoke_store, s3_env, 
     assert list(rows.clips) == list(batch["clip"][order])
     want, _ = data.StoreReader(data.store_layout(smoke_store)).read(rows)
     np.testing.assert_array_equal(batch["features"][order], want)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_study_with_its_store_in_the_bucket_needs_no_shared_filesystem(tmp_path, ray_session, smoke_data, s3_env):
+    """--storage s3://bucket/prefix without --cache-dir and data.engine=ray_data: the study's feature
+    store is written to the bucket (nothing of it on a local disk), every trial trains from it with
+    the storage's credentials carried in memory (the session's Ray workers have no AWS variables),
+    the Train workers open no store file, and the results land in the bucket."""
+    import io
+    import os
+
+    import pandas as pd
+
+    from seld.config import preset_config
+    from seld.synth import dataset_hash
+
+    bucket = s3_env("nofs")
+    uri = f"s3://{bucket}/prefix"
+    staging = tmp_path / "staging"
+    # The generated dataset is read by the driver only: its local work folder holds the session's.
+    h = dataset_hash(preset_config("smoke").synth)
+    (staging / "_work").mkdir(parents=True)
+    (staging / "_work" / f"synth-{h}").symlink_to(smoke_data, target_is_directory=True)
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--storage", uri,
+           "--out", "staging", "--max-retries", "0", "--set", "data.engine=ray_data"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert not [p for p in staging.rglob("*.parquet")], "a store file on the local disk"
+    cache = Mirror(tmp_path / "probe-cache", f"{uri}/cache")
+    stored = cache.remote_files()
+    assert any(k.startswith(f"store-{h}/features-") and k.endswith("/manifest.json") for k in stored)
+    assert sum(k.endswith(".parquet") for k in stored) >= 4
+    results = Mirror(tmp_path / "probe", f"{uri}/results/ablation")
+    objects = results.remote_files()
+    summary = pd.read_csv(io.BytesIO(_read_object(results, "summary.csv")))
+    assert list(summary["status"]) == ["ok", "ok"]
+    workers = [k for k in objects if k.endswith("/data/worker-0.json")]
+    assert len(workers) == 2
+    for key in workers:
+        record = json.loads(_read_object(results, key))
+        assert record["engine"] == "ray_data" and record["store_files_opened"] == 0, record

@@ -116,8 +116,11 @@ def train_trial(spec: dict[str, Any], params: dict[str, Any] | None = None) -> d
                             "wandb_env": sorted(k for k in WANDB_FORWARD if os.environ.get(k))}) + "\n")
     if spec.get("wandb"):
         os.environ["WANDB_TAGS"] = ",".join(spec["tags"])
+    # A store in the study's bucket is read with the storage's filesystem: its credentials travel
+    # in memory with the mirror, not through this process's environment.
+    store_fs = mirror.fs if mirror is not None and is_uri(spec["store"]) else None
     return run_training(cfg, spec["store"], run_dir, resume=resume, wandb=spec.get("wandb"),
-                        run_callbacks=[_tune_report_callback()], mirror=mirror)
+                        run_callbacks=[_tune_report_callback()], mirror=mirror, store_filesystem=store_fs)
 
 
 def _tune_report_callback():
