@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from ray_snapshot import SNAPSHOT, registered_epoch
 
 from seld.config import preset_config
+from seld.runfolder import CHECKPOINTED
 
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {"train.num_workers": 2, "train.stage1.epochs": 3, "train.stage2.epochs": 1, "train.max_failures": 1,
@@ -164,8 +164,8 @@ def test_a_killed_ray_data_worker_restores_and_draws_the_same_clip_order(ray_dat
     killed, deadline = None, time.time() + 300
     while time.time() < deadline and killed is None and thread.is_alive():
         time.sleep(0.3)
-        snapshot = run / SNAPSHOT
-        epoch = registered_epoch(snapshot.read_bytes() if snapshot.exists() else None)
+        marker = run / CHECKPOINTED  # the last checkpoint Ray Train registered (CheckpointMarker)
+        epoch = json.loads(marker.read_text())["epoch"] if marker.exists() else None
         if epoch is not None and epoch < 3:
             actors = list_actors(address=ray_session.get_runtime_context().gcs_address,
                                  filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
