@@ -16,6 +16,7 @@ CPU. Preset `smoke` (batch 32 as `local`), stage 1, seed 0. Results as one JSON 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -33,10 +34,10 @@ def run_arm(store: str, fmt: str, path: str, n_batches: int, workers: int, batch
                                   "train.num_workers": workers, "train.batch_size": batch_size,
                                   "data.read_threads": threads})
     t0 = time.perf_counter()
-    plan = {**seld_data.plan_run(cfg, store), "materialize": path == "held"}
+    plan = dataclasses.replace(seld_data.plan_run(cfg, store), materialize=path == "held")
     t_plan = time.perf_counter() - t0
     t1 = time.perf_counter()
-    train_sets, _, _, _ = seld_data.worker_sets(cfg, plan, 0, workers)
+    train_sets = seld_data.worker_sets(cfg, plan, 0, workers).train_sets
     tset = train_sets[1]
     mean, std = seld_data.norm_from_sums(tset.sums())
     t_ready = time.perf_counter() - t1

@@ -16,6 +16,7 @@ peak (MFU), peak GPU memory, and the process's host memory (RSS and PSS). One JS
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -86,8 +87,8 @@ def model_only(cfg, batch, n_batches: int, device: str) -> float:
 def pipeline(cfg, store: Path, path: str, n_batches: int, device: str) -> dict:
     """The worker's data path into train_epoch on the device: set-up time, clips/s, data wait."""
     t0 = time.perf_counter()
-    plan = {**seld_data.plan_run(cfg, store), "materialize": path == "held"}
-    train_sets, _, _, _ = seld_data.worker_sets(cfg, plan, 0, 1)
+    plan = dataclasses.replace(seld_data.plan_run(cfg, store), materialize=path == "held")
+    train_sets = seld_data.worker_sets(cfg, plan, 0, 1).train_sets
     tset = train_sets[cfg.train.stage_numbers[0]]
     mean, std = seld_data.norm_from_sums(tset.sums())
     set_up = time.perf_counter() - t0
@@ -109,7 +110,7 @@ def pipeline(cfg, store: Path, path: str, n_batches: int, device: str) -> dict:
     dt = time.perf_counter() - t1
     return {"path": path, "set_up_s": round(set_up, 2), "batches": n, "clips": int(clips),
             "clips_per_s": round(clips / dt, 1), "data_wait_frac": round(wait / dt, 4),
-            "held_gib": round(plan.get("held_bytes", 0) / 2**30, 3) if path == "held" else 0.0,
+            "held_gib": round(plan.held_bytes / 2**30, 3) if path == "held" else 0.0,
             **host_memory_mib()}
 
 

@@ -19,6 +19,7 @@ arm. The machine is shared: compare arms of one invocation, not invocations.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -57,15 +58,15 @@ def run_arm(store: str, fmt: str, path: str, engine: str, epochs: int, batch_siz
     cfg = preset_config("smoke", {"model.output_format": fmt, "train.stages": "stage1", "train.num_workers": 1,
                                   "train.batch_size": batch_size, "data.engine": engine})
     t0 = time.perf_counter()
-    plan = {**seld_data.plan_run(cfg, store), "materialize": path == "held"}
+    plan = dataclasses.replace(seld_data.plan_run(cfg, store), materialize=path == "held")
     t_plan = time.perf_counter() - t0
     t1 = time.perf_counter()
     if engine == "rowgroups":
-        tset = seld_data.worker_sets(cfg, plan, 0, 1)[0][1]
+        tset = seld_data.worker_sets(cfg, plan, 0, 1).train_sets[1]
     else:
         with seld_data.ray_data_context(cfg):
             datasets = seld_data.ray_datasets(cfg, plan)
-        tset = seld_data.RayTrainSet("stage1", cfg, 0, plan["shares"][0]["stage1"], plan["layout"],
+        tset = seld_data.RayTrainSet("stage1", cfg, 0, plan.shares[0]["stage1"], plan.layout,
                                      seld_data.train_dataset_name(1, 0), shards=lambda n: datasets[n].iterator())
     mean, std = seld_data.norm_from_sums(tset.sums())
     t_ready = time.perf_counter() - t1

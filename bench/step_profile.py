@@ -18,6 +18,7 @@ Compare its ms/batch with a run's `train/time_s` per epoch / batches per epoch.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -54,8 +55,8 @@ def main() -> int:
         arms = (bf16_autocast("cpu", cfg.train.amp_bf16),)
     else:
         arms = (args.precision == "bf16",)
-    plan = {**seld_data.plan_run(cfg, args.store), "materialize": True}  # one worker, share held
-    tset = seld_data.worker_sets(cfg, plan, 0, 1)[0][1]
+    plan = dataclasses.replace(seld_data.plan_run(cfg, args.store), materialize=True)  # one worker, share held
+    tset = seld_data.worker_sets(cfg, plan, 0, 1).train_sets[1]
     mean, std = seld_data.norm_from_sums(tset.sums())
     loss_fn = build_loss(cfg.loss, cfg.model.output_format)
     augment = Augmenter(cfg.augment)

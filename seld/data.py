@@ -28,7 +28,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -665,14 +665,24 @@ def ordered_map(fn: Callable, items: list, threads: int, depth: int) -> Iterator
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def plan_run(cfg: ExperimentConfig, store: str | Path, filesystem=None) -> dict:
-    """The driver's data plan of a run, from the store's index columns only (no features read).
+@dataclass(frozen=True)
+class RunPlan:
+    """The driver's data plan of a run (:func:`plan_run`). It travels to the Train workers inside the
+    loop config, pickled by Ray: plain fields only."""
 
-    Returns {"layout": StoreLayout, "rows": {set: clip ids} (seld.data.plan_rows), "shares": per rank
-    {"stage<k>": RowSet} (seld.data.plan_shares), "sets": {"val" | "test" | "synth_test": RowSet},
-    "held_bytes": what the largest share would hold}; the driver adds "materialize" (bool,
-    :func:`choose_path`) before handing it to the workers. Raises DataError naming the store when a set
-    the config needs is empty.
+    layout: StoreLayout
+    rows: dict[str, list[str]]  # clip ids per set (plan_rows)
+    shares: list[dict[str, RowSet]]  # per rank {"stage<k>": RowSet} (plan_shares)
+    sets: dict[str, RowSet]  # "val" | "test" | "synth_test"
+    held_bytes: int  # what the largest share would hold
+    # Hold each share (True) or stream it (False): the driver decides (seld.train.choose_data_path,
+    # :func:`choose_path`) before handing the plan to the workers; None: not decided yet.
+    materialize: bool | None = None
+
+
+def plan_run(cfg: ExperimentConfig, store: str | Path, filesystem=None) -> RunPlan:
+    """The driver's data plan of a run, from the store's index columns only (no features read),
+    "materialize" undecided. Raises DataError naming the store when a set the config needs is empty.
     """
     layout = store_layout(store, cfg.features, filesystem)  # a bucket store: the layout carries `filesystem`
     index = read_index(store, cfg.features, layout)  # the footers are read once
@@ -682,29 +692,42 @@ def plan_run(cfg: ExperimentConfig, store: str | Path, filesystem=None) -> dict:
         raise DataError(f"{store}: {e}; the store holds the splits {sorted(index['split'].unique())}") from None
     shares = plan_shares(index, rows, cfg.train.num_workers)
     sets = {n: row_set(index, rows[n]) for n in ("val", "test", "synth_test")}
-    return {"layout": layout, "rows": rows, "shares": shares, "sets": sets,
-            "held_bytes": held_bytes(shares, layout)}
+    return RunPlan(layout=layout, rows=rows, shares=shares, sets=sets, held_bytes=held_bytes(shares, layout))
 
 
-def worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int, order_log: Path | None = None):
+@dataclass(frozen=True)
+class WorkerSets:
+    """What one Train worker trains, validates and tests on (:func:`worker_sets`, :func:`ray_worker_sets`)."""
+
+    train_sets: dict[int, StageRows]  # per stage, this worker's share
+    val: ClipBatch | None  # rank 0: the whole validation set, else None
+    val_mine: ClipBatch  # the validation rows this worker scores each epoch
+    read_tests: Callable[[], dict[str, ClipBatch]] = field(repr=False)  # rank 0 at the end: the test sets with rows
+    reader: StoreReader | None = None  # the row-group engine's reader; None: Ray Data feeds this worker
+
+
+def worker_sets(cfg: ExperimentConfig, plan: RunPlan, rank: int, world: int,
+                order_log: Path | None = None) -> WorkerSets:
     """What worker `rank` of `world` trains and validates on, from the driver's plan (the row-group
-    engine: this worker reads the store).
+    engine: this worker reads the store with its own StoreReader).
 
-    Returns (train_sets {stage: TrainSet} over its share, held once when plan["materialize"], else
-    streamed; val: the whole validation set on rank 0, else None; val_mine: the validation rows
-    this worker scores each epoch; the StoreReader). `order_log`: where the training sets record
-    each epoch's clip order (`data.record_order`), or None.
+    The training sets (TrainSet) cover its share, held once when plan.materialize, else streamed.
+    `order_log`: where the training sets record each epoch's clip order (`data.record_order`), or None.
     """
-    reader = StoreReader(plan["layout"])
-    shares = plan["shares"][rank]
-    held = HeldRows.read(reader, shares) if plan["materialize"] else None
+    reader = StoreReader(plan.layout)
+    shares = plan.shares[rank]
+    held = HeldRows.read(reader, shares) if plan.materialize else None
     train_sets = {s: TrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], reader, held, order_log)
                   for s in cfg.train.stage_numbers}
-    val_rows: RowSet = plan["sets"]["val"]
+    val_rows: RowSet = plan.sets["val"]
     val = read_clips(reader, val_rows) if rank == 0 else None
     val_mine = val.every(rank, world) if val is not None else read_clips(
         reader, val_rows.take(np.arange(rank, len(val_rows), world)))
-    return train_sets, val, val_mine, reader
+
+    def read_tests() -> dict[str, ClipBatch]:
+        return {n: read_clips(reader, plan.sets[n]) for n in TEST_SETS if len(plan.sets[n])}
+
+    return WorkerSets(train_sets, val, val_mine, read_tests, reader)
 
 
 # --- The Ray Data engine ---------------------------------------------------------------------------
@@ -766,16 +789,16 @@ def select_rows(table: pa.Table, clips: np.ndarray, shape: tuple[int, ...],
             "targets": encode_targets(events_of_table(table), output_format)}
 
 
-def ray_datasets(cfg: ExperimentConfig, plan: dict) -> dict:
+def ray_datasets(cfg: ExperimentConfig, plan: RunPlan) -> dict:
     """The Ray Data engine's datasets of a run (driver side; call inside :func:`ray_data_context`).
 
     Returns {"stage<k>-rank<r>": each rank's share of each stage (materialised once when
-    plan["materialize"], else read again every epoch), "val", "test", "synth_test" (the sets with
+    plan.materialize, else read again every epoch), "val", "test", "synth_test" (the sets with
     rows; each read once per worker start, rank 0 only for the test sets)}.
     """
     import ray.data
 
-    layout = plan["layout"]
+    layout = plan.layout
 
     def read(rows: RowSet, output_format: str | None):
         paths, fs = _store_files(layout, np.unique(rows.shard))
@@ -788,13 +811,13 @@ def ray_datasets(cfg: ExperimentConfig, plan: dict) -> dict:
                                          "output_format": output_format})
 
     out = {}
-    for rank, share in enumerate(plan["shares"]):
+    for rank, share in enumerate(plan.shares):
         for s in cfg.train.stage_numbers:
             ds = read(share[f"stage{s}"], cfg.model.output_format)
-            out[train_dataset_name(s, rank)] = ds.materialize() if plan["materialize"] else ds
+            out[train_dataset_name(s, rank)] = ds.materialize() if plan.materialize else ds
     for name in ("val", *TEST_SETS):
-        if len(plan["sets"][name]):
-            out[name] = read(plan["sets"][name], None)
+        if len(plan.sets[name]):
+            out[name] = read(plan.sets[name], None)
     return out
 
 
@@ -939,17 +962,17 @@ def clip_batch(iterator, rows: RowSet, shape: tuple[int, ...], keep: Callable | 
                      events_of_table(table).per_clip())
 
 
-def ray_worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int, order_log: Path | None = None):
-    """:func:`worker_sets` for the Ray Data engine (inside a Train worker): (train_sets {stage:
-    RayTrainSet}, val (rank 0), val_mine, tests: a function returning {"test" | "synth_test":
-    ClipBatch}, called by rank 0 at the end)."""
+def ray_worker_sets(cfg: ExperimentConfig, plan: RunPlan, rank: int, world: int,
+                    order_log: Path | None = None) -> WorkerSets:
+    """:func:`worker_sets` for the Ray Data engine (inside a Train worker): the training sets are
+    RayTrainSets, the test sets come from the trainer's datasets, and there is no reader."""
     import ray.train
 
-    layout, shares = plan["layout"], plan["shares"][rank]
+    layout, shares = plan.layout, plan.shares[rank]
     shape = layout.feature_shape
     train_sets = {s: RayTrainSet(f"stage{s}", cfg, rank, shares[f"stage{s}"], layout, train_dataset_name(s, rank),
                                  order_log) for s in cfg.train.stage_numbers}
-    val_rows: RowSet = plan["sets"]["val"]
+    val_rows: RowSet = plan.sets["val"]
     val_it = ray.train.get_dataset_shard("val")
     if rank == 0:
         val = clip_batch(val_it, val_rows, shape)
@@ -958,11 +981,11 @@ def ray_worker_sets(cfg: ExperimentConfig, plan: dict, rank: int, world: int, or
         val = None
         val_mine = clip_batch(val_it, val_rows, shape, keep=lambda pos: pos % world == rank)
 
-    def tests() -> dict[str, ClipBatch]:
-        return {n: clip_batch(ray.train.get_dataset_shard(n), plan["sets"][n], shape)
-                for n in TEST_SETS if len(plan["sets"][n])}
+    def read_tests() -> dict[str, ClipBatch]:
+        return {n: clip_batch(ray.train.get_dataset_shard(n), plan.sets[n], shape)
+                for n in TEST_SETS if len(plan.sets[n])}
 
-    return train_sets, val, val_mine, tests
+    return WorkerSets(train_sets, val, val_mine, read_tests)
 
 
 # --- Materialise or stream -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -364,7 +364,7 @@ class _WorkerData:
     val_mine: seld_data.ClipBatch  # the slice this worker scores each epoch
     read_tests: Callable[[], dict[str, seld_data.ClipBatch]]  # rank 0 at the end: the test sets
     reader: seld_data.StoreReader | None  # the row-group engine's reader; None: Ray Data feeds this worker
-    plan: dict  # the driver's plan (build_trainer's "plan" entry of the loop config)
+    plan: seld_data.RunPlan  # the driver's plan (build_trainer's "plan" entry of the loop config)
     ready_s: float  # seconds it took
 
 
@@ -395,7 +395,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     """Ray Train worker: both stages, per-epoch validation/checkpoint/report; rank 0 scores at the end.
 
     loop_cfg: {"config": to_dict(ExperimentConfig), "run_dir": str, "plan": the driver's data plan
-    (`seld.data.plan_run`, with the driver's "materialize" choice), "deadline": unix time after
+    (`seld.data.RunPlan`, with the driver's `materialize` choice), "deadline": unix time after
     which no new epoch starts}.
     """
     import ray.train
@@ -423,7 +423,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     _finish_worker(w, data, state)
 
 
-def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, run_dir: Path,
+def _read_worker_data(cfg: ExperimentConfig, plan: seld_data.RunPlan, rank: int, world: int, run_dir: Path,
                       mirror: Mirror | None = None) -> _WorkerData:
     """This worker's training rows (per stage, its share: held once or streamed, as the driver
     chose, by its own reader or by Ray Data), its slice of the validation set (rank 0: all of it).
@@ -434,21 +434,14 @@ def _read_worker_data(cfg: ExperimentConfig, plan: dict, rank: int, world: int, 
     (run_dir / SHARES_DIR).mkdir(exist_ok=True)
     order_log = run_dir / SHARES_DIR / f"clip-order-rank{rank}.txt" if cfg.data.record_order else None
     engine = seld_data.engine_of(cfg)
-    if engine == "ray_data":
-        train_sets, val, val_mine, read_tests = seld_data.ray_worker_sets(cfg, plan, rank, world, order_log)
-        reader = None
-    else:
-        train_sets, val, val_mine, reader = seld_data.worker_sets(cfg, plan, rank, world, order_log)
-
-        def read_tests():
-            return {n: seld_data.read_clips(reader, rows) for n, rows in plan["sets"].items()
-                    if n in seld_data.TEST_SETS and len(rows)}
+    sets = (seld_data.ray_worker_sets if engine == "ray_data" else seld_data.worker_sets)(
+        cfg, plan, rank, world, order_log)
     ready_s = time.perf_counter() - t0
-    data = _WorkerData(train_sets, val, val_mine, read_tests, reader, plan, ready_s)
+    data = _WorkerData(sets.train_sets, sets.val, sets.val_mine, sets.read_tests, sets.reader, plan, ready_s)
     _record_worker_data(data, run_dir, rank, world, mirror)
     log.info("rank %d: data ready in %.1f s (%s, %s; %s; val %d, mine %d)", rank, ready_s, engine,
-             "materialised" if plan["materialize"] else "streamed", {k: len(v.rows) for k, v in train_sets.items()},
-             len(plan["sets"]["val"]), len(val_mine))
+             "materialised" if plan.materialize else "streamed", {k: len(v.rows) for k, v in sets.train_sets.items()},
+             len(plan.sets["val"]), len(sets.val_mine))
     return data
 
 
@@ -456,7 +449,7 @@ def _record_worker_data(data: _WorkerData, run_dir: Path, rank: int, world: int,
     """Write RUN/data/worker-<rank>.json (see :func:`_read_worker_data`)."""
     held = getattr(next(iter(data.train_sets.values())), "held", None)
     record = {"rank": rank, "world": world, "engine": "ray_data" if data.reader is None else "rowgroups",
-              "path": "materialised" if data.plan["materialize"] else "streamed",
+              "path": "materialised" if data.plan.materialize else "streamed",
               "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(data.val_mine),
               "store_files_opened": data.reader.files_opened if data.reader is not None else 0,
               **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in data.train_sets.items()}}
@@ -593,9 +586,9 @@ def _finish_worker(w: _Worker, data: _WorkerData, state: LoopState) -> None:
         final = _finish(w, data, state)
         final["cost/finish_s"] = round(time.time() - t_fin, 2)
         final["cost/data_ready_s"] = round(data.ready_s, 2)
-        final["data/path"] = "materialised" if data.plan["materialize"] else "streamed"
+        final["data/path"] = "materialised" if data.plan.materialize else "streamed"
         final["data/engine"] = seld_data.engine_of(w.cfg)
-        final["data/held_gib"] = round(data.plan["held_bytes"] / 2**30, 4) if data.plan["materialize"] else 0.0
+        final["data/held_gib"] = round(data.plan.held_bytes / 2**30, 4) if data.plan.materialize else 0.0
         final["cost/train_loop_s"] = round(time.time() - w.t_start, 2)
         write_json_atomic(w.run_dir / METRICS_JSON, final)
         if w.mirror is not None:
@@ -705,22 +698,22 @@ def worker_memory_bytes(cfg: ExperimentConfig) -> float | None:
     return min(per_node) if per_node else None
 
 
-def choose_data_path(cfg: ExperimentConfig, plan: dict) -> dict:
-    """The plan with "materialize" decided (seld.data.choose_path from the largest share's bytes and a
+def choose_data_path(cfg: ExperimentConfig, plan: seld_data.RunPlan) -> seld_data.RunPlan:
+    """The plan with `materialize` decided (seld.data.choose_path from the largest share's bytes and a
     worker's memory: data.worker_memory_gib, else :func:`worker_memory_bytes`; Ray must be up), and
     the reason logged. A plan that already has the decision is returned as it is."""
-    if "materialize" in plan:
+    if plan.materialize is not None:
         return plan
     memory = (cfg.data.worker_memory_gib * 2**30 if cfg.data.worker_memory_gib is not None
               else worker_memory_bytes(cfg))
-    materialize, why = seld_data.choose_path(plan["held_bytes"], memory, cfg.data)
+    materialize, why = seld_data.choose_path(plan.held_bytes, memory, cfg.data)
     log.info("data: %s", why)
-    return {**plan, "materialize": materialize}
+    return replace(plan, materialize=materialize)
 
 
 def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *,
                   run_callbacks=(), storage_path: str | None = None, name: str | None = None,
-                  plan: dict | None = None, mirror: Mirror | None = None):
+                  plan: seld_data.RunPlan | None = None, mirror: Mirror | None = None):
     """A TorchTrainer for one run (does not start it; Ray must be initialised).
 
     Args:
@@ -771,7 +764,7 @@ def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path,
         t0 = time.perf_counter()
         datasets = seld_data.ray_datasets(cfg, plan)
         log.info("data: Ray Data engine, %d datasets%s%s (%.1f s)", len(datasets),
-                 ", materialised" if plan["materialize"] else "",
+                 ", materialised" if plan.materialize else "",
                  f", on {data_nodes} data node(s)" if data_nodes else "", time.perf_counter() - t0)
         # Nothing is split by Ray: each rank takes its own datasets whole (seld/data.py, "The Ray Data engine").
         return TorchTrainer(train_loop_per_worker, train_loop_config=loop_cfg, scaling_config=scaling,

@@ -257,9 +257,9 @@ def test_held_and_streamed_epochs_draw_the_same_rows_deterministically(big_store
                                   "data.read_threads": threads})
     plan = data.plan_run(cfg, big_store)
     for rank in range(world):
-        plan_w = {**plan, "shares": data.plan_shares(data.read_index(big_store), plan["rows"], world)}
-        held = data.worker_sets(cfg, {**plan_w, "materialize": True}, rank, world)[0][1]
-        streamed = data.worker_sets(cfg, {**plan_w, "materialize": False}, rank, world)[0][1]
+        plan_w = dataclasses.replace(plan, shares=data.plan_shares(data.read_index(big_store), plan.rows, world))
+        held = data.worker_sets(cfg, dataclasses.replace(plan_w, materialize=True), rank, world).train_sets[1]
+        streamed = data.worker_sets(cfg, dataclasses.replace(plan_w, materialize=False), rank, world).train_sets[1]
         assert held.held is not None and streamed.held is None
         for epoch in (0, 1):
             n = held.n_batches(epoch)
@@ -281,7 +281,7 @@ def test_held_and_streamed_epochs_draw_the_same_rows_deterministically(big_store
         np.testing.assert_array_equal(held.sums(), streamed.sums())
         # The reading threads change nothing but the speed.
         one = data.worker_sets(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, read_threads=1)),
-                               {**plan_w, "materialize": False}, rank, world)[0][1]
+                               dataclasses.replace(plan_w, materialize=False), rank, world).train_sets[1]
         n0 = one.n_batches(0)
         for x, y in zip(one.batches(0, n0), streamed.batches(0, n0), strict=True):
             np.testing.assert_array_equal(x[0], y[0])

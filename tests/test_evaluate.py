@@ -22,9 +22,9 @@ GROUPS = ("site/tau", "site/sony", "distance/0-1.5m", "distance/1.5-3m", "distan
 def sets(smoke_store, smoke_config) -> tuple[data.ClipBatch, dict[str, data.ClipBatch]]:
     """(validation rows, {"test": real test rows, "synth_test": ...}) as a run plans and reads them."""
     plan = data.plan_run(smoke_config, smoke_store)
-    reader = data.StoreReader(plan["layout"])
-    return (data.read_clips(reader, plan["sets"]["val"]),
-            {n: data.read_clips(reader, plan["sets"][n]) for n in ("test", "synth_test")})
+    reader = data.StoreReader(plan.layout)
+    return (data.read_clips(reader, plan.sets["val"]),
+            {n: data.read_clips(reader, plan.sets[n]) for n in ("test", "synth_test")})
 
 
 def _outputs_near(events: list[np.ndarray], seed: int) -> np.ndarray:

@@ -498,7 +498,7 @@ def test_a_study_with_a_bucket_storage_puts_its_feature_store_in_the_bucket(smok
     plan = prepare_data(cfg, Options(out=tmp_path / "out", preset="smoke"), work, storage)
     assert plan.store == f"{storage}/cache/store-{h}/features-{config_hash(cfg.features)}"
     assert not (work / f"store-{h}").exists()
-    rows = data.plan_run(cfg, plan.store)["rows"]
+    rows = data.plan_run(cfg, plan.store).rows
     assert len(rows["stage1"]) > 0 and len(rows["test"]) > 0
     import shutil
 

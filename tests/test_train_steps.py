@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # wall-clock: differ run to run
 
 
-def _worker_plan(store, cfg) -> dict:
+def _worker_plan(store, cfg) -> seld_data.RunPlan:
     """The driver's plan of a 1-worker run with the share held in memory (no Ray)."""
-    return {**seld_data.plan_run(cfg, store), "materialize": True}
+    return replace(seld_data.plan_run(cfg, store), materialize=True)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +60,8 @@ class _Setup:
 @pytest.fixture(scope="module")
 def setup(smoke_store) -> _Setup:
     cfg = apply_overrides(preset_config("smoke"), {"train.stage1.epochs": 2})
-    train_sets, val, _, _ = seld_data.worker_sets(cfg, _worker_plan(smoke_store, cfg), 0, 1)
+    sets = seld_data.worker_sets(cfg, _worker_plan(smoke_store, cfg), 0, 1)
+    train_sets, val = sets.train_sets, sets.val
     mean, std = seld_data.norm_from_sums(train_sets[1].sums())
     return _Setup(cfg, train_sets[1], val, mean, std)
 
