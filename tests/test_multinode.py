@@ -204,14 +204,6 @@ def _rows(path: Path) -> list[dict]:
         return []
 
 
-def _checkpointed_epoch(run: Path) -> int | None:
-    """The epoch of the last checkpoint Ray Train registered for a run (RUN/checkpointed.json)."""
-    try:
-        return json.loads((run / CHECKPOINTED).read_text())["epoch"]
-    except (OSError, ValueError):
-        return None
-
-
 def _train_worker_pid(cluster: LoopbackCluster) -> int | None:
     from ray.util.state import list_actors
 
@@ -257,6 +249,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
         proc = subprocess.Popen([*study, "--wandb"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     kills: list[dict] = []
     target: Path | None = None
+    last_n, last_change = 0, time.time()
     deadline = time.time() + 420
     try:
         while proc.poll() is None and time.time() < deadline:
@@ -266,16 +259,22 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
                 target = next((p for p in started if _rows(p)), None)
                 continue
             n = len(_rows(target))
+            if n != last_n:
+                last_n, last_change = n, time.time()
             for k in kills:  # the first epoch finished after each kill: training again
                 if "again_s" not in k and n > k["rows"]:
                     k["again_s"] = round(time.time() - k["t"], 1)
             if len(kills) == 3:
                 continue
             # Kill once this trial has trained a new epoch since the last restore, while epochs
-            # remain, after Train registered that epoch's checkpoint (RUN/checkpointed.json names
-            # the last row's epoch): during the next epoch, as a spot reclaim strikes epochs of
-            # minutes, not in the instant between a 0.5-s epoch's row and its registration.
-            registered = _checkpointed_epoch(target.parent) == n - 1
+            # remain, after Train registered a checkpoint since that epoch's row appeared
+            # (RUN/checkpointed.json rewritten since): during the next epoch, as a spot reclaim
+            # strikes epochs of minutes, not in the instant between a 0.5-s epoch's row and its
+            # registration. (Train's controller registers reports when it polls, every 2 s, so
+            # with 0.5-s epochs the marker's epoch may trail the last row; the kill must not wait
+            # for them to be equal, which may never happen before the run ends.)
+            marker = target.parent / CHECKPOINTED
+            registered = marker.exists() and marker.stat().st_mtime >= last_change
             if n >= (kills[-1]["rows"] + 1 if kills else 2) and n <= STAGE1_EPOCHS - 2 and registered:
                 pid = _train_worker_pid(cluster)
                 node = cluster.node_of_pid(pid) if pid else None

@@ -186,27 +186,6 @@ def test_a_killed_ray_data_worker_restores_and_draws_the_same_clip_order(ray_dat
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_smoke_study_with_ray_data_runs_two_trials_at_once(tmp_path, ray_session):
-    """`studies/ablation.py --preset smoke --set data.engine=ray_data --concurrency 2` on the session's
-    Ray (4 logical CPUs): two trials, each with Train workers and Ray Data at once, neither hangs (the
-    plan gives each trial's Data its CPUs: data.ray_data_cpus)."""
-    out = tmp_path / "ablation"
-    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--out", str(out),
-           "--cache-dir", str(tmp_path / "cache"), "--max-retries", "0", "--concurrency", "2",
-           "--set", "data.engine=ray_data", "--set", "train.torch_threads=1"]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = pd.read_csv(out / "summary.csv")
-    assert len(rows) == 2 and set(rows["status"]) == {"ok"}
-    for run_dir in (out / "runs").iterdir():
-        config = json.loads((run_dir / "config.json").read_text())
-        assert config["data"]["engine"] == "ray_data" and config["data"]["ray_data_cpus"] == 1.0
-        assert json.loads((run_dir / "metrics.json").read_text())["data/engine"] == "ray_data"
-
-
-@pytest.mark.ray
-@pytest.mark.slow
 @pytest.mark.own_cluster
 def test_on_a_mixed_cluster_data_tasks_run_on_data_nodes_and_train_on_the_trainer(smoke_store, tmp_path):
     """A loopback cluster as the design's cloud cluster: a head for drivers (no CPUs), a trainer node

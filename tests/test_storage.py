@@ -540,10 +540,12 @@ def test_ray_data_reads_a_bucket_store_as_one_tensor_batch(smoke_store, s3_env, 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_smoke_study_with_its_store_in_the_bucket_needs_no_shared_filesystem(tmp_path, ray_session, smoke_data, s3_env):
-    """--storage s3://bucket/prefix without --cache-dir and data.engine=ray_data: the study's feature
-    store is written to the bucket (nothing of it on a local disk), every trial trains from it with
-    the storage's credentials carried in memory (the session's Ray workers have no AWS variables),
-    the Train workers open no store file, and the results land in the bucket."""
+    """--storage s3://bucket/prefix without --cache-dir and data.engine=ray_data, two trials at once:
+    the study's feature store is written to the bucket (nothing of it on a local disk), every trial
+    trains from it with the storage's credentials carried in memory (the session's Ray workers have
+    no AWS variables), the Train workers open no store file, the results land in the bucket; and on
+    the session's Ray (4 logical CPUs) two trials, each with Train workers and Ray Data at once,
+    neither hangs (the plan gives each trial's Data its CPUs: data.ray_data_cpus)."""
     import io
     import os
 
@@ -560,7 +562,8 @@ def test_smoke_study_with_its_store_in_the_bucket_needs_no_shared_filesystem(tmp
     (staging / "_work").mkdir(parents=True)
     (staging / "_work" / f"synth-{h}").symlink_to(smoke_data, target_is_directory=True)
     cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--storage", uri,
-           "--out", "staging", "--max-retries", "0", "--set", "data.engine=ray_data"]
+           "--out", "staging", "--max-retries", "0", "--concurrency", "2",
+           "--set", "data.engine=ray_data", "--set", "train.torch_threads=1"]
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -579,3 +582,6 @@ def test_smoke_study_with_its_store_in_the_bucket_needs_no_shared_filesystem(tmp
     for key in workers:
         record = json.loads(_read_object(results, key))
         assert record["engine"] == "ray_data" and record["store_files_opened"] == 0, record
+    for key in (k for k in objects if k.endswith("/config.json") and k.startswith("runs/")):
+        data_cfg = json.loads(_read_object(results, key))["data"]
+        assert data_cfg["engine"] == "ray_data" and data_cfg["ray_data_cpus"] == 1.0, data_cfg

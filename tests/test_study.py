@@ -385,6 +385,9 @@ def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(
     and the study script exits 1 after writing the tables. --resume with a larger budget then
     continues the cut run in its folder from its last epoch, to status ok."""
     import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="seld")  # the study's INFO lines, whatever the root level
 
     from seld.study import main
 
