@@ -44,7 +44,13 @@ from seld.evaluate import (
 )
 from seld.metrics import score_counters
 from seld.paired import save_counters
-from seld.predict import bf16_autocast, load_weights, machine_record, prepare_batch
+from seld.predict import (
+    bf16_autocast,
+    load_weights,
+    machine_record,
+    precision_decision,
+    prepare_batch,
+)
 from seld.runfolder import (
     BEST_F20,
     CHECKPOINT_DIR,
@@ -646,6 +652,7 @@ def _finish(w: _Worker, data: _WorkerData, state: LoopState) -> dict:
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({
         "precision": "bf16" if w.amp else "float32",
+        "precision_reason": precision_decision(w.device, cfg.train.amp_bf16)[1],
         **machine_record(w.device),  # rank 0's machine at the end (a restored run may have moved)
         "cost/epochs": len(history),
         "cost/stage1_epochs": sum(1 for r in history if r["stage"] == 1),

@@ -235,7 +235,8 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
         r"(generated|reusing the generated) dataset in ": (1, 1),
         r"store \S+: \d+ rows \(": (1, 1),
         r"\S+: \d+ of \d+ shards already done$": (0, 1),  # a store built by an earlier test
-        r"study ablation: 2 runs, 0 finished before, 2 to train \(concurrency 1\)$": (1, 1),
+        # This machine's plan: a run per core (2 here), 1 torch thread each.
+        rf"study ablation: 2 runs, 0 finished before, 2 to train \(concurrency {os.cpu_count()}\)$": (1, 1),
         r"connecting to Ray at ": (1, 1),  # the session's Ray ($RAY_ADDRESS)
         r"Ray on this machine: ": (1, 1),
         r"\w+ seed 0 — run \d of 2 started$": (2, 2),
