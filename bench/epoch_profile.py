@@ -1,6 +1,6 @@
 """Where an in-study epoch's time goes, against the bare step measured in the same invocation.
 
-    python bench/epoch_profile.py STUDY_DIR STORE [--batches 30] [--skip-bare]
+    python bench/epoch_profile.py STUDY_DIR STORE [--batches 30] [--concurrent N] [--skip-bare]
 
 For every run folder of a study (`STUDY_DIR/runs/*`), its stage-1 epochs from metrics.csv, split
 into training steps (`train/time_s`, data waits included; `train/data_wait_frac` of it waiting),
@@ -13,9 +13,11 @@ store's rows, and one validation pass), run back to back in this invocation, and
 
     in-study epoch / (batches per epoch x bare ms per step + bare validation pass)
 
-which issue 28 asks to bring within 1.25. The bare figures are measured alone: run this on an idle
-machine (a study running beside it slows the bare steps, which flatters the ratio). Prints one
-JSON line per variant and a markdown table.
+which issue 28 asks to bring within 1.25. The bare figures are measured with nothing else running:
+run this on an idle machine (a study running beside it slows the bare steps, which flatters the
+ratio). `--concurrent N` runs N bare processes at once and averages them, as a study runs N runs at
+once on this machine (they share caches and memory bandwidth): the reference for the study's own
+concurrency. Prints one JSON line per variant and a markdown table.
 """
 
 from __future__ import annotations
@@ -56,14 +58,20 @@ def in_study(run: Path) -> dict:
             "trainer_start_s": metrics.get("cost/trainer_start_s"), "finish_s": metrics.get("cost/finish_s")}
 
 
-def bare(store: Path, model: str, threads: int, precision: str, batches: int) -> dict:
+def bare(store: Path, model: str, threads: int, precision: str, batches: int, concurrent: int = 1) -> dict:
     cmd = [sys.executable, str(HERE / "step_profile.py"), str(store), "--preset", "local", "--threads",
            str(max(1, threads)), "--precision", precision, "--batches", str(batches), "--val"]
     if model != "stereo_rcnet":
         cmd.append("--baseline")
-    out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    arm = out[precision]
-    return {"ms_per_step": arm["ms_per_batch_median"], "val_s": arm["val_s"]}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(concurrent)]
+    arms = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=1800)
+        if p.returncode:
+            raise SystemExit(f"{' '.join(cmd)}: exit {p.returncode}")
+        arms.append(json.loads(stdout.strip().splitlines()[-1])[precision])
+    return {"ms_per_step": statistics.fmean(a["ms_per_batch_median"] for a in arms),
+            "val_s": statistics.fmean(a["val_s"] for a in arms)}
 
 
 def main() -> int:
@@ -71,6 +79,7 @@ def main() -> int:
     ap.add_argument("study", type=Path)
     ap.add_argument("store", type=Path)
     ap.add_argument("--batches", type=int, default=30, help="bare steps timed per variant")
+    ap.add_argument("--concurrent", type=int, default=1, help="bare processes at once (the study's runs at once)")
     ap.add_argument("--skip-bare", action="store_true", help="the in-study breakdown only")
     args = ap.parse_args()
     by_variant: dict[tuple, list[dict]] = defaultdict(list)
@@ -84,9 +93,10 @@ def main() -> int:
         m = {k: statistics.fmean(r[k] for r in runs) for k in ("epoch_s", "train_s", "wait_s", "val_s", "other_s", "clips")}
         res = {"variant": variant, "precision": precision, "threads": threads, "runs": len(runs), **{k: round(v, 2) for k, v in m.items()}}
         if not args.skip_bare:
-            b = bare(args.store, model, threads, precision, args.batches)
+            b = bare(args.store, model, threads, precision, args.batches, args.concurrent)
             steps = m["clips"] / runs[0]["batch_size"]
-            res.update(bare_steps_s=round(steps * b["ms_per_step"] / 1000, 2), bare_val_s=b["val_s"])
+            res.update(bare_steps_s=round(steps * b["ms_per_step"] / 1000, 2), bare_val_s=round(b["val_s"], 2),
+                       bare_concurrent=args.concurrent)
             res["ratio"] = round(m["epoch_s"] / (res["bare_steps_s"] + res["bare_val_s"]), 3)
         print(json.dumps(res))
         lines.append(f"| {variant} | {precision} | {threads} | {m['epoch_s']:.1f} | {m['train_s']:.1f} | {m['wait_s']:.2f} "

@@ -352,7 +352,8 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
 
     start_ray(plan, forwarded_env(opts))
     log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan.workers_per_trial,
-                                  plan.cpus_per_worker, plan.gpus_per_worker))
+                                  plan.cpus_per_worker, plan.gpus_per_worker,
+                                  int(opts.sets.get("train.torch_threads", plan.overrides().get("train.torch_threads", 0)))))
     # Trials start in the order of ``specs`` (see _train_pending), not alphabetically.
     results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(list(specs))}, plan,
                         out, name, opts, callbacks=[progress])
