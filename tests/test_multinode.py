@@ -34,9 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "cluster/loopback.yaml"
 CANARY = "canary-wandb-key-0123456789abcdef"
 KILLS = 2  # node losses: the second strikes a run already restored from the first
-# Enough epochs for both kills, each after a registered checkpoint (seen here: the first kill at
-# row 5, as a loaded machine registers the first epochs late, the next two rows later), with room
-# for a later first kill: a kill waits for row >= 2 and must leave >= 2 epochs.
+# Enough epochs for both kills, each after a registered checkpoint, with room to spare: a kill
+# waits for row >= 2 (the next one for a row trained since the restore) and must leave >= 2 epochs,
+# so rows 2..10 are open to them; seen here: the first kill at row 2 to 5 (a loaded machine
+# registers the first epochs late), each next one 1 or 2 rows later.
 STAGE1_EPOCHS = 12
 TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
 PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
