@@ -73,18 +73,30 @@ def tree_memory_kb(pid: int) -> tuple[int, int, int]:
     return rss, pss, n
 
 
+def shm_used_kb(path: str = "/dev/shm") -> int:
+    """KiB in use on the shared-memory filesystem (Ray's object store lives there on Linux)."""
+    st = os.statvfs(path)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize // 1024
+
+
 def run_measured(cmd: list[str], interval: float = 1.0, **popen) -> dict:
-    """Run `cmd` to completion; returns wall time, exit code and peak tree RSS/PSS (GiB)."""
+    """Run `cmd` to completion; returns wall time, exit code, peak tree RSS/PSS (GiB), the peak
+    growth of /dev/shm (Ray's object store: its pages count in PSS only while a process maps them)
+    and the peak of PSS + that growth sampled together (an upper bound of the RAM the command
+    holds: mapped object-store pages count twice in it)."""
     t0 = time.time()
+    shm0 = shm_used_kb()
     proc = subprocess.Popen(cmd, **popen)
-    peak = {"rss": 0, "pss": 0, "procs": 0}
+    peak = {"rss": 0, "pss": 0, "procs": 0, "shm": 0, "pss_shm": 0}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             rss, pss, n = tree_memory_kb(proc.pid)
+            shm = max(0, shm_used_kb() - shm0)
             peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             peak["procs"] = max(peak["procs"], n)
+            peak["shm"], peak["pss_shm"] = max(peak["shm"], shm), max(peak["pss_shm"], pss + shm)
             stop.wait(interval)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -93,7 +105,8 @@ def run_measured(cmd: list[str], interval: float = 1.0, **popen) -> dict:
     stop.set()
     th.join()
     return {"rc": rc, "wall_s": round(time.time() - t0, 1), "peak_rss_gib": round(peak["rss"] / 2**20, 2),
-            "peak_pss_gib": round(peak["pss"] / 2**20, 2), "peak_procs": peak["procs"]}
+            "peak_pss_gib": round(peak["pss"] / 2**20, 2), "peak_shm_gib": round(peak["shm"] / 2**20, 2),
+            "peak_pss_plus_shm_gib": round(peak["pss_shm"] / 2**20, 2), "peak_procs": peak["procs"]}
 
 
 def run_overheads(run: Path) -> dict:

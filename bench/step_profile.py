@@ -1,7 +1,7 @@
 """Where a training step's time goes: the Ray Train worker's stage-1 loop, replayed stand-alone.
 
     python bench/step_profile.py STORE [--preset local] [--batches 30] [--threads 2] [--random]
-                                       [--precision auto|bf16|float32|both] [--baseline]
+                                       [--precision auto|bf16|float32|both] [--baseline] [--val]
 
 Builds what `train_loop_per_worker` builds (the stage-1 rows of the store, their targets, the
 normalisation, the model, loss, augmenter, Adam at the stage-1 lr) without Ray, and runs the
@@ -12,7 +12,9 @@ counted. `--random` replaces the features by Gaussian noise (what a model-only b
 `--precision both` runs a bf16-autocast model and a float32 one (same initial weights) step by step
 on the same batches, alternating which goes first, and reports the median per-step ratio: the
 host's speed drifts by 10-25 % within minutes, a ratio of interleaved steps does not.
-Compare its ms/batch with a run's `train/time_s` per epoch / batches per epoch.
+Compare its ms/batch with a run's `train/time_s` per epoch / batches per epoch. `--val` also times
+one validation pass per arm (`seld.train.validate` on the worker's validation rows, best of 3),
+what a run's `val/time_s` column holds besides the selection's model file.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from seld.augment import Augmenter
 from seld.config import BASELINE_OVERRIDES, preset_config
 from seld.losses import build_loss
 from seld.predict import bf16_autocast, prepare_batch
-from seld.train import init_model, stage_optimizer, train_step
+from seld.train import init_model, stage_optimizer, train_step, validate
 
 PHASES = ("batch", "prep", "augment", "forward", "backward", "clip", "step")
 
@@ -42,6 +44,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, default=30, help="timed steps (after 2 warm-up steps)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", action="store_true", help="Baseline-A (its own overrides) instead of Stereo-RCnet")
+    ap.add_argument("--val", action="store_true", help="also time one validation pass per arm")
     ap.add_argument("--random", action="store_true", help="Gaussian-noise features instead of the store's")
     ap.add_argument("--precision", choices=("auto", "bf16", "float32", "both"), default="auto",
                     help="auto: what the worker does (seld.predict.bf16_autocast: bf16 on CPUs with AMX); "
@@ -56,7 +59,8 @@ def main() -> int:
     else:
         arms = (args.precision == "bf16",)
     plan = dataclasses.replace(seld_data.plan_run(cfg, args.store), materialize=True)  # one worker, share held
-    tset = seld_data.worker_sets(cfg, plan, 0, 1).train_sets[1]
+    sets = seld_data.worker_sets(cfg, plan, 0, 1)
+    tset = sets.train_sets[1]
     mean, std = seld_data.norm_from_sums(tset.sums())
     loss_fn = build_loss(cfg.loss, cfg.model.output_format)
     augment = Augmenter(cfg.augment)
@@ -107,6 +111,17 @@ def main() -> int:
         out["bf16" if bf16 else "float32"] = {
             "ms_per_batch_median": round(1000 * total, 1), "clips_per_s": round(cfg.train.batch_size / total, 1),
             "ms_by_phase_mean": {k: round(1000 * v / n_timed, 1) for k, v in spent[bf16].items()}}
+    if args.val:
+        for bf16 in arms:
+            net = models[bf16][0]
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                validate(net, sets.val_mine, mean, std, cfg, "cpu", bf16)
+                best = min(best, time.perf_counter() - t0)
+            out["bf16" if bf16 else "float32"]["val_s"] = round(best, 2)
+        out["val_clips"] = len(sets.val_mine)
+        out["batches_per_epoch"] = tset.n_batches(0)
     if len(arms) == 2:  # per-step pairs: the host's drift cancels
         out["float32_over_bf16_median"] = round(float(np.median(np.array(steps[False]) / np.array(steps[True]))), 3)
     print(json.dumps(out))

@@ -380,7 +380,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (DDP when > 1)
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
-    amp_bf16: bool = True  # bf16 autocast where native: GPUs with bf16, CPUs with AMX (predict.bf16_autocast)
+    amp_bf16: bool = True  # bf16 autocast where native: GPUs with bf16, CPUs with AMX or AVX512-BF16 measured faster (predict.bf16_autocast)
     torch_threads: int = 0  # 0 = the machine's cores / its workers; cluster plans set the CPUs reserved
     time_budget_s: float = 3600.0  # hard bound for the whole run
     max_failures: int = 0  # Ray Train restarts from the last checkpoint

@@ -10,9 +10,12 @@ that training uses for validation and test, so both paths feed the model the sam
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,25 +100,75 @@ def bf16_autocast(device, wanted: bool = True) -> bool:
     """Whether training and inference on `device` run under bf16 autocast (`train.amp_bf16`).
 
     Only where the hardware computes bf16 natively: CUDA GPUs with bf16 (Ampere and newer), and CPUs
-    with AMX tiles (Intel Xeon 4th generation and newer), where oneDNN's bf16 convolutions and matmuls
-    make a `local` training step ~1.5x faster (bench/step_profile.py --precision). CPUs without
-    AMX emulate bf16 more slowly than they compute float32, so they stay in float32. A run records the
-    result as `precision` in metrics.json; ``SELD_PRECISION=float32|bf16`` (:func:`precision_override`)
-    forces one precision; bf16 and float32 runs of one config are different
-    computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.
+    whose bf16 matmul measures faster than their float32 one (:func:`cpu_bf16_decision`: AMX or
+    AVX512-BF16, confirmed by a timing). A `local` training step is then 1.4-2.2x faster
+    (bench/step_profile.py --precision both, BENCHMARKS.md). Other CPUs emulate bf16 more slowly
+    than they compute float32, so they stay in float32. A run records the result as `precision`
+    (and its reason as `precision_reason`) in metrics.json; ``SELD_PRECISION=float32|bf16``
+    (:func:`precision_override`) forces one precision; bf16 and float32 runs of one config are
+    different computations (bf16 keeps 8 bits of mantissa), so compare figures of the same precision.
     """
+    return precision_decision(device, wanted)[0]
+
+
+def precision_decision(device, wanted: bool = True) -> tuple[bool, str]:
+    """(bf16 autocast on `device`, the reason in words): what :func:`bf16_autocast` decides and why."""
     dev = torch.device(device)
     override = precision_override()
-    if not wanted or override == "float32":
-        return False
+    if not wanted:
+        return False, "train.amp_bf16=false"
+    if override != "auto":
+        return override == "bf16", f"${PRECISION_ENV}={override}"
     if dev.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "CUDA device with bf16" if ok else "CUDA device without bf16"
     if dev.type == "cpu":
-        if override == "bf16":
-            return True
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.4; private but stable
-        return bool(amx and amx())
-    return False
+        return cpu_bf16_decision()
+    return False, f"{dev.type}: float32"
+
+
+# The measured bf16/float32 matmul speed ratio a CPU must reach for bf16 autocast. Native bf16 CPUs
+# measure 2.26x (AVX512-BF16, AMD EPYC Zen 4) and more with AMX; emulated bf16 measures below 1.
+BF16_MIN_SPEEDUP = 1.3
+
+
+@functools.cache
+def cpu_bf16_decision() -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, from its instruction set *and* a measurement.
+
+    Candidates are CPUs with AMX tiles or AVX512-BF16 (what oneDNN uses for bf16 matmuls and
+    convolutions). A flag alone is not trusted (a hypervisor can expose a flag that the host
+    emulates, and oneDNN may not use it): the candidate's bf16 matmul is timed against float32 on
+    the threads this process runs with, interleaved and best-of-N, so a transient load hits both
+    alike. bf16 is chosen when it is at least :data:`BF16_MIN_SPEEDUP` times faster. Measured once
+    per process (about 0.1 s)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.4; private but stable
+    avx = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    isa = "AMX" if amx and amx() else "AVX512-BF16" if avx and avx() else None
+    if isa is None:
+        return False, "CPU without AMX or AVX512-BF16: float32"
+    speedup = _bf16_matmul_speedup()
+    ok = speedup >= BF16_MIN_SPEEDUP
+    verdict = "bf16" if ok else "float32"
+    return ok, f"{isa}, bf16 matmul measured {speedup:.2f}x float32 (>= {BF16_MIN_SPEEDUP} for bf16): {verdict}"
+
+
+def _bf16_matmul_speedup(n: int = 512, reps: int = 7) -> float:
+    """Best-of-`reps` float32 time / best bf16 time of an (n, n) @ (n, n) matmul, interleaved."""
+    g = torch.Generator().manual_seed(0)
+    a32 = torch.randn(n, n, generator=g)
+    b32 = torch.randn(n, n, generator=g)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    best = {torch.float32: math.inf, torch.bfloat16: math.inf}
+    for _ in range(2):  # warm-up: oneDNN builds its kernels on first use
+        a32 @ b32, a16 @ b16
+    for _ in range(reps):
+        for a, b in ((a32, b32), (a16, b16)):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best[a.dtype] = min(best[a.dtype], time.perf_counter() - t0)
+    return best[torch.float32] / best[torch.bfloat16]
 
 
 def _cpu_model() -> str:

@@ -44,7 +44,13 @@ from seld.evaluate import (
 )
 from seld.metrics import score_counters
 from seld.paired import save_counters
-from seld.predict import bf16_autocast, load_weights, machine_record, prepare_batch
+from seld.predict import (
+    bf16_autocast,
+    load_weights,
+    machine_record,
+    precision_decision,
+    prepare_batch,
+)
 from seld.runfolder import (
     BEST_F20,
     CHECKPOINT_DIR,
@@ -78,7 +84,7 @@ RAY_RUN_NAME = "train"
 STATE_FILE = "state.pt"
 CSV_COLUMNS = ("epoch", "stage", "stage_epoch", "lr", "train/loss", "train/clips", "train/time_s",
                "train/data_wait_frac", "val/f20", "val/doae_cd", "val/rde_cd", BEST_F20,
-               "selected", "elapsed_s")
+               "selected", "val/time_s", "elapsed_s")
 
 
 # --- Distributed helpers (no-ops with one worker) -------------------------------------------------------
@@ -540,6 +546,7 @@ def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.
                                   std=w.std, device=w.device, augment=w.augment, gen=gen, amp=w.amp,
                                   grad_clip=cfg.train.grad_clip))
     _sync_buffers(w.net)
+    t_val = time.time()
     val_metrics = validate(w.net, w.val_mine, w.mean, w.std, cfg, w.device, w.amp,
                            reduce=_all_reduce)
     f20 = val_metrics["val/f20"]
@@ -552,6 +559,7 @@ def _run_epoch(w: _Worker, state: LoopState, scfg: StageConfig, tset: seld_data.
            "train/time_s": round(tot[3] / w.world, 3),
            "train/data_wait_frac": round(tot[2] / max(tot[3], 1e-9), 4), **val_metrics,
            BEST_F20: state.best_f20, "selected": int(improved),
+           "val/time_s": round(time.time() - t_val, 3),  # validation and the selection's model file
            "elapsed_s": round(time.time() - w.t_start, 2)}
     log.info("epoch %d (stage %d): loss %.4f, val F20 %.2f%% (best %.2f%%), %.1f s", epoch, state.stage,
              row["train/loss"], f20, state.best_f20, tot[3] / w.world)
@@ -646,6 +654,7 @@ def _finish(w: _Worker, data: _WorkerData, state: LoopState) -> dict:
     t_train = sum(r["train/time_s"] for r in history)
     metrics.update({
         "precision": "bf16" if w.amp else "float32",
+        "precision_reason": precision_decision(w.device, cfg.train.amp_bf16)[1],
         **machine_record(w.device),  # rank 0's machine at the end (a restored run may have moved)
         "cost/epochs": len(history),
         "cost/stage1_epochs": sum(1 for r in history if r["stage"] == 1),

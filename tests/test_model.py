@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -210,18 +211,32 @@ def test_attention_under_cpu_bf16_autocast_runs_in_float32():
 
 
 def test_bf16_autocast_decision_follows_the_flag_and_the_hardware():
-    """On CPU: bf16 exactly when the kernel reports AMX tiles (/proc/cpuinfo's `amx_tile` flag, an
-    independent source from torch's own check), never when the config says no."""
+    """On CPU: bf16 exactly when the kernel reports native bf16 (/proc/cpuinfo's `amx_tile` or
+    `avx512_bf16` flag, an independent source from torch's own check) *and* the measured bf16 matmul
+    is at least BF16_MIN_SPEEDUP times float32's; the reason names both; never when the config says
+    no."""
     from pathlib import Path
 
-    from seld.predict import bf16_autocast, precision_override
+    from seld.predict import BF16_MIN_SPEEDUP, bf16_autocast, precision_decision, precision_override
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():
         pytest.skip("needs Linux's /proc/cpuinfo")
     flags = {f for line in cpuinfo.read_text().splitlines() if line.startswith("flags") for f in line.split()}
-    expected = {"auto": "amx_tile" in flags, "float32": False, "bf16": True}[precision_override()]
-    assert bf16_autocast("cpu", wanted=True) is expected
+    native = bool({"amx_tile", "avx512_bf16"} & flags)
+    on, reason = precision_decision("cpu", wanted=True)
+    if precision_override() == "auto":
+        if native:
+            isa = "AMX" if "amx_tile" in flags else "AVX512-BF16"
+            m = re.fullmatch(rf"{isa}, bf16 matmul measured ([\d.]+)x float32 \(>= [\d.]+ for bf16\): (bf16|float32)",
+                             reason)
+            assert m, reason
+            assert on is (float(m[1]) >= BF16_MIN_SPEEDUP) and m[2] == ("bf16" if on else "float32")
+        else:
+            assert (on, reason) == (False, "CPU without AMX or AVX512-BF16: float32")
+    else:
+        assert on is (precision_override() == "bf16") and reason == f"$SELD_PRECISION={precision_override()}"
+    assert bf16_autocast("cpu", wanted=True) is on
     assert bf16_autocast("cpu", wanted=False) is False
     assert bf16_autocast("meta", wanted=True) is False
 

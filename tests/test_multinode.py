@@ -39,7 +39,7 @@ KILLS = 2  # node losses: the second strikes a run already restored from the fir
 # so rows 2..10 are open to them; seen here: the first kill at row 2 to 5 (a loaded machine
 # registers the first epochs late), each next one 1 or 2 rows later.
 STAGE1_EPOCHS = 12
-TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}  # metrics.csv columns that vary
 PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
 

@@ -13,7 +13,7 @@ from seld.cli import main
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}
 
 
 def _train(store: Path, out: Path, *extra: str) -> dict:

@@ -28,7 +28,7 @@ from seld.runfolder import CHECKPOINTED
 ROOT = Path(__file__).resolve().parent.parent
 SETS = {"train.num_workers": 2, "train.stage1.epochs": 3, "train.stage2.epochs": 1, "train.max_failures": 1,
         "train.time_budget_s": 3600.0, "train.torch_threads": 1, "data.record_order": True}
-TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}
 SCORES = ("test/f20", "test/doae_cd", "test/rde_cd", "test_pp/f20", "val/f20")
 
 

@@ -19,7 +19,7 @@ from seld.runfolder import CHECKPOINTED
 from seld.study.session import default_num_cpus
 from seld.train import prepare_run_dir, run_training
 
-TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # metrics.csv columns that vary
+TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}  # metrics.csv columns that vary
 
 
 def test_ray_gets_more_cpus_than_train_reserves():

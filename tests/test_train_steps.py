@@ -30,7 +30,7 @@ from seld.losses import build_loss
 from seld.predict import bf16_autocast
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"train/time_s", "train/data_wait_frac", "elapsed_s"}  # wall-clock: differ run to run
+TIMING_KEYS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}  # wall-clock: differ run to run
 
 
 def _worker_plan(store, cfg) -> seld_data.RunPlan:

@@ -38,6 +38,9 @@ BUDGET_MARGIN = 2.0
 MIN_PLANNED_BUDGET_S = 1800.0  # start-up, data reading and scoring besides the training estimate
 # Logical CPUs planned per CPU Train worker (see plan_cluster).
 CPU_TRIAL_FOOTPRINT = 4
+# Logical CPUs per core of an embedded Ray on a CPU-only machine: one for a run's Train worker, one
+# for its Ray Data tasks (the row-group engine leaves it idle).
+EMBEDDED_CPU_FOOTPRINT = 2
 # Custom resource of the nodes that are never preempted (the head, or an on-demand node type):
 # where a cluster file advertises it, every trial's driver asks for DRIVER_SHARE of it and no CPU,
 # so drivers (and their Train controllers, which Train V2 pins to the driver's node) never run
@@ -90,6 +93,7 @@ class ClusterPlan:
     driver_nodes: bool = False
     train_max_failures: int = 0
     multi_node: bool = False  # more than one node: results and caches must be on `storage`
+    torch_threads: int = 0  # embedded CPU plans: threads per Train worker from the cores (0: the default)
 
     @property
     def device(self) -> str:
@@ -104,7 +108,9 @@ class ClusterPlan:
             **({"train.max_failures": self.train_max_failures} if self.train_max_failures else {}),
             # On a cluster a worker's torch threads are the CPUs it reserved (more would oversubscribe a
             # shared node); an embedded Ray keeps the default (the machine's cores / its workers).
-            **({"train.torch_threads": max(1, int(self.cpus_per_worker))} if self.source != "embedded" else {}),
+            # On this machine (embedded, CPU) the plan divides the cores among the runs at once.
+            **({"train.torch_threads": max(1, int(self.cpus_per_worker))} if self.source != "embedded"
+               else {"train.torch_threads": self.torch_threads} if self.torch_threads else {}),
             # On a cluster Ray Data reads the store (on its data nodes, from a bucket if need be);
             # one machine keeps the measured-faster default (data.engine "auto", seld/data.py).
             **({"data.engine": "ray_data"} if self.source != "embedded" else {}),
@@ -287,8 +293,10 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
     many concurrent trials as the nodes hold, counting the largest node types first up to the
     global ``max_workers``. CPU clusters: 1 CPU per worker, and each trial planned at
     ``CPU_TRIAL_FOOTPRINT`` logical CPUs per worker (Train worker, Ray Data tasks, the trial driver:
-    a Train run that takes every CPU hangs Ray Data, and on 2 cores a second concurrent trial
-    brings no speed-up, notes/ray-2.60.md).
+    a Train run that takes every CPU hangs Ray Data, notes/ray-2.60.md). This machine without a
+    cluster file, CPU only: as many runs at once as cores per run's workers, each worker with one
+    torch thread (the cores divided among the runs when ``--concurrency`` is lower), on an
+    embedded Ray of ``EMBEDDED_CPU_FOOTPRINT`` logical CPUs per core, so Ray Data keeps a CPU per run.
 
     ``storage`` (``--storage``) overrides the cluster file's shared storage and SELD_STORAGE;
     ``max_concurrent`` (``--concurrency``): the trials at once (the dry run's waves and wall time too).
@@ -297,7 +305,9 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
         import torch
 
         gpus = float(torch.cuda.device_count())
-        cpus = float(max(4, os.cpu_count() or 1))
+        cores = os.cpu_count() or 1
+        # Logical CPUs of the embedded Ray: a Train CPU and a Ray Data CPU for each run at once.
+        cpus = float(max(4, EMBEDDED_CPU_FOOTPRINT * cores))
         nodes, setup, source = [NodeType("this-machine", cpus, gpus, 1)], [], "embedded"
         max_total = 1
     else:
@@ -329,6 +339,14 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
             budget -= 0 if n.is_head else used
         gpus_per_worker = 1.0
         used_nodes = tuple(gpu_nodes)
+    elif source == "embedded":
+        # This machine, CPU only: one torch thread per run and as many runs at once as cores
+        # (BENCHMARKS.md, "Runs at once": on 2 cores, 2 runs x 1 thread train 1.3-1.4x the clips of
+        # 1 run x 2 threads, and their start-up and scoring overlap).
+        cpus_per_worker = 1.0
+        concurrency = max(1, (os.cpu_count() or 1) // n_workers)
+        gpus_per_worker = 0.0
+        used_nodes = tuple(nodes)
     else:
         cpus_per_worker = 1.0
         concurrency = sum(int(n.cpus // (CPU_TRIAL_FOOTPRINT * n_workers * cpus_per_worker)) * n.max_nodes
@@ -341,9 +359,12 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
         found = os.environ.get("SELD_STORAGE") or _parse_storage(setup)
         storage = storage_path(found, f"{source}: SELD_STORAGE") if found else None
     n_nodes = sum(n.max_nodes for n in nodes) + (1 if drivers and not any(n.is_head for n in nodes) else 0)
-    concurrency = concurrency if max_concurrent is None else max_concurrent
-    return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, max(1, concurrency),
-                       storage, used_nodes, driver_nodes=drivers,
+    concurrency = max(1, concurrency if max_concurrent is None else max_concurrent)
+    threads = 0
+    if source == "embedded" and not gpu_nodes:  # the cores shared by the runs at once (--concurrency too)
+        threads = max(1, (os.cpu_count() or 1) // (concurrency * n_workers))
+    return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, concurrency,
+                       storage, used_nodes, driver_nodes=drivers, torch_threads=threads,
                        train_max_failures=CLUSTER_TRAIN_MAX_FAILURES if path is not None else 0,
                        multi_node=path is not None and n_nodes > 1)
 

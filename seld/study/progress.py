@@ -397,14 +397,18 @@ def trial_error_text(trial) -> str:
     return "unknown error (see the trial's error.txt)"
 
 
-def resources_line(plan_concurrency: int, workers: int, cpus_per_worker: float, gpus_per_worker: float) -> str:
-    """What Ray holds and what each run takes, in words that match the machine (Ray is up)."""
+def resources_line(plan_concurrency: int, workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                   torch_threads: int = 0) -> str:
+    """What Ray holds and what each run takes, in words that match the machine (Ray is up);
+    ``torch_threads``: each worker's torch threads where the plan sets them (0: not said)."""
     import ray
 
     res = ray.cluster_resources()
     n_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
     per_run = f"{workers} Train worker(s) x {cpus_per_worker:g} CPU" + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
+    if torch_threads:
+        per_run += f", {torch_threads} torch thread(s) each"
     if n_nodes <= 1:
         cores = os.cpu_count() or 0
         where = f"Ray on this machine: {cpus:g} logical CPUs on {cores} cores"
