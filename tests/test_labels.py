@@ -336,14 +336,14 @@ def test_multi_accdoa_decoding_equals_the_cell_by_cell_decoding_bit_for_bit():
     outputs where every pattern of active tracks occurs and tracks merge in twos and threes (some
     chained: A~B, B~C, A not ~C), at one and at per-class thresholds, and on no active track."""
     rng = np.random.default_rng(11)
-    out = rng.normal(0.0, 0.45, size=(400, 3, 13, 3))
+    out = rng.normal(0.0, 0.45, size=(80, 3, 13, 3))
     out[..., 2] = rng.uniform(0.2, 4.0, out.shape[:-1])
     # Directions near one another in a third of the cells: merges of two and of three tracks.
-    base = rng.uniform(-np.pi, np.pi, size=(400, 1, 13))
-    spread = rng.choice([0.05, 0.2, 0.3], size=(400, 3, 13)) * rng.choice([-1, 1], size=(400, 3, 13))
+    base = rng.uniform(-np.pi, np.pi, size=(80, 1, 13))
+    spread = rng.choice([0.05, 0.2, 0.3], size=(80, 3, 13)) * rng.choice([-1, 1], size=(80, 3, 13))
     chained = base + np.cumsum(spread, axis=1)
-    radius = rng.uniform(0.3, 1.0, size=(400, 3, 13))
-    near = rng.random((400, 1, 13)) < 0.35
+    radius = rng.uniform(0.3, 1.0, size=(80, 3, 13))
+    near = rng.random((80, 1, 13)) < 0.35
     out[..., 0] = np.where(near, radius * np.cos(chained), out[..., 0])
     out[..., 1] = np.where(near, radius * np.sin(chained), out[..., 1])
     for thresholds in (0.3, 0.5, rng.uniform(0.1, 0.9, 13)):
