@@ -508,27 +508,46 @@ def decode_multi_accdoa(output, thresholds=0.5, merge_deg: float = 15.0) -> np.n
         merge_deg: active tracks of one class and frame whose directions differ by less than this
             angle are linked (transitively) and replaced by one event with the mean x, y, distance.
     Returns:
-        EVENT_DTYPE rows sorted by (frame, class).
+        EVENT_DTYPE rows sorted by (frame, class); the tracks' groups of one cell in the order of
+        their first track.
     """
     out = np.asarray(output.detach().cpu() if hasattr(output, "detach") else output, np.float64)
-    n_frames, n_tracks = out.shape[:2]
+    n_tracks = out.shape[1]
     active = np.hypot(out[..., 0], out[..., 1]) > _thresholds(thresholds)[None, None, :]
-    frames, clss, xs, ys, ds = [], [], [], [], []
+    # The (frame, class) cells with an active track, in (frame, class) order. Every cell is decoded
+    # with the same numpy operations, on the same shapes, as one cell alone would be (the same bits),
+    # but all cells with the same active tracks at once: threshold fitting decodes every validation
+    # clip for each of ~30 candidates, and a loop over cells cost seconds per candidate.
+    frames, classes = np.nonzero(active.any(axis=1))
+    vec_all = out[frames, :, classes, :]  # (cells, tracks, 3)
+    act = active[frames, :, classes]  # (cells, tracks)
     cos_merge = np.cos(np.deg2rad(merge_deg))
-    for f, c in zip(*np.nonzero(active.any(axis=1)), strict=True):
-        tracks = np.flatnonzero(active[f, :, c])
-        vec = out[f, tracks, c, :]
-        unit = vec[:, :2] / np.linalg.norm(vec[:, :2], axis=1, keepdims=True)
-        close = unit @ unit.T > cos_merge  # angle < merge_deg
-        label = np.arange(len(tracks))
-        for _ in range(len(tracks)):  # transitive closure on at most 3 tracks
-            label = np.array([label[close[i]].min() for i in range(len(tracks))])
-        for g in np.unique(label):
-            mean = vec[label == g].mean(axis=0)
-            frames.append(f)
-            clss.append(c)
-            xs.append(mean[0])
-            ys.append(mean[1])
-            ds.append(mean[2])
-    return _events_from_cells(np.array(frames, dtype=np.int64), np.array(clss, dtype=np.int64),
-                              np.array(xs), np.array(ys), np.array(ds))
+    pattern = act @ (1 << np.arange(n_tracks))
+    rows = []  # (cell index, group label, mean (x, y, distance)) blocks
+    for code in np.unique(pattern):
+        cells = np.flatnonzero(pattern == code)
+        tracks = np.flatnonzero(act[cells[0]])
+        vec = vec_all[cells][:, tracks, :]  # (n, k, 3): each cell's active tracks, in track order
+        k = len(tracks)
+        unit = vec[..., :2] / np.linalg.norm(vec[..., :2], axis=2, keepdims=True)
+        close = unit @ np.swapaxes(unit, 1, 2) > cos_merge  # angle < merge_deg
+        label = np.broadcast_to(np.arange(k), (len(cells), k))
+        for _ in range(k):  # transitive closure on at most 3 tracks
+            label = np.where(close, label[:, None, :], k).min(axis=2)
+        for g in range(k):  # groups in label order; each cell's group g, by its members
+            members = label == g
+            has = members.any(axis=1)
+            for code_m in np.unique(members[has] @ (1 << np.arange(k))):
+                sel = has & ((members @ (1 << np.arange(k))) == code_m)
+                idx = np.flatnonzero((code_m >> np.arange(k)) & 1)
+                rows.append((cells[sel], np.full(int(sel.sum()), g), vec[sel][:, idx, :].mean(axis=1)))
+    if not rows:
+        return _events_from_cells(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
+                                  np.zeros(0))
+    cell = np.concatenate([r[0] for r in rows])
+    group = np.concatenate([r[1] for r in rows])
+    mean = np.concatenate([r[2] for r in rows])
+    order = np.lexsort((group, cell))  # cell by cell, its groups in label order
+    cell, mean = cell[order], mean[order]
+    return _events_from_cells(frames[cell].astype(np.int64), classes[cell].astype(np.int64),
+                              mean[:, 0], mean[:, 1], mean[:, 2])

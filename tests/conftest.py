@@ -17,6 +17,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray Train's controller takes the workers' reports, and sees a run end, only when it polls them:
+# every 2 s by default, which each report (the queue holds one) and each run's end may wait out.
+# The smoke epochs last about a second where real ones last minutes: poll every 0.5 s in tests (the
+# drivers, Ray's workers and the commands the tests start all inherit it). Results do not depend
+# on it; only how soon they are seen (the cluster tests set the same).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session")

@@ -302,3 +302,58 @@ def test_multi_accdoa_round_trip_and_merge(tmp_path):
     assert merged["distance"].tolist() == [150.0, 300.0]
     assert merged["azimuth"][1] == pytest.approx(60.0)
     assert len(decode_multi_accdoa(out, 0.5, merge_deg=5)) == 3
+
+
+def _decode_multi_accdoa_cell_by_cell(out: np.ndarray, thresholds, merge_deg: float = 15.0) -> np.ndarray:
+    """The multi-ACCDOA decoding written cell by cell (seld's decoder before it was batched): the
+    reference the batched decoder must equal bit for bit."""
+    from seld.labels import _events_from_cells, _thresholds
+
+    active = np.hypot(out[..., 0], out[..., 1]) > _thresholds(thresholds)[None, None, :]
+    frames, clss, xs, ys, ds = [], [], [], [], []
+    cos_merge = np.cos(np.deg2rad(merge_deg))
+    for f, c in zip(*np.nonzero(active.any(axis=1)), strict=True):
+        tracks = np.flatnonzero(active[f, :, c])
+        vec = out[f, tracks, c, :]
+        unit = vec[:, :2] / np.linalg.norm(vec[:, :2], axis=1, keepdims=True)
+        close = unit @ unit.T > cos_merge
+        label = np.arange(len(tracks))
+        for _ in range(len(tracks)):
+            label = np.array([label[close[i]].min() for i in range(len(tracks))])
+        for g in np.unique(label):
+            mean = vec[label == g].mean(axis=0)
+            frames.append(f)
+            clss.append(c)
+            xs.append(mean[0])
+            ys.append(mean[1])
+            ds.append(mean[2])
+    return _events_from_cells(np.array(frames, dtype=np.int64), np.array(clss, dtype=np.int64),
+                              np.array(xs), np.array(ys), np.array(ds))
+
+
+def test_multi_accdoa_decoding_equals_the_cell_by_cell_decoding_bit_for_bit():
+    """The batched decoder gives the cell-by-cell decoder's events, bit for bit (order, values), on
+    outputs where every pattern of active tracks occurs and tracks merge in twos and threes (some
+    chained: A~B, B~C, A not ~C), at one and at per-class thresholds, and on no active track."""
+    rng = np.random.default_rng(11)
+    out = rng.normal(0.0, 0.45, size=(80, 3, 13, 3))
+    out[..., 2] = rng.uniform(0.2, 4.0, out.shape[:-1])
+    # Directions near one another in a third of the cells: merges of two and of three tracks.
+    base = rng.uniform(-np.pi, np.pi, size=(80, 1, 13))
+    spread = rng.choice([0.05, 0.2, 0.3], size=(80, 3, 13)) * rng.choice([-1, 1], size=(80, 3, 13))
+    chained = base + np.cumsum(spread, axis=1)
+    radius = rng.uniform(0.3, 1.0, size=(80, 3, 13))
+    near = rng.random((80, 1, 13)) < 0.35
+    out[..., 0] = np.where(near, radius * np.cos(chained), out[..., 0])
+    out[..., 1] = np.where(near, radius * np.sin(chained), out[..., 1])
+    for thresholds in (0.3, 0.5, rng.uniform(0.1, 0.9, 13)):
+        got, want = decode_multi_accdoa(out, thresholds), _decode_multi_accdoa_cell_by_cell(out, thresholds)
+        assert len(want) > 1000 and got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    merged = len(_decode_multi_accdoa_cell_by_cell(out, 0.3, merge_deg=0.01)) - len(
+        _decode_multi_accdoa_cell_by_cell(out, 0.3))
+    assert merged > 100  # the outputs exercised merging
+    assert decode_multi_accdoa(out, 0.3, merge_deg=0.01).tobytes() == \
+        _decode_multi_accdoa_cell_by_cell(out, 0.3, merge_deg=0.01).tobytes()
+    assert decode_multi_accdoa(np.zeros((5, 3, 13, 3)), 0.5).tobytes() == \
+        _decode_multi_accdoa_cell_by_cell(np.zeros((5, 3, 13, 3)), 0.5).tobytes()
+    assert len(decode_multi_accdoa(np.zeros((5, 3, 13, 3)), 0.5)) == 0

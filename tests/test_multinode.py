@@ -1,8 +1,8 @@
 """The cluster path on a real three-node Ray cluster on loopback (cluster/loopback.yaml): a head
 that offers no CPUs to trials but the trial-driver resource, and 2-CPU worker nodes standing in for
 spot nodes. The smoke ablation runs through `--cluster` as a separate driver process; the node
-holding a trial's Train worker is SIGKILLed (its raylet and every process under it) three times
-and a replacement node joins each time.
+holding a trial's Train worker is SIGKILLed (its raylet and every process under it) twice, and a
+replacement node joins each time: the second loss strikes a run already restored once.
 
 The nodes are `ray start --block` processes of their own (distinct ports, 127.0.0.1 only) and the
 study is a subprocess: this test process never connects to the cluster, so a session Ray of the
@@ -33,7 +33,12 @@ from seld.runfolder import CHECKPOINTED
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = ROOT / "cluster/loopback.yaml"
 CANARY = "canary-wandb-key-0123456789abcdef"
-STAGE1_EPOCHS = 20  # enough epochs for three kills, each after a registered checkpoint
+KILLS = 2  # node losses: the second strikes a run already restored from the first
+# Enough epochs for both kills, each after a registered checkpoint, with room to spare: a kill
+# waits for row >= 2 (the next one for a row trained since the restore) and must leave >= 2 epochs,
+# so rows 2..10 are open to them; seen here: the first kill at row 2 to 5 (a loaded machine
+# registers the first epochs late), each next one 1 or 2 rows later.
+STAGE1_EPOCHS = 12
 TIMING_COLUMNS = {"train/time_s", "train/data_wait_frac", "val/time_s", "elapsed_s"}  # metrics.csv columns that vary
 PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
               "runtime-env-agent-port", "node-manager-port", "object-manager-port")
@@ -97,6 +102,9 @@ class LoopbackCluster:
                     "RAY_health_check_failure_threshold": "3", "RAY_health_check_timeout_ms": "1000",
                     # A raylet takes long to register on a loaded 2-core machine (default 10 s).
                     "RAY_raylet_start_wait_time_s": "120",
+                    # No 30-s drain when a node is stopped at the end (Ray's default for SIGTERM,
+                    # for Serve's replicas): nothing here is left to drain.
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                     # Train's controller collects reported checkpoints at this interval (default 2 s):
                     # shorter here because the smoke epochs last ~2 s, where real ones last minutes.
                     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
@@ -217,7 +225,7 @@ def _train_worker_pid(cluster: LoopbackCluster) -> int | None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_path, smoke_data):
+def test_study_on_a_three_node_cluster_survives_two_node_losses(cluster, tmp_path, smoke_data):
     from seld.synth import dataset_hash
 
     storage = tmp_path / "shared"
@@ -264,7 +272,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
             for k in kills:  # the first epoch finished after each kill: training again
                 if "again_s" not in k and n > k["rows"]:
                     k["again_s"] = round(time.time() - k["t"], 1)
-            if len(kills) == 3:
+            if len(kills) == KILLS:
                 continue
             # Kill once this trial has trained a new epoch since the last restore, while epochs
             # remain, after Train registered a checkpoint since that epoch's row appeared
@@ -293,7 +301,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
             proc.kill()
     text = log_path.read_text()
     assert proc.returncode == 0, text[-5000:]
-    assert len(kills) == 3, (kills, text[-3000:])
+    assert len(kills) == KILLS, (kills, text[-3000:])
 
     rows = pd.read_csv(out / "summary.csv")
     assert list(rows["status"]) == ["ok", "ok"] and rows["test/f20"].notna().all()
@@ -305,7 +313,7 @@ def test_study_on_a_three_node_cluster_survives_three_node_losses(cluster, tmp_p
     attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == 1, attempts
     restored = [int(m) for m in re.findall(r"restored from checkpoint after epoch (\d+)", text)]
-    assert len(restored) == 3, text[-5000:]
+    assert len(restored) == KILLS, text[-5000:]
     lost = [k["rows"] - r for k, r in zip(kills, restored, strict=True)]
     assert all(0 <= x <= 1 for x in lost), (lost, kills, restored)
     # Every trial's driver ran on the head, never on a killed (or any worker) node; and it saw the

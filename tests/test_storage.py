@@ -360,10 +360,10 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
             objects = results.remote_files()
             stereo = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-") and k.endswith("/metrics.csv")]
             # Ray Train's controller registers a reported checkpoint when it next polls its
-            # workers (every 2 s in ray 2.60), so under load metrics.csv can list an epoch or two
-            # more: those are retrained after the kill (still recorded once, timings new). So kill
-            # once the run's checkpointed.json (written after the registration) names an epoch
-            # metrics.csv lists.
+            # workers (every 2 s by default, 0.5 s in tests: conftest.py), so under load
+            # metrics.csv can list an epoch or two more: those are retrained after the kill
+            # (still recorded once, timings new). So kill once the run's checkpointed.json
+            # (written after the registration) names an epoch metrics.csv lists.
             marker = [k for k in objects if k.startswith("runs/stereo_rcnet-s0-")
                       and k.endswith(f"/{CHECKPOINTED}")]
             blob = _read_object(results, stereo[0]) if stereo else b""

@@ -587,3 +587,25 @@ def test_seeds_auto_adds_seeds_only_where_unsettled_and_resume_replays_it(tmp_pa
     assert plan4.stopped_by_budget == bool(more) and len(rows4) == len(rows)
     if more:
         assert "by the budget" in (out / "auto.md").read_text()
+
+
+def test_resume_names_the_config_keys_that_keep_old_run_folders_from_being_reused(tmp_path):
+    """A run folder of the same variant and seed trained under another config (the code added a key,
+    or a --set changed) is not reused: the study says how many and which keys differ, recorded ->
+    planned, rather than silently training everything again."""
+    import json
+
+    from seld.config import run_hash, to_dict
+    from seld.study.ablation import Run, config_changes
+
+    cfg = preset_config("smoke", {"seed": 0, "train.torch_threads": 1})
+    old = to_dict(preset_config("smoke", {"seed": 0}))
+    del old["data"]["engine"]  # as a config from before the key existed
+    old_dir = tmp_path / "runs" / "base-s0-00000000"
+    old_dir.mkdir(parents=True)
+    (old_dir / "config.json").write_text(json.dumps(old))
+    runs = [Run(Variant("base"), 0, {}, cfg, tmp_path / "runs" / f"base-s0-{run_hash(cfg)[:8]}"),
+            Run(Variant("base"), 1, {}, preset_config("smoke", {"seed": 1}), tmp_path / "runs" / "base-s1-x")]
+    n, keys = config_changes(runs, tmp_path)
+    assert n == 1  # seed 1 has no earlier folder
+    assert keys == {"data.engine": ("<absent>", "auto"), "train.torch_threads": (0, 1)}

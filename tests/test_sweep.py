@@ -142,7 +142,7 @@ def test_sweep_records_each_trials_best_epoch(tmp_path, smoke_data, ray_session,
         curve = pd.read_csv(run / "metrics.csv")
         assert list(curve["val/best_f20"]) == list(curve["val/f20"].cummax())
         # The epochs Tune saw: each reported the best so far. A stopped run may list one epoch more
-        # (trained before the stop reached its worker; Train's controller polls every 2 s).
+        # (trained before the stop reached its worker; Train's controller polls every 0.5 s in tests).
         seen = {step: value for step, value in t.intermediate_values.items() if step <= len(curve)}
         assert list(seen) == list(range(1, len(seen) + 1))
         assert seen == {i + 1: v for i, v in enumerate(curve["val/best_f20"][:len(seen)])}

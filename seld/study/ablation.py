@@ -9,13 +9,14 @@ of comparisons still unsettled (:mod:`seld.paired`'s group-sequential test), and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from seld.config import ExperimentConfig, preset_config, run_hash
+from seld.config import ExperimentConfig, preset_config, run_config_dict, run_hash
 from seld.errors import UserError
 from seld.paired import SequentialPlan, gather_study_counters, load_counters, write_plan
 from seld.report import (
@@ -191,6 +192,36 @@ def _run(study: Study, v: Variant, seed: int, plan: ClusterPlan, opts: Options, 
     return Run(v, seed, overrides, cfg, run_dir)
 
 
+def config_changes(pending: list[Run], out: Path) -> tuple[int, dict[str, tuple[Any, Any]]]:
+    """Runs to train that have a folder of the same variant and seed under ``out/runs`` trained
+    with another config (the code's config changed since, or other ``--set`` values): how many, and
+    the keys that differ, {dotted key: (recorded value, planned value)} (keys absent on one side
+    show ``<absent>``). Such folders are kept but not reused: a run is its config."""
+    n, keys = 0, {}
+    for r in pending:
+        others = sorted(p for p in r.run_dir.parent.glob(f"{r.variant.name}-s{r.seed}-*")
+                        if p != r.run_dir and (p / "config.json").is_file())
+        if not others:
+            continue
+        n += 1
+        old = _flat(run_config_dict(json.loads((others[-1] / "config.json").read_text())))
+        new = _flat(run_config_dict(r.cfg))
+        for k in sorted(set(old) | set(new)):
+            if old.get(k, "<absent>") != new.get(k, "<absent>"):
+                keys.setdefault(k, (old.get(k, "<absent>"), new.get(k, "<absent>")))
+    return n, keys
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def sequential_plan(study: Study, opts: Options) -> SequentialPlan | None:
     """The plan of ``--seeds auto[:MAX]`` (None without it): the study's seeds first, then the next
     integers up to MAX seeds in all. A one-line UserError when the study cannot use it."""
@@ -289,6 +320,12 @@ def _train_pending(study: Study, runs: list[Run], data: DataPlan, plan: ClusterP
     pending = training_order([r for r in runs if not (r.run_dir / METRICS_JSON).exists()] + truncated)
     log.info("study %s: %d runs, %d finished before, %d to train (concurrency %d)", study.name,
              len(runs), len(runs) - len(pending), len(pending), opts.concurrency or plan.concurrency)
+    n_changed, changed = config_changes(pending, out)
+    if n_changed:
+        shown = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        log.warning("study %s: %d of the runs to train have a folder under %s trained with another config "
+                    "(%s%s); those folders are kept, not reused", study.name, n_changed, out / "runs", shown, more)
     for r in truncated:
         log.info("%s seed %d: stopped by its time budget before; continued from its last epoch "
                  "(train.time_budget_s=%g s for this attempt)", r.variant.name, r.seed, r.cfg.train.time_budget_s)
