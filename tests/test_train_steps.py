@@ -163,6 +163,28 @@ def test_train_step_reports_its_phases_and_updates_the_weights(setup):
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
+def test_stage_optimizer_is_foreach_adam_with_the_loop_adams_numbers(setup):
+    """The stage optimiser runs Adam's multi-tensor (foreach) kernels, faster on CPU
+    (bench/model_options.py), and its steps give the per-parameter loop's weights bit for bit."""
+    feats, targets = next(setup.tset.batches(0, 1))
+    x, y = torch.from_numpy(np.ascontiguousarray(feats)).float(), torch.from_numpy(targets)
+    scfg = setup.cfg.train.stage1
+    nets = []
+    for foreach in (True, False):
+        net, loss_fn, opt, _ = _fresh(setup)
+        if foreach:
+            assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["foreach"] is True
+        else:
+            opt = torch.optim.Adam(net.parameters(), lr=scfg.lr, weight_decay=scfg.weight_decay, foreach=False)
+        for step in range(3):
+            torch.manual_seed(step)  # the same dropout masks
+            train.train_step(net.train(), loss_fn, opt, x, y, amp=False, grad_clip=1.0)
+        nets.append(net)
+    assert any(not torch.equal(a, b) for a, b in zip(train.init_model(setup.cfg).parameters(),
+                                                     nets[0].parameters(), strict=True))
+    _assert_same(nets[0].state_dict(), nets[1].state_dict(), "model")
+
+
 def test_validate_sums_counters_through_reduce_and_keeps_the_mode(setup):
     net = train.init_model(setup.cfg).train()
     shapes = []
