@@ -71,6 +71,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
         ray.init(address=address, log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
         return time.perf_counter() - t0
     n = num_cpus or default_num_cpus(num_workers)
+    # A study starts a dozen worker processes at once (trial drivers, Train controllers and workers,
+    # Ray Data tasks); with the raylet's default startup concurrency (the cores: 2 here) it pushes
+    # "N PYTHON worker processes have been started ... maximum expected startup concurrency" to every
+    # driver's console, which no logging setting silences (ray-project/ray#63800). Read by the raylet
+    # this call starts, so only an embedded Ray's.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, 2 * n)))
     ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
