@@ -256,10 +256,16 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
     assert any("Ray on this machine: 4 logical CPUs on" in x for x in err), err
     assert any(x.startswith("features:") for x in err)  # the extraction's bar, as `seld features` shows
     log_text = (out / "study.log").read_text(encoding="utf-8")
-    for i, row in enumerate(rows.to_dict("records"), start=1):
+    # Both runs start at once on this machine's plan (a run per core), so which is "run 1" and
+    # which finishes first is the scheduler's: each number appears once.
+    starts, dones = [], []
+    for row in rows.to_dict("records"):
         label = f"{row['variant']} seed {row['seed']}"
-        started = f"{label} — run {i} of 2 started"
-        assert any(x.endswith(started) for x in err) and started in log_text, started
+        started = [x for x in err if re.search(rf"{label} — run (\d) of 2 started$", x)]
+        assert len(started) == 1, (label, err)
+        n = re.search(r"run (\d) of 2", started[0])[1]
+        starts.append(n)
+        assert f"{label} — run {n} of 2 started" in log_text
         run_dir = next((out / "runs").glob(f"{row['variant']}-s{row['seed']}-*"))
         epochs = pd.read_csv(run_dir / "metrics.csv").to_dict("records")
         for ep in epochs:
@@ -267,9 +273,12 @@ def _check_console(done: subprocess.CompletedProcess, out: Path, rows: pd.DataFr
                     f"loss {ep['train/loss']:.3f}, val F20 {ep['val/f20']:.1f} %, DOAE ")
             assert any(line in x for x in err) and line in log_text, (line, err)
         finished = next(x for x in err if f"{label} finished in " in x)
-        assert f"— test F20 {row['test/f20']:.1f} % " in finished and f"{i} of 2 runs done" in finished, finished
-        if i == 1:  # the time left, from the first run's measured times
+        assert f"— test F20 {row['test/f20']:.1f} % " in finished, finished
+        k = re.search(r"(\d) of 2 runs done", finished)[1]
+        dones.append(k)
+        if k == "1":  # the time left, from the first finished run's measured times
             assert re.search(r"about \d+ (s|min) left$", finished), finished
+    assert sorted(starts) == ["1", "2"] and sorted(dones) == ["1", "2"], (starts, dones)
     table = [x for x in (out / "table1.md").read_text(encoding="utf-8").splitlines() if x.startswith("|")]
     assert len(table) >= 6  # header, rule, Baseline-A, Stage 1, Stage 2, Stage 2 + PP
     main = table[:6]
