@@ -347,8 +347,10 @@ def test_smoke_ablation_on_s3_survives_a_kill_and_reports_from_the_bucket_alone(
     shutil.copytree(smoke_store.parent, cache / f"store-{h}", symlinks=True)
     staging = tmp_path / "staging" / "ablation"
     cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--storage", uri,
-           "--out", str(staging), "--cache-dir", str(cache), "--max-retries", "0",
+           "--out", str(staging), "--cache-dir", str(cache), "--max-retries", "0", "--concurrency", "1",
            "--set", "train.stage1.epochs=2"]  # Stereo-RCnet: 3 epochs, time to kill it after its first
+    # --concurrency 1: the kill point is "Baseline-A finished, Stereo-RCnet started" (the machine's
+    # plan would run both at once).
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "OMP_NUM_THREADS": "1"}
 
     # 1. Killed mid-study: Baseline-A finished, Stereo-RCnet's first epoch in the bucket.
