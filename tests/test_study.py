@@ -621,3 +621,7 @@ def test_resume_names_the_config_keys_that_keep_old_run_folders_from_being_reuse
     n, keys = config_changes(runs, tmp_path)
     assert n == 1  # seed 1 has no earlier folder
     assert keys == {"data.engine": ("<absent>", "auto"), "train.torch_threads": (0, 1)}
+    # A damaged record is named, not a traceback.
+    (old_dir / "config.json").write_text("{not json")
+    n, keys = config_changes(runs, tmp_path)
+    assert n == 1 and keys == {f"{old_dir / 'config.json'} (unreadable: JSONDecodeError)": ("?", "?")}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from seld.config import ExperimentConfig, preset_config, run_config_dict, run_hash
+from seld.config import ExperimentConfig, flatten, preset_config, run_config_dict, run_hash
 from seld.errors import UserError
 from seld.paired import SequentialPlan, gather_study_counters, load_counters, write_plan
 from seld.report import (
@@ -204,22 +204,16 @@ def config_changes(pending: list[Run], out: Path) -> tuple[int, dict[str, tuple[
         if not others:
             continue
         n += 1
-        old = _flat(run_config_dict(json.loads((others[-1] / "config.json").read_text())))
-        new = _flat(run_config_dict(r.cfg))
+        try:
+            old = flatten(run_config_dict(json.loads((others[-1] / "config.json").read_text())))
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a damaged record: say so, keep going
+            keys.setdefault(f"{others[-1] / 'config.json'} (unreadable: {type(e).__name__})", ("?", "?"))
+            continue
+        new = flatten(run_config_dict(r.cfg))
         for k in sorted(set(old) | set(new)):
             if old.get(k, "<absent>") != new.get(k, "<absent>"):
                 keys.setdefault(k, (old.get(k, "<absent>"), new.get(k, "<absent>")))
     return n, keys
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def sequential_plan(study: Study, opts: Options) -> SequentialPlan | None:
@@ -388,9 +382,7 @@ def _tune_grid(specs: dict[str, dict], plan: ClusterPlan, out: Path, name: str, 
     from ray import tune
 
     start_ray(plan, forwarded_env(opts))
-    log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan.workers_per_trial,
-                                  plan.cpus_per_worker, plan.gpus_per_worker,
-                                  int(opts.sets.get("train.torch_threads", plan.overrides().get("train.torch_threads", 0)))))
+    log.info("%s", resources_line(opts.concurrency or plan.concurrency, plan, opts.sets))
     # Trials start in the order of ``specs`` (see _train_pending), not alphabetically.
     results = fit_tuner(ablation_trainable(specs, plan), {"run_id": tune.grid_search(list(specs))}, plan,
                         out, name, opts, callbacks=[progress])

@@ -14,9 +14,12 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from seld.runfolder import RUN_FINISHED
+
+if TYPE_CHECKING:
+    from seld.study.cluster import ClusterPlan
 
 log = logging.getLogger(__package__)  # the package logs as one stage: "seld.study"
 
@@ -397,15 +400,17 @@ def trial_error_text(trial) -> str:
     return "unknown error (see the trial's error.txt)"
 
 
-def resources_line(plan_concurrency: int, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                   torch_threads: int = 0) -> str:
-    """What Ray holds and what each run takes, in words that match the machine (Ray is up);
-    ``torch_threads``: each worker's torch threads where the plan sets them (0: not said)."""
+def resources_line(plan_concurrency: int, plan: ClusterPlan, sets: Mapping[str, Any]) -> str:
+    """What Ray holds and what each run takes, in words that match the machine (Ray is up): the
+    plan's workers, CPUs and GPUs per run and the torch threads each worker gets (``--set
+    train.torch_threads`` over the plan's, unsaid when neither sets them)."""
     import ray
 
     res = ray.cluster_resources()
     n_nodes = len([n for n in ray.nodes() if n.get("Alive")])
     cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+    workers, cpus_per_worker, gpus_per_worker = plan.workers_per_trial, plan.cpus_per_worker, plan.gpus_per_worker
+    torch_threads = int(sets.get("train.torch_threads", plan.overrides().get("train.torch_threads", 0)))
     per_run = f"{workers} Train worker(s) x {cpus_per_worker:g} CPU" + (f" + {gpus_per_worker:g} GPU" if gpus_per_worker else "")
     if torch_threads:
         per_run += f", {torch_threads} torch thread(s) each"

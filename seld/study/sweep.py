@@ -325,8 +325,7 @@ def _tune_sweep(sweep: Sweep, spec: dict, storage, n: int, plan: ClusterPlan, ou
     searcher = sweep_searcher(sweep, storage, n_before)
     scheduler = sweep_scheduler(sweep, max_t)
     concurrency = opts.concurrency or plan.concurrency
-    log.info("%s", resources_line(concurrency, plan.workers_per_trial, plan.cpus_per_worker, plan.gpus_per_worker,
-                                  int(opts.sets.get("train.torch_threads", plan.overrides().get("train.torch_threads", 0)))))
+    log.info("%s", resources_line(concurrency, plan, opts.sets))
     progress = progress_callback({}, n_total=n_before + n, n_done_before=n_before, concurrency=concurrency,
                                  max_retries=opts.max_retries, default_epochs=max_t)
     # The searcher holds the space (Optuna's distributions) and hands each trial its whole config.
