@@ -77,6 +77,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, num_gpu
     # driver's console, which no logging setting silences (ray-project/ray#63800). Read by the raylet
     # this call starts, so only an embedded Ray's.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(max(8, 2 * n)))
+    # Ray Train starts a PreemptionWatcher actor per run that polls the node's drain state, which
+    # only an autoscaler sets; a one-machine Ray has none. Each takes about 1 % of a core
+    # (bench/cpu_by_process.py), taken from the training process on a 2-core machine (issue 28).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=n, num_gpus=num_gpus, include_dashboard=include_dashboard, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, runtime_env=runtime_env, **quiet)
     log.info("started a local Ray (%d logical CPUs) in %.1f s", n, time.perf_counter() - t0)
