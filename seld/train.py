@@ -367,15 +367,11 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-@dataclass
+@dataclass(frozen=True)
 class _WorkerData:
-    """One worker's rows, from either engine (`data.engine`): the loop sees only these fields."""
+    """One worker's rows, from either engine (`data.engine`), and how they were planned and read."""
 
-    train_sets: dict[int, seld_data.StageRows]  # per stage, this worker's share (n_batches, batches, sums)
-    val: seld_data.ClipBatch | None  # rank 0: the whole validation set (it fits the thresholds on it)
-    val_mine: seld_data.ClipBatch  # the slice this worker scores each epoch
-    read_tests: Callable[[], dict[str, seld_data.ClipBatch]]  # rank 0 at the end: the test sets
-    reader: seld_data.StoreReader | None  # the row-group engine's reader; None: Ray Data feeds this worker
+    sets: seld_data.WorkerSets  # the loop sees only these: training shares, validation, test reader
     plan: seld_data.RunPlan  # the driver's plan (build_trainer's "plan" entry of the loop config)
     ready_s: float  # seconds it took
 
@@ -430,7 +426,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if w.rank == 0:
         _write_csv(w.run_dir / METRICS_CSV, state.history)
     for stage in cfg.train.stage_numbers:
-        if state.pending(stage) and not _train_stage(w, state, stage, data.train_sets[stage]):
+        if state.pending(stage) and not _train_stage(w, state, stage, data.sets.train_sets[stage]):
             break  # the time budget ran out
     _finish_worker(w, data, state)
 
@@ -449,7 +445,7 @@ def _read_worker_data(cfg: ExperimentConfig, plan: seld_data.RunPlan, rank: int,
     sets = (seld_data.ray_worker_sets if engine == "ray_data" else seld_data.worker_sets)(
         cfg, plan, rank, world, order_log)
     ready_s = time.perf_counter() - t0
-    data = _WorkerData(sets.train_sets, sets.val, sets.val_mine, sets.read_tests, sets.reader, plan, ready_s)
+    data = _WorkerData(sets, plan, ready_s)
     _record_worker_data(data, run_dir, rank, world, mirror)
     log.info("rank %d: data ready in %.1f s (%s, %s; %s; val %d, mine %d)", rank, ready_s, engine,
              "materialised" if plan.materialize else "streamed", {k: len(v.rows) for k, v in sets.train_sets.items()},
@@ -459,12 +455,12 @@ def _read_worker_data(cfg: ExperimentConfig, plan: seld_data.RunPlan, rank: int,
 
 def _record_worker_data(data: _WorkerData, run_dir: Path, rank: int, world: int, mirror: Mirror | None) -> None:
     """Write RUN/data/worker-<rank>.json (see :func:`_read_worker_data`)."""
-    held = getattr(next(iter(data.train_sets.values())), "held", None)
-    record = {"rank": rank, "world": world, "engine": "ray_data" if data.reader is None else "rowgroups",
+    held = getattr(next(iter(data.sets.train_sets.values())), "held", None)
+    record = {"rank": rank, "world": world, "engine": "ray_data" if data.sets.reader is None else "rowgroups",
               "path": "materialised" if data.plan.materialize else "streamed",
-              "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(data.val_mine),
-              "store_files_opened": data.reader.files_opened if data.reader is not None else 0,
-              **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in data.train_sets.items()}}
+              "held_bytes": held.nbytes if held is not None else 0, "val_rows": len(data.sets.val_mine),
+              "store_files_opened": data.sets.reader.files_opened if data.sets.reader is not None else 0,
+              **{f"stage{s}": [str(c) for c in t.rows.clips] for s, t in data.sets.train_sets.items()}}
     write_json_atomic(run_dir / SHARES_DIR / f"worker-{rank}.json", record)
     if mirror is not None:
         mirror.push(only=[f"{SHARES_DIR}/worker-{rank}.json"])
@@ -490,7 +486,7 @@ def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
     elif init_blob is not None and init_blob.get("norm_mean") is not None:
         mean, std = init_blob["norm_mean"].numpy(), init_blob["norm_std"].numpy()
     elif cfg.data.normalize:
-        mean, std = seld_data.norm_from_sums(_all_reduce(data.train_sets[cfg.train.stage_numbers[0]].sums()))
+        mean, std = seld_data.norm_from_sums(_all_reduce(data.sets.train_sets[cfg.train.stage_numbers[0]].sums()))
     else:
         mean = std = None
     if rank == 0 and mean is not None:
@@ -506,7 +502,7 @@ def _start_worker(cfg: ExperimentConfig, loop_cfg: dict, ctx, data: _WorkerData,
                    rank=rank, world=world, device=device, amp=bf16_autocast(device, cfg.train.amp_bf16),
                    net=net, model=ray.train.torch.prepare_model(net) if world > 1 else net,
                    loss_fn=build_loss(cfg.loss, cfg.model.output_format).to(device),
-                   augment=Augmenter(cfg.augment), val_mine=data.val_mine, mean=mean, std=std, t_start=t_start,
+                   augment=Augmenter(cfg.augment), val_mine=data.sets.val_mine, mean=mean, std=std, t_start=t_start,
                    deadline=float(loop_cfg["deadline"]), mirror=loop_cfg.get("mirror"))
 
 
@@ -635,11 +631,11 @@ def _finish(w: _Worker, data: _WorkerData, state: LoopState) -> dict:
     sel_path = ckpt_dir / stage_checkpoint(sel_stage)
     shutil.copyfile(sel_path, ckpt_dir / SELECTED)
     stage1 = read_model_file(ckpt_dir / stage_checkpoint(1)) if 1 in ran and sel_stage == 2 else None
-    tests = data.read_tests()
-    scores = evaluate_run(w.net, read_model_file(sel_path), data.val, tests, cfg, w.mean, w.std, w.device,
+    tests = data.sets.read_tests()
+    scores = evaluate_run(w.net, read_model_file(sel_path), data.sets.val, tests, cfg, w.mean, w.std, w.device,
                           w.amp, stage1=stage1)
     save_thresholds(run_dir / THRESHOLDS, scores.thresholds)
-    write_predictions(run_dir / PREDICTIONS_VAL, data.val.clips, scores.val_predictions)
+    write_predictions(run_dir / PREDICTIONS_VAL, data.sets.val.clips, scores.val_predictions)
     for folder, preds in scores.predictions.items():
         write_predictions(run_dir / folder, tests["test"].clips, preds)
     # Per-test-file counters of every scored test set: the study's paired file-level intervals.
