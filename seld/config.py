@@ -423,6 +423,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        _check(self.seed >= 0, "seed", "must be >= 0 (it seeds numpy's default_rng)")
         if self.model.name == "baseline":
             _check(self.model.output_format == "multi_accdoa", "model.output_format",
                    "the baseline uses multi_accdoa (spec §7)")

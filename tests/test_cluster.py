@@ -91,6 +91,34 @@ def test_plans_follow_the_cluster_files():
     assert two.concurrency == 2 and "3 wave(s)" in format_plan(two, 6, 1.0, "x")
 
 
+@pytest.mark.parametrize(("workers", "concurrency"), [(1, None), (1, 3), (3, None), (2, 4), (1, 1)])
+def test_an_embedded_ray_keeps_a_whole_cpu_beside_the_train_workers_and_drivers(workers, concurrency):
+    """A Ray Data task needs a whole CPU, and Train workers waiting for their data hold theirs: on
+    this machine's embedded Ray, whatever --concurrency and train.num_workers ask for, at least one
+    CPU stays free beside every run's workers and driver (else a ray_data run hangs)."""
+    cfg = preset_config("local", {"train.num_workers": workers})
+    plan = plan_cluster(None, cfg, max_concurrent=concurrency)
+    assert plan.source == "embedded" and len(plan.nodes) == 1
+    held = plan.concurrency * (plan.workers_per_trial * plan.cpus_per_worker + plan.driver_resources()["cpu"])
+    assert plan.nodes[0].cpus - held >= 1.0, (plan.nodes[0].cpus, held)
+    assert plan.nodes[0].cpus >= 4  # never fewer than before (2 x this machine's cores, at least 4)
+    assert plan.overrides()["data.ray_data_cpus"] >= 1.0
+
+
+def test_an_embedded_multi_gpu_machine_divides_its_cores_among_the_runs(monkeypatch):
+    """8 GPUs and 16 cores without a cluster file: 8 one-GPU runs at once, each worker with 2 torch
+    threads, not all 16 each (8x oversubscribed)."""
+    import os
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    plan = plan_cluster(None, preset_config("paper"))
+    assert (plan.concurrency, plan.gpus_per_worker, plan.torch_threads) == (8, 1.0, 2)
+    assert plan.overrides()["train.torch_threads"] == 2
+
+
 def test_dry_run_cli_prints_different_plans_without_connecting(tmp_path):
     def dry(cluster: Path) -> str:
         r = subprocess.run([sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "local",

@@ -72,6 +72,7 @@ def test_overrides_of_related_fields_are_checked_together():
         ({"model.d_model.width": 3}, "is a value, not a section"),
         ({"synth.distance_m_range": (-1, 2)}, "synth.distance_m_range"),
         ({"model.name": "baseline"}, "baseline uses multi_accdoa"),
+        ({"seed": -1}, r"seed: must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_field(overrides, message):

@@ -127,6 +127,9 @@ def test_seeds_option_parses_auto_and_refuses_bad_values_in_one_line():
     for bad in ("auto:1", "auto:x", "0,a"):
         with pytest.raises(UserError, match=r"--seeds .*expected comma-separated integers \(0,1,2\) or auto\[:MAX\]"):
             parse_seeds(bad)
+    for bad in ("0,0,1", "-1", "2,-3"):  # a repeated seed trains once but would count twice
+        with pytest.raises(UserError, match=r"--seeds .*expected distinct non-negative integers"):
+            parse_seeds(bad)
     from seld.report import Comparison, TableRow, TableSpec
 
     table = TableSpec("t", "T", (TableRow("a", "a"), TableRow("b", "b")), comparisons=(Comparison("b", "a", verdict=True),))

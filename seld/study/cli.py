@@ -83,7 +83,11 @@ def parse_seeds(text: str | None) -> tuple[tuple[int, ...] | None, int | None]:
             if n_max >= 2:
                 return None, n_max
         else:
-            return tuple(int(x) for x in text.split(",")), None
+            seeds = tuple(int(x) for x in text.split(","))
+            if min(seeds) < 0 or len(set(seeds)) < len(seeds):
+                # A repeated seed would train once but count twice in the intervals (n seeds).
+                raise UserError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+            return seeds, None
     except ValueError:
         pass
     raise UserError(f"--seeds {text!r}: expected comma-separated integers (0,1,2) or auto[:MAX] with MAX >= 2")

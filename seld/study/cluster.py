@@ -10,7 +10,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +93,7 @@ class ClusterPlan:
     driver_nodes: bool = False
     train_max_failures: int = 0
     multi_node: bool = False  # more than one node: results and caches must be on `storage`
-    torch_threads: int = 0  # embedded CPU plans: threads per Train worker from the cores (0: the default)
+    torch_threads: int = 0  # embedded plans: threads per Train worker from the cores (0: the default)
 
     @property
     def device(self) -> str:
@@ -360,8 +360,16 @@ def plan_cluster(path: Path | None, cfg: ExperimentConfig, storage: str | None =
         storage = storage_path(found, f"{source}: SELD_STORAGE") if found else None
     n_nodes = sum(n.max_nodes for n in nodes) + (1 if drivers and not any(n.is_head for n in nodes) else 0)
     concurrency = max(1, concurrency if max_concurrent is None else max_concurrent)
+    if source == "embedded":
+        # Whatever the runs at once and their workers (--concurrency 3, train.num_workers=3 on 2
+        # cores), Ray must keep a whole CPU beside the Train workers and the trial drivers: a Ray
+        # Data task needs one, and Train workers waiting for their data hold theirs (a hang).
+        need = math.ceil(concurrency * (n_workers * cpus_per_worker + DRIVER_SHARE) + 1)
+        if need > nodes[0].cpus:
+            nodes = [replace(nodes[0], cpus=float(need))]
+            used_nodes = tuple(nodes)
     threads = 0
-    if source == "embedded" and not gpu_nodes:  # the cores shared by the runs at once (--concurrency too)
+    if source == "embedded":  # the cores shared by the runs at once (--concurrency too), GPU runs included
         threads = max(1, (os.cpu_count() or 1) // (concurrency * n_workers))
     return ClusterPlan(source, n_workers, gpus_per_worker, cpus_per_worker, concurrency,
                        storage, used_nodes, driver_nodes=drivers, torch_threads=threads,
