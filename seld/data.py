@@ -932,6 +932,11 @@ class RayTrainSet(StageRows):
             close = getattr(torch_batches, "close", None)
             if close is not None:
                 close()
+        if len(clips) < n_batches:
+            # A rank short of batches would reach the epoch's all-reduce while the others are still
+            # in their gradient all-reduces (a hang or a desync), so it stops here, by name.
+            raise DataError(f"Ray Data dataset {self.dataset!r} delivered {len(clips)} batches of epoch {epoch} "
+                            f"where the plan has {n_batches} (store changed since the run was planned?)")
         self._record(epoch, clips)
 
 

@@ -247,7 +247,7 @@ class SequentialPlan:
             raise ValueError(f"--seeds auto:{len(self.seeds)}: the maximum must be at least 2 and at least "
                              f"the {self.n_planned} planned seeds")
         if not 0 < self.alpha < 1 or not 0 <= self.futility < 1:
-            raise ValueError(f"sequential plan: alpha {self.alpha} and futility {self.futility} must be in (0, 1)")
+            raise ValueError(f"sequential plan: alpha {self.alpha} and futility {self.futility} must be in (0, 1) and [0, 1)")
 
     @property
     def max_seeds(self) -> int:
@@ -349,8 +349,10 @@ class SequentialResult:
 
     Attributes:
         interval: the repeated confidence interval over seeds at its last look (mean -+ the look's
-            boundary x s / sqrt(n): simultaneous 95 % coverage over all looks, and it excludes 0
-            exactly when the look settles), or the plain paired interval before the first look.
+            boundary x s / sqrt(n): simultaneous 95 % coverage over all looks; it excludes 0
+            whenever the look settles, and may also exclude 0 at a look that does not settle,
+            when the file interval holds 0 and vetoes the verdict), or the plain paired interval
+            before the first look.
         files: the file interval over the same seeds (None without counters).
         verdict: the tables' verdict on these intervals.
         state: "settled" (a boundary crossed), "cannot settle" (conditional power below the plan's

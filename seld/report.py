@@ -485,7 +485,7 @@ SEQUENTIAL_NOTE = (
     "one more seed at a time while its verdict was unsettled, up to {max}. Its interval over seeds is the "
     "*repeated* 95 % confidence interval at its last look (a group-sequential paired t-test with "
     "Lan-DeMets O'Brien-Fleming-type alpha spending, one look per seed: the false-verdict rate over all "
-    "looks stays 5 %), its verdict the first look at which it settled; DOAE_CD and RDE_CD are shown over the "
+    "looks stays within 5 % per comparison, not for the whole table), its verdict the first look at which it settled; DOAE_CD and RDE_CD are shown over the "
     "same seeds with their plain intervals. *stopped … cannot settle*: its "
     "conditional power at {max} seeds fell below {futility:.0f} %; *open at MAX*: unsettled at {max} seeds."
 )

@@ -102,6 +102,29 @@ def test_engine_is_checked_and_subsampled_batches_are_refilled():
 
 
 @pytest.mark.ray
+def test_a_ray_data_share_short_of_rows_stops_the_epoch_by_name(smoke_store, ray_session):
+    """A rank whose dataset delivers fewer rows than planned (the store changed under a streamed
+    run) raises a DataError naming the dataset instead of yielding a short epoch."""
+    from seld import data as seld_data
+    from seld.errors import DataError
+
+    cfg = preset_config("smoke", {"train.stages": "stage1", "train.num_workers": 1, "data.engine": "ray_data"})
+    plan = seld_data.plan_run(cfg, smoke_store)
+    with seld_data.ray_data_context(cfg):
+        datasets = seld_data.ray_datasets(cfg, plan)
+    name = seld_data.train_dataset_name(1, 0)
+    rows = plan.shares[0]["stage1"]
+    bs = cfg.train.batch_size
+    short = seld_data.RayTrainSet("stage1", cfg, 0, rows, plan.layout, name,
+                                  shards=lambda n: datasets[n].limit(len(rows) - 2 * bs).iterator())
+    n = short.n_batches(0)
+    assert n >= 3
+    with pytest.raises(DataError, match=rf"dataset '{name}' delivered {n - 2} batches of epoch 0 where the plan has {n}"):
+        for _ in short.batches(0, n):
+            pass
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_seld_train_with_ray_data_feeds_the_planned_shares_and_opens_no_store_file(runs):
     run = runs["ray_data"]
