@@ -285,3 +285,17 @@ def test_runs_wanted_are_the_next_seed_of_the_running_comparisons_rows():
     # seed, short of the first look: seed 1 next; the comparison without a verdict adds nothing.
     assert wanted - {(v, s) for v, s in zip(rows.variant, rows.seed, strict=True)} == {("open", 4), ("ref", 4),
                                                                                        ("fresh", 1)}
+
+
+def test_the_budget_counts_a_failed_run_as_a_typical_one():
+    """--budget-device-hours: failed or cut-short rows record no device-hours but spent some."""
+    import pandas as pd
+
+    from seld.study.ablation import device_hours_used
+
+    rows = pd.DataFrame({"status": ["ok", "ok", "failed", "time_budget"], "device_hours": [0.1, 0.3, None, None]})
+    used, per_run = device_hours_used(rows)
+    assert per_run == pytest.approx(0.2) and used == pytest.approx(0.8)
+    assert device_hours_used(rows.iloc[:2]) == (pytest.approx(0.4), pytest.approx(0.2))
+    assert device_hours_used(pd.DataFrame({"status": ["failed"], "device_hours": [None]})) == (0.0, 0.0)
+    assert device_hours_used(pd.DataFrame({"status": ["ok"]})) == (0.0, 0.0)

@@ -250,6 +250,20 @@ def runs_wanted(rows, counters: dict | None, tables: tuple[TableSpec, ...],
     return wanted
 
 
+def device_hours_used(rows) -> tuple[float, float]:
+    """(device-hours a study's summary rows used, the mean of one finished run) for
+    ``--budget-device-hours``. A failed or cut-short run records no device-hours but spent some: it
+    counts as a finished run's mean, so failures and retries do not let the study overrun its budget."""
+    import pandas as pd
+
+    if "device_hours" not in rows or not len(rows):
+        return 0.0, 0.0
+    hours = pd.to_numeric(rows["device_hours"], errors="coerce")
+    per_run = float(hours[rows["status"] == "ok"].mean())
+    per_run = per_run if math.isfinite(per_run) else 0.0
+    return float(hours.fillna(per_run).sum()), per_run
+
+
 def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors: dict[str, str],
                data: DataPlan, plan: ClusterPlan, out: Path, opts: Options, counts: tuple[int, int],
                mirror: Mirror | None) -> list[dict[str, Any]]:
@@ -276,10 +290,8 @@ def _add_seeds(study: Study, sequential: SequentialPlan, runs: list[Run], errors
         new = [_run(study, by_name[v], seed, plan, opts, out, counts) for v, seed in todo]
         to_train = [r for r in new if not (r.run_dir / METRICS_JSON).exists()]
         if opts.budget_device_hours is not None and to_train:
-            hours = pd.to_numeric(rows["device_hours"], errors="coerce") if "device_hours" in rows else pd.Series([0.0])
-            used = float(hours.fillna(0).sum())
-            per_run = float(hours[rows["status"] == "ok"].mean()) if "device_hours" in rows else math.nan
-            need = len(to_train) * (per_run if math.isfinite(per_run) else 0.0)
+            used, per_run = device_hours_used(rows)
+            need = len(to_train) * per_run
             if used + need > opts.budget_device_hours:
                 log.info("study %s: %.3f device-hours used, the next %d run(s) need about %.3f: over the "
                          "budget of %g; no more seeds", study.name, used, len(to_train), need,
