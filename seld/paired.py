@@ -247,7 +247,8 @@ class SequentialPlan:
             raise ValueError(f"--seeds auto:{len(self.seeds)}: the maximum must be at least 2 and at least "
                              f"the {self.n_planned} planned seeds")
         if not 0 < self.alpha < 1 or not 0 <= self.futility < 1:
-            raise ValueError(f"sequential plan: alpha {self.alpha} and futility {self.futility} must be in (0, 1) and [0, 1)")
+            raise ValueError(f"sequential plan: alpha {self.alpha} must be in (0, 1) and futility {self.futility} "
+                             "in [0, 1)")
 
     @property
     def max_seeds(self) -> int:
