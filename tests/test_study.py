@@ -454,6 +454,58 @@ def test_a_run_stopped_by_its_time_budget_is_marked_and_the_study_exits_nonzero(
     assert "## Failed runs" not in md
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_stops_the_study_with_130_records_nothing_and_resume_goes_on(tmp_path, cache, ray_session):
+    """SIGINT to the study script while its first runs train (Ctrl-C): exit 130 and one line saying
+    how to go on; no run recorded as failed, no summary or table from the partial study (Tune's own
+    SIGINT handler once ended the fit "gracefully": the study recorded the stopped runs as failed,
+    went on to its next step and wrote tables). The same command with --resume then finishes both
+    runs, from the folders the interrupted one left."""
+    import signal
+    import time
+
+    out = tmp_path / "abl"
+    cmd = [sys.executable, str(ROOT / "studies/ablation.py"), "--preset", "smoke", "--out", str(out),
+           "--cache-dir", str(cache), "--max-retries", "0"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline, sent = time.time() + 300, False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if any(p.stat().st_size for p in out.glob("runs/*/metrics.csv")):  # an epoch is done
+                proc.send_signal(signal.SIGINT)  # the driver only, as a terminal's Ctrl-C reaches it
+                sent = True
+                break
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    console = (tmp_path / "first.log").read_text()
+    assert sent, console[-3000:]
+    assert rc == 130, console[-3000:]
+    assert "ablation.py: interrupted;" in console and "--resume goes on" in console, console[-3000:]
+    assert "failed" not in console, console[-3000:]
+    assert not (out / "summary.csv").exists() and not list(out.glob("table1*"))
+    started = sorted(p.parent.name for p in out.glob("runs/*/metrics.csv"))
+    assert started, "the interrupted study kept no run folder"
+
+    done = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = pd.read_csv(out / "summary.csv")
+    assert list(rows["variant"]) == ["baseline", "stereo_rcnet"] and set(rows["status"]) == {"ok"}
+    rows["folder"] = [Path(d).name for d in rows["run_dir"]]
+    rows = rows.set_index("folder")
+    assert set(started) <= set(rows.index)  # the same folders, finished
+    for name in started:  # a second start in the folder the first one left, each epoch once
+        assert rows.loc[name, "attempts"] == 2, name
+        epochs = list(pd.read_csv(out / "runs" / name / "metrics.csv")["epoch"])
+        assert epochs == list(range(len(epochs))), (name, epochs)
+
+
 def test_unfinished_runs_names_failed_and_truncated_runs_of_both_tables(tmp_path):
     """The exit status rule of the study scripts, on an ablation's summary.csv and a sweep's
     trials.csv: failed and truncated runs count; finished, ASHA-stopped and pruned trials do not."""

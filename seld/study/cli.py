@@ -127,12 +127,18 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
         return 2
     configure_logging(args.verbose, brief=True)
     decl = declarations[args.preset]
+    opts = None
     try:
         opts = options_from_args(args, decl.name)
         result = run_sweep(decl, opts) if isinstance(decl, Sweep) else run_study(decl, opts)
     except (UserError, ConfigError) as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: nothing recorded as failed, no tables from a partial study
+        kept = f" under {opts.out}" if opts else ""
+        print(f"{Path(sys.argv[0]).name}: interrupted; the finished runs and the started runs' checkpoints are "
+              f"kept{kept}: the same command with --resume goes on from them", file=sys.stderr)
+        return 130
     if opts.dry_run:
         print(result)
         return 0

@@ -190,6 +190,12 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
     # Tune's own INFO lines (where it wrote its state, ...) and its closing list of failed trials
     # by Tune's name (each failure already had its line, by run name) only with -v.
     logging.getLogger("ray.tune").setLevel(logging.INFO if opts.verbose else logging.WARNING)
+    # Ctrl-C: Tune's own SIGINT handler ends fit() "gracefully" and stops the running trials as
+    # TERMINATED, with no error and no result, which the study cannot tell from finished runs (it
+    # recorded them as failed, went on to the next seed round and wrote tables). Without it the
+    # interrupt is a KeyboardInterrupt out of fit(): the study stops there, exits 130 and keeps every
+    # run folder for --resume (seld.study.cli.main).
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tune_log = logging.getLogger("ray.tune.tune")
     (tune_log.removeFilter if opts.verbose else tune_log.addFilter)(_not_the_failed_trials_list)
 
