@@ -832,6 +832,12 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
                     # Same class as the worker's error (DataError stays DataError), one line.
                     raise type(cause)(f"{str(cause).strip().splitlines()[-1]} (training run {run_dir} stopped)") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
+        except SystemExit as e:
+            # Ctrl-C on the driver (`seld train`): Train V2's own SIGINT handler aborts the run's
+            # controller, and the driver's wait on it then raises SystemExit(1), which exited 1
+            # with no word. An interrupt, for the CLI (exit 130): the folder keeps its last epoch.
+            raise KeyboardInterrupt(f"run folder {run_dir} keeps its last finished epoch; the same command "
+                                    f"with --resume continues it") from e
         if mirror is not None and not (run_dir / METRICS_JSON).is_file():
             mirror.pull(skip=MIRROR_SKIP)  # rank 0 ran on another node
         metrics = json.loads((run_dir / METRICS_JSON).read_text())

@@ -96,6 +96,44 @@ def _registered_epoch(run: Path) -> int | None:
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_ctrl_c_on_seld_train_exits_130_and_resume_finishes_the_run(smoke_store, ray_session, tmp_path):
+    """SIGINT to `seld train`'s driver once Ray has registered a checkpoint (Ctrl-C): exit 130 and a
+    line naming the run folder and --resume (Train V2's own SIGINT handler aborts the run, and the
+    driver once exited 1 with no word); --resume then finishes the run, each epoch once."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "seld", "train", str(smoke_store), "--preset", "smoke", "--out", str(run),
+           "--set", "train.stage1.epochs=3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, sent = time.time() + 300, False
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            if _registered_epoch(run) is not None:
+                proc.send_signal(signal.SIGINT)
+                sent = True
+                break
+        console = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert sent and proc.returncode == 130, console[-3000:]
+    assert f"seld train: interrupted; run folder {run.resolve()} keeps its last finished epoch" in console
+    assert "--resume continues it" in console
+    assert not (run / "metrics.json").exists(), "the run finished before the interrupt"
+    done = subprocess.run([*cmd[:-2], "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = [int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())]
+    assert epochs == list(range(len(epochs))) and len(epochs) == 3 + preset_config("smoke").train.stage2.epochs, epochs
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(smoke_store, tmp_path):
     """`seld train` killed (SIGKILL of its process group, driver and embedded Ray) once Ray has
     registered a checkpoint (RUN/checkpointed.json) resumes with --resume from that checkpoint:

@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, FileNotFoundError) as e:
         print(f"seld {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"seld {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"seld {args.command}: interrupted{'; ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
 
 

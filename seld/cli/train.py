@@ -21,7 +21,7 @@ EXAMPLE = """examples:
   seld train store --preset smoke --out runs/smoke
   seld train store --preset local --out runs/local --set train.stage1.epochs=8 --workers 2
   seld train store --preset local --out runs/s2 --stages stage2 --init-checkpoint runs/local/checkpoints/stage1_best.pt
-  seld train store --preset local --out runs/local --resume      # continue a killed run
+  seld train store --preset local --out runs/local --resume      # continue a killed or Ctrl-C-ed run
 """
 
 log = logging.getLogger(__name__)
