@@ -21,7 +21,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -722,6 +724,45 @@ def choose_data_path(cfg: ExperimentConfig, plan: seld_data.RunPlan) -> seld_dat
     return replace(plan, materialize=materialize)
 
 
+class _DriverSignals:
+    """Around Train V2's ``fit()``: tells a Ctrl-C from a SIGTERM, and removes Train's SIGINT handler after.
+
+    On the driver's main thread (`seld train`), ``fit()`` installs a SIGINT handler that aborts the
+    run, after which the driver's wait on the run raises ``SystemExit(1)``; it leaves that handler
+    installed (a Ctrl-C after ``fit()`` would be ignored, a third one exit 0). Ray's driver SIGTERM
+    handler also ends the wait with ``SystemExit(1)``. So a ``SystemExit`` out of ``fit()`` is a
+    Ctrl-C (:attr:`ctrl_c`) only on the main thread and when no SIGTERM came; in a Tune trial (not
+    the main thread) it never is. The SIGINT and SIGTERM handlers are restored on exit.
+    """
+
+    def __enter__(self) -> _DriverSignals:
+        self.main = threading.current_thread() is threading.main_thread()
+        self.terminated = False
+        if self.main:
+            self._sigint, self._sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            if callable(self._sigterm) or self._sigterm == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.terminated = True
+        if callable(self._sigterm):
+            self._sigterm(signum, frame)
+        else:  # the default action, as if this handler were not there
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(self, *exc) -> None:
+        if self.main:
+            for signum, handler in ((signal.SIGINT, self._sigint), (signal.SIGTERM, self._sigterm)):
+                if handler is not None:  # None: not set from Python, nothing to restore
+                    signal.signal(signum, handler)
+
+    @property
+    def ctrl_c(self) -> bool:
+        return self.main and not self.terminated
+
+
 def build_trainer(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, *,
                   run_callbacks=(), storage_path: str | None = None, name: str | None = None,
                   plan: seld_data.RunPlan | None = None, mirror: Mirror | None = None):
@@ -824,7 +865,8 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
     try:
         trainer = build_trainer(cfg, store, run_dir, run_callbacks=run_callbacks, plan=plan, mirror=mirror)
         try:
-            trainer.fit()
+            with _DriverSignals() as signals:
+                trainer.fit()
         except ray.train.TrainingFailedError as e:
             causes = [getattr(x, "cause", x) for x in getattr(e, "worker_failures", {}).values()]
             for cause in causes:  # a bad input met in a worker (e.g. a full disk): one line, as on the driver
@@ -833,9 +875,9 @@ def run_training(cfg: ExperimentConfig, store: str | Path, run_dir: str | Path, 
                     raise type(cause)(f"{str(cause).strip().splitlines()[-1]} (training run {run_dir} stopped)") from e
             raise RuntimeError(f"training failed ({run_dir}): {e}") from e
         except SystemExit as e:
-            # Ctrl-C on the driver (`seld train`): Train V2's own SIGINT handler aborts the run's
-            # controller, and the driver's wait on it then raises SystemExit(1), which exited 1
-            # with no word. An interrupt, for the CLI (exit 130): the folder keeps its last epoch.
+            if not signals.ctrl_c:  # SIGTERM (`ray job stop`, SLURM, timeout), or a trial's quiet stop
+                raise
+            # An interrupt, for the CLI (exit 130; it was exit 1 with no word): the folder keeps its last epoch.
             raise KeyboardInterrupt(f"run folder {run_dir} keeps its last finished epoch; the same command "
                                     f"with --resume continues it") from e
         if mirror is not None and not (run_dir / METRICS_JSON).is_file():

@@ -94,26 +94,20 @@ def _registered_epoch(run: Path) -> int | None:
     return json.loads(marker.read_text())["epoch"] if marker.exists() else None
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ctrl_c_on_seld_train_exits_130_and_resume_finishes_the_run(smoke_store, ray_session, tmp_path):
-    """SIGINT to `seld train`'s driver once Ray has registered a checkpoint (Ctrl-C): exit 130 and a
-    line naming the run folder and --resume (Train V2's own SIGINT handler aborts the run, and the
-    driver once exited 1 with no word); --resume then finishes the run, each epoch once."""
+def _signal_at_next_checkpoint(cmd: list[str], env: dict, run: Path, signum: int) -> tuple[int, str]:
+    """Start `cmd`, send `signum` to its driver once Ray has registered a checkpoint newer than the
+    run folder's, return (exit status, console)."""
     import subprocess
-    import sys
 
-    run = tmp_path / "run"
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "seld", "train", str(smoke_store), "--preset", "smoke", "--out", str(run),
-           "--set", "train.stage1.epochs=3"]
+    before = _registered_epoch(run)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, sent = time.time() + 300, False
     try:
         while time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-            if _registered_epoch(run) is not None:
-                proc.send_signal(signal.SIGINT)
+            epoch = _registered_epoch(run)
+            if epoch is not None and (before is None or epoch > before):
+                proc.send_signal(signum)
                 sent = True
                 break
         console = proc.communicate(timeout=120)[0]
@@ -121,10 +115,32 @@ def test_ctrl_c_on_seld_train_exits_130_and_resume_finishes_the_run(smoke_store,
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-    assert sent and proc.returncode == 130, console[-3000:]
-    assert f"seld train: interrupted; run folder {run.resolve()} keeps its last finished epoch" in console
-    assert "--resume continues it" in console
-    assert not (run / "metrics.json").exists(), "the run finished before the interrupt"
+    assert sent, console[-3000:]
+    assert not (run / "metrics.json").exists(), "the run finished before the signal"
+    return proc.returncode, console
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_on_seld_train_exits_130_sigterm_exits_1_and_resume_finishes_the_run(smoke_store, ray_session,
+                                                                                     tmp_path):
+    """`seld train`'s driver stopped twice once Ray has registered a checkpoint: SIGTERM (`ray job
+    stop`, SLURM, timeout) exits 1 with no interrupt line; Ctrl-C (SIGINT) exits 130 with a line
+    naming the run folder and --resume (Train V2's own SIGINT handler aborts the run, and the driver
+    once exited 1 with no word); --resume then finishes the run, each epoch once."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "seld", "train", str(smoke_store), "--preset", "smoke", "--out", str(run),
+           "--set", "train.stage1.epochs=3"]
+    rc, console = _signal_at_next_checkpoint(cmd, env, run, signal.SIGTERM)
+    assert rc == 1 and "interrupted" not in console, console[-3000:]
+    rc, console = _signal_at_next_checkpoint([*cmd[:-2], "--resume"], env, run, signal.SIGINT)
+    assert rc == 130, console[-3000:]
+    assert f"seld train: interrupted; run folder {run.resolve()} keeps its last finished epoch; the same command " \
+           "with --resume continues it" in console, console[-3000:]
     done = subprocess.run([*cmd[:-2], "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = [int(r["epoch"]) for r in csv.DictReader((run / "metrics.csv").open())]

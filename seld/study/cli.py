@@ -18,7 +18,7 @@ from seld.errors import UserError
 from seld.storage import is_uri, join
 from seld.study.ablation import Study, main_table, run_study
 from seld.study.cluster import storage_path
-from seld.study.options import Options, results_dir
+from seld.study.options import DEFAULT_OUT_SENTINEL, Options, results_dir
 from seld.study.sweep import Sweep, run_sweep
 
 
@@ -135,9 +135,11 @@ def main(declarations: dict[str, Study | Sweep], argv: Sequence[str] | None, *, 
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: nothing recorded as failed, no tables from a partial study
-        kept = f" under {opts.out}" if opts else ""
-        print(f"{Path(sys.argv[0]).name}: interrupted; the finished runs and the started runs' checkpoints are "
-              f"kept{kept}: the same command with --resume goes on from them", file=sys.stderr)
+        kept = f" under {opts.out}" if opts and opts.out != DEFAULT_OUT_SENTINEL else ""
+        then = ("--resume marks the interrupted trials failed in the Optuna storage and goes on with new ones"
+                if is_sweep else "--resume continues the started runs from their last epoch")
+        print(f"{Path(sys.argv[0]).name}: interrupted; the finished runs are kept{kept}: the same command with "
+              f"{then}", file=sys.stderr)
         return 130
     if opts.dry_run:
         print(result)

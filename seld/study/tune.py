@@ -193,8 +193,9 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
     # Ctrl-C: Tune's own SIGINT handler ends fit() "gracefully" and stops the running trials as
     # TERMINATED, with no error and no result, which the study cannot tell from finished runs (it
     # recorded them as failed, went on to the next seed round and wrote tables). Without it the
-    # interrupt is a KeyboardInterrupt out of fit(): the study stops there, exits 130 and keeps every
-    # run folder for --resume (seld.study.cli.main).
+    # interrupt is a KeyboardInterrupt out of fit() (Tune's loop catches Exception only): the study
+    # stops there and exits 130 (seld.study.cli.main); the trials stop as the process exits.
+    sigint_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tune_log = logging.getLogger("ray.tune.tune")
     (tune_log.removeFilter if opts.verbose else tune_log.addFilter)(_not_the_failed_trials_list)
@@ -224,6 +225,10 @@ def fit_tuner(trainable, param_space: dict[str, Any], plan: ClusterPlan, out: Pa
         return tuner.fit()
     finally:
         os.environ.update(hidden)
+        if sigint_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_env
 
 
 def _not_the_failed_trials_list(record: logging.LogRecord) -> bool:
