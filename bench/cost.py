@@ -28,49 +28,8 @@ import threading
 import time
 from pathlib import Path
 
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-        kids.setdefault(ppid, []).append(int(d))
-    return kids
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants alive now."""
-    kids, out, todo = _children_map(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, []))
-    return out
-
-
-def tree_memory_kb(pid: int) -> tuple[int, int, int]:
-    """(sum of RSS, sum of PSS, number of processes) over the tree of `pid`, in KiB."""
-    rss = pss = n = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-            n += 1
-        except OSError:  # exited meanwhile, or a kernel thread
-            continue
-    return rss, pss, n
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/proctree.py, also when loaded by path
+from proctree import tree_memory_kb  # noqa: E402
 
 
 def shm_used_kb(path: str = "/dev/shm") -> int:

@@ -16,26 +16,12 @@ import os
 import time
 from collections import defaultdict
 
-TICK = os.sysconf("SC_CLK_TCK")
+from proctree import cmdline, read_stats
 
 
 def snapshot() -> dict[int, tuple[float, str]]:
-    """pid -> (CPU seconds so far, command line or name)."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline") as f:
-                cmd = f.read().replace("\0", " ").strip()
-        except OSError:  # the process ended between listdir and open
-            continue
-        name = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[int(entry)] = ((int(fields[11]) + int(fields[12])) / TICK, cmd or f"[{name}]")
-    return out
+    """pid -> (CPU seconds so far, command line or [name])."""
+    return {pid: (p.cpu_s, cmdline(pid) or f"[{p.name}]") for pid, p in read_stats().items()}
 
 
 def role(cmd: str) -> str:

@@ -23,35 +23,13 @@ import dataclasses
 import json
 import os
 import time
-from pathlib import Path
 
 import torch
+from proctree import tree_cpu_s  # bench/proctree.py
 
 from seld import data as seld_data
 from seld.config import preset_config
 from seld.predict import prepare_batch
-
-
-def tree_cpu_s() -> float:
-    """User + system CPU seconds of this process and all its descendants (Ray's, when local), from
-    /proc (children that already exited and were reaped count in their parent's cutime/cstime)."""
-    stats: dict[int, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError):
-            continue
-    children: dict[int, list[int]] = {}
-    for pid, fields in stats.items():
-        children.setdefault(int(fields[1]), []).append(pid)
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        fields = stats.get(pid)
-        if fields:  # utime, stime, cutime, cstime (fields 14-17 of stat; here shifted by the name)
-            total += sum(int(x) for x in fields[11:15])
-        todo.extend(children.get(pid, []))
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run_arm(store: str, fmt: str, path: str, engine: str, epochs: int, batch_size: int) -> dict:

@@ -68,20 +68,12 @@ def _free_port() -> int:
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every process under ``pid`` (from /proc: children of children ...)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    """Every process under ``pid`` (children of children ..., from /proc: bench/proctree.py)."""
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.append(str(ROOT / "bench"))
+    import proctree
+
+    return proctree.tree(pid)[1:]
 
 
 class LoopbackCluster:
