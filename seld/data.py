@@ -739,8 +739,10 @@ def worker_sets(cfg: ExperimentConfig, plan: RunPlan, rank: int, world: int,
 # "stage<k>-rank<r>" dataset whole through ray.train.get_dataset_shard, which keeps every rank's
 # rows, epoch sizes and normalisation rows those of the plan (and so of the other engine), lets a
 # rank stop at the batch count all ranks agree on, and leaves no split coordinator whose state a
-# restore would have to repeat. Order: blocks in file order (preserve_order), then the iterator's
-# local shuffle seeded by (seed, rank, epoch): a restored epoch draws the same order.
+# restore would have to repeat. Order: the share's files in an order seeded by (seed, rank, stage),
+# the same every epoch (the store writes its shards split by split: in store order a stage's epoch
+# would read one split, then the next), blocks kept in that order (preserve_order), then the
+# iterator's local shuffle seeded by (seed, rank, epoch): a restored epoch draws the same order.
 DATA_NODE_LABEL = {"seld-node": "data"}  # CPU-only nodes that read and encode (Ray Data runs there only)
 TRAINER_NODE_LABEL = {"seld-node": "trainer"}  # nodes whose CPUs are Train workers' (Train runs there only)
 RAY_READ_COLUMNS = ("clip", *ROW_COLUMNS)
@@ -800,8 +802,11 @@ def ray_datasets(cfg: ExperimentConfig, plan: RunPlan) -> dict:
 
     layout = plan.layout
 
-    def read(rows: RowSet, output_format: str | None):
-        paths, fs = _store_files(layout, np.unique(rows.shard))
+    def read(rows: RowSet, output_format: str | None, order_seed: int | None = None):
+        shards = np.unique(rows.shard)
+        if order_seed is not None:  # a training share: its files in a seeded order, not the store's
+            shards = np.random.default_rng(order_seed).permutation(shards)
+        paths, fs = _store_files(layout, shards)
         # One read task per shard: a read split further cannot fuse with the map below, and every
         # block would then cross the object store twice (measured: BENCHMARKS.md "Ingest engines").
         ds = ray.data.read_parquet(paths, filesystem=fs, override_num_blocks=len(paths)).select_columns(
@@ -813,7 +818,8 @@ def ray_datasets(cfg: ExperimentConfig, plan: RunPlan) -> dict:
     out = {}
     for rank, share in enumerate(plan.shares):
         for s in cfg.train.stage_numbers:
-            ds = read(share[f"stage{s}"], cfg.model.output_format)
+            order = int(np.random.SeedSequence([cfg.seed, rank, s, 41]).generate_state(1)[0])
+            ds = read(share[f"stage{s}"], cfg.model.output_format, order)
             out[train_dataset_name(s, rank)] = ds.materialize() if plan.materialize else ds
     for name in ("val", *TEST_SETS):
         if len(plan.sets[name]):
@@ -827,7 +833,7 @@ def ray_data_context(cfg: ExperimentConfig, label_selector: dict[str, str] | Non
     trainer (which copies the context to the workers) are made, restored after; yields them as
     ExecutionOptions for `ray.train.DataConfig` (which would otherwise drop the label selector).
 
-    preserve_order: each rank's blocks arrive in file order; no progress bars (logs are not a
+    preserve_order: each rank's blocks arrive in the order of its files (seeded, :func:`ray_datasets`); no progress bars (logs are not a
     TTY); `data.ray_data_cpus` as the CPU limit (concurrent runs each keep theirs); and
     `label_selector` (:data:`DATA_NODE_LABEL` on a cluster with data nodes) on every Data task.
     Parquet is read by Ray's V1 datasource: its footer and sampling tasks follow the label
@@ -878,8 +884,9 @@ class RayTrainSet(StageRows):
     `dataset` (`ray.train.get_dataset_shard`) as torch batches; this process opens no store file.
 
     An epoch's rows are those of the row-group engine (all, or the seeded stage-1 subsample, whose
-    other rows are dropped as they arrive); their order is the blocks' (file order) through a local
-    shuffle buffer of `data.shuffle_buffer_rows` rows seeded by (seed, rank, epoch).
+    other rows are dropped as they arrive); their order is the blocks' (the share's files in an order
+    seeded by seed, rank and stage) through a local shuffle buffer of `data.shuffle_buffer_rows`
+    rows seeded by (seed, rank, epoch).
     """
 
     def __init__(self, name: str, cfg: ExperimentConfig, rank: int, rows: RowSet, layout: StoreLayout,

@@ -125,6 +125,41 @@ def test_a_ray_data_share_short_of_rows_stops_the_epoch_by_name(smoke_store, ray
 
 
 @pytest.mark.ray
+def test_a_ray_data_share_reads_its_files_in_a_seeded_order_that_mixes_the_splits(smoke_store, ray_session,
+                                                                                  tmp_path):
+    """A training share's blocks arrive file by file in an order seeded by (seed, rank, stage), not
+    in the store's (which is split by split: an epoch would read every real clip, then every
+    synthetic one, mixed only within the 1 024-row shuffle buffer): both domains in the first half
+    of the blocks, the same order again for the same seed, another for another seed."""
+    from seld import data as seld_data
+    from seld.store import replicate_store
+
+    store = replicate_store(smoke_store, tmp_path / "store", n_rows=640, shard_rows=16)
+
+    def arrival(seed: int) -> list[str]:
+        cfg = preset_config("smoke", {"train.stages": "stage1", "train.num_workers": 1, "data.engine": "ray_data",
+                                      "seed": seed})
+        plan = seld_data.plan_run(cfg, store)
+        rows = plan.shares[0]["stage1"]
+        with seld_data.ray_data_context(cfg):
+            ds = seld_data.ray_datasets(cfg, plan)[seld_data.train_dataset_name(1, 0)]
+        files = []
+        for block in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            shard = plan.layout.shards[int(rows.shard[block["row"][0]])]
+            assert all(plan.layout.shards[int(i)] == shard for i in rows.shard[block["row"]])  # a block: one file
+            files.append(Path(str(shard)).name)
+        assert sorted(files) == sorted({Path(str(plan.layout.shards[int(i)])).name for i in rows.shard})
+        return files
+
+    first = arrival(0)
+    assert len(first) >= 12 and first != sorted(first)
+    half = first[:len(first) // 2]
+    assert any("synth" in f for f in half) and any("synth" not in f for f in half), first
+    assert arrival(0) == first
+    assert arrival(1) != first
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_seld_train_with_ray_data_feeds_the_planned_shares_and_opens_no_store_file(runs):
     run = runs["ray_data"]
