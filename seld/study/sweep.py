@@ -194,8 +194,8 @@ def _fail_interrupted_trials(storage, name: str) -> int:
     for t in stale:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     if stale:
-        log.warning("sweep %s: %d trial(s) interrupted by the earlier kill or Ctrl-C marked failed: %s", name, len(stale),
-                    [t.number for t in stale])
+        log.warning("sweep %s: %d trial(s) interrupted by the earlier kill or Ctrl-C marked failed: %s", name,
+                    len(stale), [t.number for t in stale])
     return len(stale)
 
 
