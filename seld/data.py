@@ -834,7 +834,8 @@ def ray_data_context(cfg: ExperimentConfig, label_selector: dict[str, str] | Non
     ExecutionOptions for `ray.train.DataConfig` (which would otherwise drop the label selector).
 
     preserve_order: each rank's blocks arrive in the order of its files (seeded, see
-    :func:`ray_datasets`); no progress bars (logs are not a TTY); `data.ray_data_cpus` as the CPU limit (concurrent runs each keep theirs); and
+    :func:`ray_datasets`); no progress bars (logs are not a TTY); `data.ray_data_cpus` as the CPU
+    limit (concurrent runs each keep theirs); and
     `label_selector` (:data:`DATA_NODE_LABEL` on a cluster with data nodes) on every Data task.
     Parquet is read by Ray's V1 datasource: its footer and sampling tasks follow the label
     selector, where the V2 one (2.60's default) reads footers in 32 actors placed by "SPREAD" on
