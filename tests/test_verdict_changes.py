@@ -53,3 +53,29 @@ def test_a_file_that_is_not_a_paired_table_is_named(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(bad), str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 1 and f"{bad}: not a paired table (no column a, b, " in done.stderr
+
+
+def test_fixed_seeds_view_reports_a_study_cut_to_some_of_its_seeds(tmp_path):
+    """bench/fixed_seeds_view.py: Table 1's study cut to seeds 0 and 1, reported as a fixed-seed study."""
+    study = ROOT / "results" / "ablation"
+    script = ROOT / "bench" / "fixed_seeds_view.py"
+    out = tmp_path / "two-seeds"
+    done = subprocess.run([sys.executable, str(script), str(study), "--preset", "local", "--seeds", "0,1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(pd.read_csv(out / "summary.csv")["seed"].unique()) == [0, 1]
+    paired = pd.read_csv(out / "table1_paired.csv")
+    row = paired[(paired["a"] == "Stage 2 + PP") & (paired["b"] == "Stage 2") & (paired["metric"] == "f20")].iloc[0]
+    ours = pd.read_csv(study / "summary.csv").query("variant == 'stereo_rcnet' and seed in (0, 1)")
+    assert row["n_seeds"] == 2
+    assert abs(row["seeds_estimate"] - (ours["test_pp/f20"] - ours["test/f20"]).mean()) < 1e-4
+    assert row["seeds_estimate"] != pd.read_csv(study / "table1_paired.csv").query(
+        "a == 'Stage 2 + PP' and b == 'Stage 2' and metric == 'f20'")["seeds_estimate"].iloc[0]
+    assert not (out / "sequential.json").exists()
+
+    bad = subprocess.run([sys.executable, str(script), str(study), "--preset", "local", "--seeds", "0,7",
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "no rows of seed(s) [7]" in bad.stderr
+    same = subprocess.run([sys.executable, str(script), str(study), "--preset", "local", "--seeds", "0",
+                           "--out", str(study)], capture_output=True, text=True, timeout=120)
+    assert same.returncode != 0 and "is the study itself" in same.stderr
