@@ -1,7 +1,7 @@
 """Which paired verdicts changed between two versions of a study's paired table (F20)?
 
     python bench/verdict_changes.py OLD_PAIRED.csv NEW_PAIRED.csv [--labels "3 seeds" "auto:8"]
-    git show ba6a844:results/ablation-extended/extended_paired.csv > /tmp/old.csv
+    git show 03fdba4:results/ablation-extended/extended_paired.csv > /tmp/old.csv   # the first (3-seed) table
     python bench/verdict_changes.py /tmp/old.csv results/ablation-extended/extended_paired.csv
 
 Both files are a study's `<table>_paired.csv` (seld/report.py). For every F20 comparison (A − B)
