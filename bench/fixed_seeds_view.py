@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fixed_seeds_view(study_dir: Path, preset: str, seeds: list[int], out: Path) -> int:
     """Write the cut study into `out` and report it (module doc); returns the report's exit status."""
+    if not (study_dir / "summary.csv").is_file():
+        raise SystemExit(f"{study_dir / 'summary.csv'}: no such file; pass a study's results folder")
     summary = pd.read_csv(study_dir / "summary.csv")
     missing = sorted(set(seeds) - set(summary["seed"]))
     if missing:
