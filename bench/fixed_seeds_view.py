@@ -55,7 +55,12 @@ def main() -> None:
     ap.add_argument("--seeds", required=True, help="comma-separated seeds to keep, e.g. 0,1,2")
     ap.add_argument("--out", type=Path, required=True, help="folder for the cut study and its tables")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        ap.error(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2")
+    if not seeds:
+        ap.error("--seeds: no seed given")
     raise SystemExit(fixed_seeds_view(args.study_dir, args.preset, seeds, args.out))
 
 

@@ -79,6 +79,9 @@ def test_fixed_seeds_view_reports_a_study_cut_to_some_of_its_seeds(tmp_path):
     same = subprocess.run([sys.executable, str(script), str(study), "--preset", "local", "--seeds", "0",
                            "--out", str(study)], capture_output=True, text=True, timeout=120)
     assert same.returncode != 0 and "is the study itself" in same.stderr
+    word = subprocess.run([sys.executable, str(script), str(study), "--preset", "local", "--seeds", "0,one",
+                           "--out", str(tmp_path / "word")], capture_output=True, text=True, timeout=120)
+    assert word.returncode == 2 and "expected comma-separated integers" in word.stderr
     none = subprocess.run([sys.executable, str(script), str(tmp_path), "--preset", "local", "--seeds", "0",
                            "--out", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert none.returncode != 0 and "summary.csv: no such file" in none.stderr
